@@ -1,0 +1,43 @@
+"""Pure functions shared by the backbones: norms, RoPE, attention masks.
+
+Shape legend: B batch, T query length, S cache length, D hidden, N query heads,
+K key/value heads, G = N // K query heads per key/value head, H head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32; returns float32 (callers cast)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32 * scale.astype(jnp.float32)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin for rotary embeddings, ``positions [B, T] -> [B, T, H/2]`` (float32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout): ``x [B, T, heads, H]``, cos/sin ``[B, T, H/2]``."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
+    """Boolean ``[B, T, S]``: key slot ``s`` is visible to query at position ``q`` iff
+    ``q - W < s <= q`` (no lower bound when ``sliding_window`` is None)."""
+    kv = jnp.arange(kv_len)[None, None, :]
+    q = q_positions[:, :, None]
+    mask = kv <= q
+    if sliding_window is not None:
+        mask &= kv > q - sliding_window
+    return mask

@@ -1,0 +1,89 @@
+"""Learn-then-Test calibration on synthetic problems whose risks are known exactly."""
+
+import math
+
+import numpy as np
+import pytest
+
+from eval.calibrate import (CalibrationError, calibrate_vectors, hoeffding_bentkus_pvalue,
+                            learn_then_test, min_calibration_size, vector_path)
+
+
+def _draw(risks, n, rng):
+    """Monotone losses: prompt i is inconsistent at candidate j iff u_i < risk_j, so each
+    candidate's true risk is exactly ``risks[j]`` and looser candidates fail on a superset."""
+    u = rng.random((n, 1))
+    return (u < np.asarray(risks)[None, :]).astype(np.float64)
+
+
+def test_guarantee_holds_over_repeated_draws():
+    delta, epsilon, n, draws = 0.1, 0.1, 150, 3000
+    risks = [0.0, 0.03, 0.06, 0.08, 0.095, 0.1, 0.105, 0.12, 0.2]
+    candidates = list(range(len(risks)))
+    rng = np.random.default_rng(0)
+    failures = naive_failures = 0
+    for _ in range(draws):
+        losses = _draw(risks, n, rng)
+        cal = learn_then_test(losses, candidates, delta, epsilon)
+        failures += cal.index is not None and risks[cal.index] > delta
+        ok = np.nonzero(losses.mean(0) <= delta)[0]
+        naive_failures += len(ok) and risks[ok.max()] > delta
+    rate = failures / draws
+    slack = 3 * math.sqrt(epsilon * (1 - epsilon) / draws)
+    assert rate <= epsilon + slack, (rate, epsilon)
+    # Not vacuous: picking the loosest threshold whose empirical risk is below delta fails
+    # far more often than epsilon on the same draws.
+    assert naive_failures / draws > 2 * epsilon
+
+
+def test_picks_the_loosest_valid_threshold_with_enough_data():
+    risks = [0.0, 0.02, 0.05, 0.08, 0.12, 0.2]
+    losses = _draw(risks, 5000, np.random.default_rng(1))
+    cal = learn_then_test(losses, [0.99, 0.9, 0.8, 0.7, 0.6, 0.5], delta=0.1, epsilon=0.05)
+    assert cal.index == 3 and cal.threshold == 0.7
+    assert cal.p_values[3] <= 0.05 < cal.p_values[4]
+
+
+def test_stops_at_first_non_rejection():
+    # A loose candidate with low empirical risk after a failing one is never reached.
+    losses = np.zeros((400, 3))
+    losses[:100, 1] = 1.0
+    cal = learn_then_test(losses, [0.9, 0.8, 0.7], delta=0.1, epsilon=0.05)
+    assert cal.index == 0
+
+
+def test_pvalue_is_valid_at_the_boundary():
+    # Under the null with risk exactly delta, P(p <= eps) <= eps.
+    rng = np.random.default_rng(2)
+    n, delta, eps = 200, 0.1, 0.1
+    means = rng.binomial(n, delta, size=20000) / n
+    p = np.array([hoeffding_bentkus_pvalue(m, n, delta) for m in means])
+    assert np.mean(p <= eps) <= eps
+
+
+def test_per_exit_vectors_use_bonferroni_and_prefer_cheaper():
+    families = vector_path(num_exits=4, steps=6, slopes=(0.0, 0.5))
+    assert all(len(v) == 4 for fam in families for v in fam)
+    assert families[0][0] == (1.0, 1.0, 1.0, 1.0)
+    rng = np.random.default_rng(3)
+    risk_of = lambda v: 0.15 * (1 - np.mean(v))  # noqa: E731
+    loss_fn = lambda fam: _draw([risk_of(v) for v in fam], 2000, rng)  # noqa: E731
+    cost_fn = lambda fam: [10 + 20 * float(np.mean(v)) for v in fam]  # noqa: E731
+    best, cost, results = calibrate_vectors(loss_fn, cost_fn, families, delta=0.05, epsilon=0.1)
+    assert best is not None and best.epsilon == pytest.approx(0.05)
+    assert risk_of(best.threshold) <= 0.05
+    assert cost == min(cost_fn([r.threshold])[0] for r in results if r.index is not None)
+
+
+@pytest.mark.parametrize("delta,epsilon", [(0.0, 0.1), (1.0, 0.1), (0.1, 0.0), (0.1, 1.5), (-1, 0.1)])
+def test_levels_outside_unit_interval(delta, epsilon):
+    with pytest.raises(CalibrationError, match="must be in \\(0, 1\\)"):
+        learn_then_test(np.zeros((100, 2)), [0.9, 0.8], delta, epsilon)
+
+
+def test_too_small_calibration_set_says_how_many_needed():
+    need = min_calibration_size(0.1, 0.05)
+    assert need == 29  # (0.9)^29 = 0.047 <= 0.05 < 0.9^28
+    with pytest.raises(CalibrationError, match=f"fewer than {need} prompts"):
+        learn_then_test(np.zeros((need - 1, 2)), [0.9, 0.8], 0.1, 0.05)
+    assert learn_then_test(np.zeros((need, 2)), [0.9, 0.8], 0.1, 0.05).index == 1

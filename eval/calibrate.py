@@ -158,3 +158,171 @@ def calibrate_vectors(loss_fn, cost_fn, families, delta: float, epsilon: float):
             if cost < best_cost:
                 best, best_cost = cal, cost
     return best, best_cost, results
+
+
+# ----------------------------------------------------------------------------- measuring losses
+
+def token_disagreement(early: list[int], full: list[int]) -> float:
+    """Fraction of positions where the early-exit tokens differ from the full model's greedy
+    tokens, over the longer of the two (a missing token counts as a difference); in [0, 1]."""
+    n = max(len(early), len(full))
+    if n == 0:
+        return 0.0
+    same = sum(a == b for a, b in zip(early, full))
+    return 1.0 - same / n
+
+
+def rouge_inconsistency(early_text: str, full_text: str) -> float:
+    """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer."""
+    from eval.metrics import consistency
+    return 1.0 - consistency(early_text, full_text)["rougeL"]
+
+
+def default_thresholds() -> list[float]:
+    """Candidates ordered strict to loose: never exit (1.01), then 0.99 down to 0.05."""
+    return [1.01, 0.99, 0.97, 0.95] + [round(x, 2) for x in np.arange(0.9, 0.0, -0.05)]
+
+
+def measure(backbone, prompts: list[list[int]], exit_config, exit_params, candidates, *, loss: str,
+            max_new_tokens: int, batch_size: int):
+    """Run full depth once and every candidate threshold; returns ``losses [n, C]`` and the
+    average layers per candidate ``[C]``."""
+    import dataclasses as dc
+
+    from eval.run import generate_all
+    full, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           pad_multiple=16, desc="full depth")
+    full_text = [backbone.decode(g.tokens) for g in full]
+    losses = np.zeros((len(prompts), len(candidates)))
+    layers = np.zeros(len(candidates))
+    for j, thr in enumerate(candidates):
+        ec = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
+        gens, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               pad_multiple=16, exit_config=ec, exit_params=exit_params, desc=f"threshold {thr}")
+        for i, (g, f) in enumerate(zip(gens, full)):
+            losses[i, j] = (token_disagreement(g.tokens, f.tokens) if loss == "token"
+                            else rouge_inconsistency(backbone.decode(g.tokens), full_text[i]))
+        all_layers = np.concatenate([np.asarray(g.exit_layers) for g in gens])
+        layers[j] = float(all_layers.mean())
+    return losses, layers
+
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m eval.calibrate",
+        description="Pick the loosest early-exit threshold whose expected inconsistency with full-depth "
+                    "generation is at most --delta with probability >= 1 - --epsilon (Learn-then-Test), "
+                    "and write it into the exit checkpoint.")
+    p.add_argument("--model", default=None, help="checkpoint (HF dir or .gguf); default SmolLM2-135M-Instruct")
+    p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits); updated in place "
+                                                  "unless --no-write")
+    p.add_argument("--delta", type=float, default=0.1, help="allowed expected inconsistency, in (0, 1)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability, in (0, 1)")
+    p.add_argument("--data", default="eval/data", help="directory of task fixtures (<task>.jsonl) whose prompts "
+                                                       "form the calibration set")
+    p.add_argument("--tasks", default="truthful_qa,coqa,trivia_qa", help="comma-separated tasks to draw prompts from")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per task")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of prompts kept out of calibration to check the realised inconsistency")
+    p.add_argument("--loss", choices=("token", "rouge"), default="token",
+                   help="inconsistency: token-level disagreement with the full model's greedy output, or "
+                        "1 - ROUGE-L of the answer")
+    p.add_argument("--per-exit", action="store_true",
+                   help="also search per-exit threshold vectors (Bonferroni over families) and keep the cheapest")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration/hold-out split")
+    p.add_argument("--no-write", action="store_true", help="report only; leave the exit checkpoint unchanged")
+    return p
+
+
+def main(argv=None) -> int:
+    import dataclasses as dc
+    import json
+    import sys
+    from pathlib import Path
+
+    from eval import tasks as tasks_lib
+    from eval.run import load_backbone
+
+    args = _parser().parse_args(argv)
+    try:
+        _check_level("delta", args.delta)
+        _check_level("epsilon", args.epsilon)
+        if not 0.0 <= args.holdout < 1.0:
+            raise CalibrationError(f"--holdout must be in [0, 1), got {args.holdout}")
+        examples = []
+        for name in args.tasks.split(","):
+            examples += tasks_lib.get_task(name.strip()).load(args.data, args.limit)
+        order = np.random.default_rng(args.seed).permutation(len(examples))
+        n_hold = int(round(args.holdout * len(examples)))
+        calib, hold = [examples[i] for i in order[n_hold:]], [examples[i] for i in order[:n_hold]]
+        need = min_calibration_size(args.delta, args.epsilon)
+        if len(calib) < need:
+            raise CalibrationError(
+                f"{len(calib)} calibration prompts are too few for delta={args.delta}, epsilon={args.epsilon}: "
+                f"at least {need} are needed (add prompts, raise --limit, lower --holdout, or relax delta/epsilon)")
+    except (CalibrationError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import dynamax_jax as dx
+    from dynamax_jax.default_model import smollm2_gguf_path
+    model = args.model or str(smollm2_gguf_path())
+    backbone = load_backbone(model, "float32", use_chat_template=True)
+    exit_config, exit_params = dx.load_exits(args.exits)
+    exit_config = exit_config.resolve(backbone.config)
+    prompts = [backbone.encode(e.prompt) for e in calib]
+    kw = dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+    candidates = default_thresholds()
+    losses, layers = measure(backbone, prompts, exit_config, exit_params, candidates, **kw)
+    shared = learn_then_test(losses, candidates, args.delta, args.epsilon)
+    report = dict(model=model, exits=args.exits, loss=args.loss, shared=shared.as_dict(),
+                  shared_avg_layers=None if shared.index is None else layers[shared.index],
+                  full_layers=backbone.config.num_layers,
+                  candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a)
+                              for c, m, p, a in zip(candidates, shared.mean_losses, shared.p_values, layers)])
+    chosen, chosen_layers = shared, report["shared_avg_layers"]
+    if args.per_exit:
+        cache = {}
+
+        def run(fam):
+            key = tuple(fam)
+            if key not in cache:
+                cache[key] = measure(backbone, prompts, exit_config, exit_params, fam, **kw)
+            return cache[key]
+        families = vector_path(exit_config.num_exits, steps=11, slopes=(0.0, 0.5))
+        best, best_layers, _ = calibrate_vectors(lambda f: run(f)[0], lambda f: run(f)[1], families,
+                                                 args.delta, args.epsilon)
+        report["per_exit"] = None if best is None else dict(best.as_dict(), avg_layers=best_layers)
+        if best is not None and (chosen.index is None or best_layers < chosen_layers):
+            chosen, chosen_layers = best, best_layers
+    if hold and chosen.index is not None:
+        hold_prompts = [backbone.encode(e.prompt) for e in hold]
+        thr = chosen.threshold
+        h_losses, h_layers = measure(backbone, hold_prompts, exit_config, exit_params, [thr], **kw)
+        report["holdout"] = dict(prompts=len(hold), mean_loss=float(h_losses.mean()), avg_layers=float(h_layers[0]),
+                                 within_delta=bool(h_losses.mean() <= args.delta))
+    print(json.dumps(report, indent=2, default=float))
+    if chosen.index is None:
+        print(f"no threshold is certified at delta={args.delta}, epsilon={args.epsilon} with {len(calib)} prompts; "
+              "the checkpoint is unchanged", file=sys.stderr)
+        return 1
+    if not args.no_write:
+        thr = chosen.threshold
+        new_config = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
+        dx.save_exits(new_config, exit_params, args.exits)
+        meta = dict(chosen.as_dict(), avg_layers=chosen_layers, full_layers=backbone.config.num_layers,
+                    loss=args.loss, holdout=report.get("holdout"))
+        tmp = Path(args.exits) / "calibration.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        tmp.replace(Path(args.exits) / "calibration.json")
+        print(f"wrote threshold {thr} into {args.exits} (calibration.json has delta, epsilon, n and savings)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Learn-then-Test calibration on synthetic problems whose risks are known exactly."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +88,19 @@ def test_too_small_calibration_set_says_how_many_needed():
     with pytest.raises(CalibrationError, match=f"fewer than {need} prompts"):
         learn_then_test(np.zeros((need - 1, 2)), [0.9, 0.8], 0.1, 0.05)
     assert learn_then_test(np.zeros((need, 2)), [0.9, 0.8], 0.1, 0.05).index == 1
+
+
+def test_token_disagreement():
+    from eval.calibrate import token_disagreement
+    assert token_disagreement([1, 2, 3], [1, 2, 3]) == 0.0
+    assert token_disagreement([1, 9, 3, 4], [1, 2, 3]) == 0.5  # one differs, one extra, over 4
+    assert token_disagreement([], []) == 0.0
+
+
+def test_cli_rejects_bad_settings_before_loading_a_model(capsys):
+    from eval.calibrate import main
+    assert main(["--exits", "unused", "--delta", "1.5"]) == 2
+    assert "delta must be in (0, 1)" in capsys.readouterr().err
+    assert main(["--exits", "unused", "--delta", "0.01", "--epsilon", "0.01", "--data", str(Path(__file__).parent.parent / "eval" / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "too few" in err and f"at least {min_calibration_size(0.01, 0.01)} are needed" in err

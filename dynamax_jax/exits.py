@@ -1,0 +1,514 @@
+"""Early-exit classifiers (calm, ffn, mamba), training-free confidence measures, and
+saving/loading exit heads.
+
+Shape legend: E exits, B batch, T tokens, D hidden (the backbone's), F classifier FFN width
+(4 D), I classifier Mamba inner width, C its conv channels (I + 2 N), J its heads, P its head
+dim, N its state size, W its conv kernel, V vocabulary.
+
+An exit sits *after* a decoder layer: ``ExitConfig(layers=(18, 21, 24, 27))`` reads the
+hidden state after the 18th, 21st, ... layer (1-based counts of layers run, the convention
+of ``hidden_states[18]`` in transformers). A classifier maps that hidden state to 2 logits
+``(continue, exit)``; the token leaves when ``softmax(logits)[1] >= threshold``. The token
+predicted at an exit always comes from the backbone's own final norm and LM head.
+
+Classifier params are plain dicts stacked on a leading ``[E]`` axis so that a
+``lax.while_loop`` over layers can ``dynamic_index`` the exit it has reached:
+
+    calm:  norm [E, D]  w [E, D, 2]  b [E, 2]
+    ffn:   norm [E, D]  w_in [E, D, F]  b_in [E, F]  w_out [E, F, 2]  b_out [E, 2]
+    mamba: norm [E, D]  in_proj [E, D, 2I + 2N + J]  conv_w [E, W, C]  conv_b [E, C]
+           dt_bias [E, J]  A_log [E, J]  D [E, J]  gate_norm [E, I]  out_proj [E, I, 2]
+           out_bias [E, 2]
+
+Every classifier starts with an RMSNorm of the hidden state: the residual stream grows
+with depth, and a per-exit norm keeps one initialisation and learning rate good for all.
+
+The ``mamba`` classifier is a single Mamba2 mixer (one group) on the normed exit hidden
+state, computed by the backbone's own mixer code (``dynamax_jax.models.mamba2.mixer``: the
+one-token recurrence when decoding, the chunked SSD scan over sequences); its output
+projection gives the 2 logits (plus a bias: the classes are unbalanced). It carries a recurrent state ``(conv [E, B, W-1, C], ssm [E, B, J, P, N])`` across
+tokens. **State at exits a token never reached:** every exit's state advances once per
+token. When a token leaves at exit ``e``, the classifiers of the later exits are stepped on
+the *exit hidden state* (the hidden state the token left with). Why: the classifiers are
+trained on full sequences where every token advances every exit's state; leaving the later
+states untouched would make their convolution window and decay span tokens that are not
+adjacent, a pattern never seen in training. Under "copy" the skipped layers behave like the
+identity, so the exit hidden state *is* the best available estimate of the later layers'
+hidden state. The cost (one classifier step per later exit) is counted in the FLOPs
+(``dynamax_jax.flops``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamax_jax.models.layers import rms_norm
+
+Params = dict[str, Any]
+
+KINDS = ("calm", "ffn", "mamba")
+CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
+TRANSFORMER_MODES = ("copy", "propagate")
+MAMBA_MODES = ("skip", "propagate")
+_EPS = 1e-5
+CONFIG_FILE = "exit_config.json"
+PARAMS_FILE = "exit_params.safetensors"
+
+
+class ExitError(ValueError):
+    """Bad exit settings, or exit heads that do not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitConfig:
+    """Where the exits sit, what decides, and what happens to the layers a token skips.
+
+    layers: increasing 1-based layer counts, each in ``[1, L-1]``; ``None`` places
+        ``num_exits`` exits evenly over the latter half of the model (``resolve``), e.g.
+        18, 21, 24, 27 of 30.
+    kind: classifier architecture, one of ``calm`` (one linear layer), ``ffn`` (FFN with
+        4x expansion, then 2 outputs) or ``mamba`` (one Mamba2 mixer with 2 outputs; carries
+        state across tokens).
+    threshold: exit when the confidence reaches it. One float, or one per exit. Must be
+        >= 0 and not NaN; above 1 means never exit (every confidence measure is <= 1).
+    mode: what the layers a token skipped store at its position. Transformers: ``copy``
+        (DYNAMAX: the exit layer's K/V copied into the skipped layers) or ``propagate``
+        (CALM: the skipped layers' K/V projected from the exit hidden state). Mamba2:
+        ``skip`` (skipped layers' states unchanged) or ``propagate`` (their state update run
+        on the exit hidden state). ``None``: ``copy`` / ``skip``, the cheap DYNAMAX defaults.
+    confidence: ``classifier`` (the trained head's p(exit)) or a training-free measure:
+        ``softmax`` (max probability of the exit's LM-head distribution), ``margin`` (top-1
+        minus top-2 probability) or ``saturation`` (cosine similarity of the exit hidden
+        state with the previous exit's, or with the layer input at the first exit). The
+        first two run the LM head at every exit reached, which costs about a fifth of
+        SmolLM2 each time.
+    mamba_*: size of the ``mamba`` classifier's mixer (inner width ``expand * D``; head dim
+        ``None`` = the largest of 64, 32, 16, ... dividing it).
+    """
+
+    layers: tuple[int, ...] | None = None
+    kind: str = "mamba"
+    threshold: float | tuple[float, ...] = 0.9
+    mode: str | None = None
+    confidence: str = "classifier"
+    num_exits: int = 4
+    mamba_expand: int = 1
+    mamba_state_size: int = 16
+    mamba_head_dim: int | None = None
+    mamba_conv_kernel: int = 4
+
+    def __post_init__(self):
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers:
+                raise ExitError("exit layers must not be empty (use exit_config=None for full depth)")
+            if not all(isinstance(l, (int, np.integer)) and not isinstance(l, bool) for l in layers):
+                raise ExitError(f"exit layers must be integers, got {layers!r}")
+            layers = tuple(int(l) for l in layers)
+            if any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ExitError(f"exit layers must be strictly increasing, got {layers}")
+            if layers[0] < 1:
+                raise ExitError(f"exit layers are 1-based counts of layers run; got {layers[0]} in {layers}")
+            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "num_exits", len(layers))
+        if self.kind not in KINDS:
+            raise ExitError(f"unknown exit classifier kind {self.kind!r}; supported: {', '.join(KINDS)}")
+        if self.confidence not in CONFIDENCES:
+            raise ExitError(f"unknown confidence {self.confidence!r}; supported: {', '.join(CONFIDENCES)}")
+        if self.mode is not None and self.mode not in TRANSFORMER_MODES + MAMBA_MODES:
+            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate (Transformers), "
+                            "skip|propagate (Mamba2)")
+        if self.num_exits < 1:
+            raise ExitError(f"num_exits must be >= 1, got {self.num_exits}")
+        thr = self.threshold
+        if isinstance(thr, (list, tuple, np.ndarray)):
+            thr = tuple(float(t) for t in thr)
+            if len(thr) != self.num_exits:
+                raise ExitError(f"got {len(thr)} per-exit thresholds for {self.num_exits} exits")
+        else:
+            thr = float(thr)
+        for t in (thr if isinstance(thr, tuple) else (thr,)):
+            if math.isnan(t) or t < 0:
+                raise ExitError(f"threshold must be a number >= 0 (above 1 means never exit), got {t}")
+        object.__setattr__(self, "threshold", thr)
+        for name in ("mamba_expand", "mamba_state_size", "mamba_head_dim", "mamba_conv_kernel"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ExitError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    # -- resolution against a model --------------------------------------------------------
+    def resolve(self, config) -> "ExitConfig":
+        """A copy with concrete ``layers`` and ``mode`` for the model ``config``; checks that
+        the layers exist and the mode fits the backbone."""
+        n_layers = config.num_layers
+        layers = self.layers if self.layers is not None else default_exit_layers(n_layers, self.num_exits)
+        if not layers:
+            raise ExitError(f"a {n_layers}-layer model has no room for exits (need at least 2 layers)")
+        bad = [l for l in layers if not 1 <= l <= n_layers - 1]
+        if bad:
+            raise ExitError(f"exit layers {bad} out of range for a {n_layers}-layer model: each must be "
+                            f"in [1, {n_layers - 1}] (an exit after layer {n_layers} is the full model)")
+        family = config.family
+        modes = TRANSFORMER_MODES if family == "transformer" else MAMBA_MODES
+        mode = self.mode if self.mode is not None else modes[0]
+        if mode not in modes:
+            raise ExitError(f"mode {mode!r} is not available for a {family} backbone; supported: {', '.join(modes)}")
+        if self.kind == "mamba" and self.mamba_head_dim and (self.mamba_expand * config.hidden_size) % self.mamba_head_dim:
+            raise ExitError(f"mamba classifier: inner width {self.mamba_expand * config.hidden_size} is not a "
+                            f"multiple of mamba_head_dim {self.mamba_head_dim}")
+        return dataclasses.replace(self, layers=tuple(layers), mode=mode, num_exits=len(layers))
+
+    def thresholds(self) -> tuple[float, ...]:
+        """One threshold per exit."""
+        t = self.threshold
+        return t if isinstance(t, tuple) else (t,) * self.num_exits
+
+    @property
+    def needs_params(self) -> bool:
+        return self.confidence == "classifier"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the classifier carries recurrent state across tokens."""
+        return self.confidence == "classifier" and self.kind == "mamba"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["threshold"] = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ExitError(f"exit config has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        if isinstance(d.get("threshold"), list):
+            d["threshold"] = tuple(d["threshold"])
+        return cls(**d)
+
+
+def default_exit_layers(num_layers: int, num_exits: int = 4) -> tuple[int, ...]:
+    """``num_exits`` layers spread evenly over the latter half: 30 layers -> (18, 21, 24, 27).
+    Duplicates (small models) are dropped; every exit is in ``[1, L-1]``."""
+    half = num_layers / 2
+    raw = [int(round(half + (num_layers - half) * (i + 1) / (num_exits + 1))) for i in range(num_exits)]
+    return tuple(sorted({min(max(l, 1), num_layers - 1) for l in raw if num_layers > 1}))
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier math (pure functions on one exit's params; vmapped / dynamic-indexed by callers)
+# --------------------------------------------------------------------------------------------
+
+def _mamba_dims(exit_config: ExitConfig, hidden: int) -> tuple[int, int, int, int, int]:
+    inner = exit_config.mamba_expand * hidden
+    n = exit_config.mamba_state_size
+    head_dim = exit_config.mamba_head_dim or next(p for p in (64, 32, 16, 8, 4, 2, 1) if inner % p == 0)
+    return inner, n, inner // head_dim, head_dim, inner + 2 * n
+
+
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` in the weight dtype with a float32 result."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def calm_logits(p: Params, x: jax.Array) -> jax.Array:
+    """``x [..., D] -> [..., 2]`` float32: one linear layer on the normed hidden state."""
+    return _mm(rms_norm(x, p["norm"], _EPS), p["w"]) + p["b"].astype(jnp.float32)
+
+
+def ffn_logits(p: Params, x: jax.Array) -> jax.Array:
+    """``x [..., D] -> [..., 2]`` float32: ``D -> 4D`` (GELU) ``-> 2``."""
+    y = jax.nn.gelu(_mm(rms_norm(x, p["norm"], _EPS), p["w_in"]) + p["b_in"].astype(jnp.float32))  # [..., F]
+    return _mm(y, p["w_out"]) + p["b_out"].astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MambaExitState:
+    """Recurrent state of ``mamba`` classifiers: ``conv [E, B, W-1, C]``, ``ssm [E, B, J, P, N]``
+    (both float32). Callers slice one exit's ``[B, ...]`` state."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def mamba_config(exit_config: ExitConfig, hidden: int):
+    """The ``Mamba2Config`` of a ``mamba`` classifier's mixer (one group; the backbone's mixer
+    code is reused: ``dynamax_jax.models.mamba2.mixer``)."""
+    from dynamax_jax.config import Mamba2Config
+
+    _, n, _, head_dim, _ = _mamba_dims(exit_config, hidden)
+    return Mamba2Config(vocab_size=1, hidden_size=hidden, num_layers=1, state_size=n,
+                        expand=exit_config.mamba_expand, head_dim=head_dim, n_groups=1,
+                        conv_kernel=exit_config.mamba_conv_kernel, chunk_size=64, rms_norm_eps=_EPS)
+
+
+def mamba_logits(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
+                 lengths: jax.Array | None = None):
+    """One exit's Mamba2 mixer over ``x [B, T, D]`` continuing from ``state`` (leaves
+    ``[B, ...]``) -> ``(logits [B, T, 2] float32, state)``. T == 1 is the one-token
+    recurrence; with ``lengths [B]`` padded positions leave the state untouched."""
+    from dynamax_jax.models.mamba2 import mixer
+
+    u = rms_norm(x, p["norm"], _EPS).astype(p["in_proj"].dtype)
+    out, conv, ssm = mixer(mamba_config(exit_config, x.shape[-1]), p, u, state.conv, state.ssm, lengths)
+    return out.astype(jnp.float32) + p["out_bias"].astype(jnp.float32), MambaExitState(conv=conv, ssm=ssm)
+
+
+def mamba_step(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState):
+    """One token through one exit's Mamba2 mixer: ``x [B, D]``, ``state`` with leaves
+    ``[B, ...]`` -> ``(logits [B, 2] float32, state)``."""
+    logits, state = mamba_logits(exit_config, p, x[:, None], state)
+    return logits[:, 0], state
+
+
+def classifier_step(exit_config: ExitConfig, p: Params, x: jax.Array, state):
+    """One exit's classifier on one token: ``x [B, D]`` -> ``(logits [B, 2] float32, state)``.
+    ``state`` is that exit's ``MambaExitState`` slice for ``mamba``, else ``None``."""
+    if exit_config.kind == "calm":
+        return calm_logits(p, x), state
+    if exit_config.kind == "ffn":
+        return ffn_logits(p, x), state
+    return mamba_step(exit_config, p, x, state)
+
+
+def init_exit_state(config, exit_config: ExitConfig, batch: int) -> MambaExitState | None:
+    """Zero classifier state for ``batch`` rows (``None`` for stateless classifiers)."""
+    if not exit_config.stateful:
+        return None
+    ec = exit_config.resolve(config)
+    _, n, heads, head_dim, conv_dim = _mamba_dims(ec, config.hidden_size)
+    e = ec.num_exits
+    return MambaExitState(conv=jnp.zeros((e, batch, ec.mamba_conv_kernel - 1, conv_dim), jnp.float32),
+                          ssm=jnp.zeros((e, batch, heads, head_dim, n), jnp.float32))
+
+
+def classifier_sequence(exit_config: ExitConfig, p: Params, hidden: jax.Array, state=None,
+                        lengths: jax.Array | None = None):
+    """One exit's classifier over a sequence (training, prefill): ``hidden [B, T, D]`` ->
+    ``(logits [B, T, 2] float32, final state)``. With ``lengths [B]`` a ``mamba`` state stops
+    advancing after each row's last real token (right-padded batches); ``mamba`` runs the
+    chunked SSD scan for T > 1."""
+    if exit_config.kind != "mamba":
+        return classifier_step(exit_config, p, hidden, None)[0], state
+    return mamba_logits(exit_config, p, hidden, state, lengths)
+
+
+def exit_logits(config, exit_config: ExitConfig, exit_params: Params, hidden: jax.Array,
+                lengths: jax.Array | None = None) -> jax.Array:
+    """All exits on full sequences (distillation): ``hidden [E, B, T, D]`` (the hidden states at
+    the exit layers) -> ``[E, B, T, 2]`` float32 logits (continue, exit), from zero state."""
+    ec = exit_config.resolve(config)
+    state = init_exit_state(config, ec, hidden.shape[1])
+
+    def one(p, h, st):
+        return classifier_sequence(ec, p, h, st, lengths)[0]
+
+    if state is None:
+        return jax.vmap(lambda p, h: one(p, h, None))(exit_params, hidden)
+    return jax.vmap(one)(exit_params, hidden, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence measures: each returns [B] float32 in [0, 1] (compared with the threshold)
+# --------------------------------------------------------------------------------------------
+
+def classifier_confidence(logits2: jax.Array) -> jax.Array:
+    """p(exit) from the classifier's ``(continue, exit)`` logits ``[..., 2]``."""
+    return jax.nn.softmax(logits2.astype(jnp.float32), axis=-1)[..., 1]
+
+
+def softmax_confidence(logits: jax.Array) -> jax.Array:
+    """Max probability of the LM-head distribution ``logits [..., V]``."""
+    return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def margin_confidence(logits: jax.Array) -> jax.Array:
+    """Top-1 minus top-2 probability of ``logits [..., V]``."""
+    top2 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), 2)[0]
+    return top2[..., 0] - top2[..., 1]
+
+
+def saturation_confidence(hidden: jax.Array, previous: jax.Array) -> jax.Array:
+    """Cosine similarity of ``hidden [..., D]`` with ``previous [..., D]`` (hidden-state
+    saturation: the representation stopped changing)."""
+    h, g = hidden.astype(jnp.float32), previous.astype(jnp.float32)
+    num = jnp.sum(h * g, axis=-1)
+    return num / jnp.maximum(jnp.linalg.norm(h, axis=-1) * jnp.linalg.norm(g, axis=-1), 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: init, checks, save/load
+# --------------------------------------------------------------------------------------------
+
+def _param_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
+    """Per-exit shapes (without the leading ``[E]``)."""
+    d = config.hidden_size
+    if exit_config.kind == "calm":
+        return {"norm": (d,), "w": (d, 2), "b": (2,)}
+    if exit_config.kind == "ffn":
+        return {"norm": (d,), "w_in": (d, 4 * d), "b_in": (4 * d,), "w_out": (4 * d, 2), "b_out": (2,)}
+    inner, n, heads, _, conv_dim = _mamba_dims(exit_config, d)
+    return {"norm": (d,), "in_proj": (d, 2 * inner + 2 * n + heads),
+            "conv_w": (exit_config.mamba_conv_kernel, conv_dim), "conv_b": (conv_dim,),
+            "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "gate_norm": (inner,),
+            "out_proj": (inner, 2), "out_bias": (2,)}
+
+
+def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random exit-classifier params stacked ``[E, ...]`` (normal std 0.02 for matrices, norms
+    at one, zero biases; the Mamba mixer's ``A`` in [1, 16] and ``dt`` in [1e-3, 1e-1] as in
+    Mamba2)."""
+    ec = exit_config.resolve(config)
+    e = ec.num_exits
+    shapes = _param_shapes(config, ec)
+    keys = dict(zip(sorted(shapes), jax.random.split(key, len(shapes))))
+    out = {}
+    for name, shape in shapes.items():
+        full = (e,) + shape
+        k = keys[name]
+        if name in ("norm", "gate_norm", "D"):
+            v = jnp.ones(full, jnp.float32)
+        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias"):
+            v = jnp.zeros(full, jnp.float32)
+        elif name == "A_log":
+            v = jnp.log(jax.random.uniform(k, full, jnp.float32, 1.0, 16.0))
+        elif name == "dt_bias":
+            dt = jnp.exp(jax.random.uniform(k, full, jnp.float32, math.log(1e-3), math.log(1e-1)))
+            v = dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
+        elif name == "conv_w":
+            bound = 1.0 / math.sqrt(shape[0])
+            v = jax.random.uniform(k, full, jnp.float32, -bound, bound)
+        else:
+            v = 0.02 * jax.random.normal(k, full, jnp.float32)
+        out[name] = v.astype(dtype)
+    return out
+
+
+def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> ExitConfig:
+    """Resolve ``exit_config`` against the model and check that ``exit_params`` fit it;
+    returns the resolved config. Raises ``ExitError`` naming the offending tensor."""
+    ec = exit_config.resolve(config)
+    if not ec.needs_params:
+        return ec
+    if exit_params is None:
+        raise ExitError(f"confidence='classifier' needs exit_params (from init_exits or load_exits) for "
+                        f"kind={ec.kind!r}")
+    shapes = _param_shapes(config, ec)
+    missing = sorted(set(shapes) - set(exit_params))
+    if missing:
+        raise ExitError(f"exit_params for kind={ec.kind!r} are missing tensors {missing} "
+                        f"(found {sorted(exit_params)})")
+    extra = sorted(set(exit_params) - set(shapes))
+    if extra:
+        raise ExitError(f"exit_params have tensors {extra} that a kind={ec.kind!r} classifier does not use")
+    for name, shape in shapes.items():
+        expected = (ec.num_exits,) + shape
+        found = tuple(exit_params[name].shape)
+        if found != expected:
+            raise ExitError(
+                f"exit_params['{name}'] has shape {found}, expected {expected} for {ec.num_exits} exits at "
+                f"layers {ec.layers} on a model with hidden size {config.hidden_size} "
+                "(were these exit heads trained for another model?)")
+    return ec
+
+
+def _atomic_dir_write(path: Path, write) -> None:
+    """Write a directory via ``write(tmp_dir)`` then swap it into place; nothing half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "x")
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> None:
+    """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
+    (tensors named as in the param dict, dtype kept). Written atomically."""
+    from safetensors.numpy import save_file
+
+    def write(tmp: Path):
+        (tmp / CONFIG_FILE).write_text(json.dumps(exit_config.to_json(), indent=2) + "\n")
+        if exit_params is not None:
+            arrays = {k: np.asarray(v) for k, v in exit_params.items()}
+            dtypes = {k: str(a.dtype) for k, a in arrays.items()}
+            # safetensors' numpy API has no bfloat16: store its bits, restore from the dtype map
+            arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
+            save_file(arrays, str(tmp / PARAMS_FILE), metadata={"dtypes": json.dumps(dtypes)})
+
+    _atomic_dir_write(Path(path), write)
+
+
+def load_exits(path) -> tuple[ExitConfig, Params | None]:
+    """Load ``(exit_config, exit_params)`` saved by ``save_exits`` (params ``None`` for a
+    training-free confidence saved without params)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ExitError(f"{path} is not an exit checkpoint: {CONFIG_FILE} not found")
+    exit_config = ExitConfig.from_json(json.loads(cfg_file.read_text()))
+    params_file = path / PARAMS_FILE
+    if not params_file.is_file():
+        if exit_config.needs_params:
+            raise ExitError(f"{path}: {PARAMS_FILE} not found (needed for confidence='classifier')")
+        return exit_config, None
+    params = {}
+    with safe_open(str(params_file), framework="numpy") as f:
+        dtypes = json.loads((f.metadata() or {}).get("dtypes", "{}"))
+        for k in f.keys():
+            a = f.get_tensor(k)
+            if dtypes.get(k) == "bfloat16":
+                a = a.view(jnp.bfloat16)
+            params[k] = jnp.asarray(a)
+    return exit_config, params
+
+
+def num_classifier_params(config, exit_config: ExitConfig) -> int:
+    """Parameters of all exit classifiers."""
+    ec = exit_config.resolve(config)
+    return ec.num_exits * sum(int(np.prod(s)) for s in _param_shapes(config, ec).values())
+
+
+def _stack_index(tree, index):
+    """Slice exit/layer ``index`` (traced ok) out of a pytree stacked on axis 0."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, axis=0, keepdims=False), tree)
+
+
+def _stack_update(tree, new, index):
+    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), index, axis=0),
+                        tree, new)
+
+
+__all__: Sequence[str] = (
+    "ExitConfig", "ExitError", "MambaExitState", "init_exits", "save_exits", "load_exits",
+    "check_exits", "classifier_step", "classifier_sequence", "exit_logits", "init_exit_state",
+    "classifier_confidence", "softmax_confidence", "margin_confidence", "saturation_confidence",
+    "default_exit_layers", "num_classifier_params",
+)

@@ -1,0 +1,309 @@
+"""jit-compiled generation with early exits (tiny random Mistral, CPU)."""
+
+import dataclasses
+import functools
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dynamax_jax as dx
+from dynamax_jax import exits as ex
+from dynamax_jax.models import mamba2, mistral, module_for
+
+G = importlib.import_module("dynamax_jax.generate")  # the module (dx.generate is the function)
+
+CFG = dx.MistralConfig.tiny()  # 4 layers; default exits after layers 2 and 3
+PARAMS = mistral.init_params(CFG, jax.random.key(0))
+MCFG = dx.Mamba2Config.tiny()  # 4 layers
+MPARAMS = mamba2.init_params(MCFG, jax.random.key(0))
+MODELS = {"mistral": (CFG, PARAMS), "mamba2": (MCFG, MPARAMS)}
+PROMPTS = [[5, 7, 9, 11, 3], [17, 2], [1, 2, 3, 4, 5, 6, 7, 8]]
+WIDTH = 8  # every call pads prompts to this width: shapes (and compiled programs) are shared
+N = 6
+
+
+def _padded(prompts):
+    arr = np.zeros((len(prompts), WIDTH), np.int32)
+    for i, p in enumerate(prompts):
+        arr[i, :len(p)] = p
+    return arr, [len(p) for p in prompts]
+
+
+def _gen(backbone, prompts, **kw):
+    config, params = MODELS[backbone]
+    arr, lengths = _padded(prompts)
+    return dx.generate(config, params, arr, prompt_lengths=lengths, max_new_tokens=N, return_logits=True, **kw)
+
+
+def _sharp_exits(kind="mamba", backbone="mistral", **kw):
+    """Random exit heads with large output weights: p(exit) is spread over (0, 1) instead of
+    sitting near 0.5, so that exit decisions are not decided by rounding."""
+    ec = dx.ExitConfig(kind=kind, **kw)
+    p = dx.init_exits(MODELS[backbone][0], ec, jax.random.key(1))
+    out = "out_proj" if kind == "mamba" else ("w" if kind == "calm" else "w_out")
+    p[out] = p[out] * 40.0
+    return ec, p
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_forward(config):
+    return jax.jit(lambda p, t: module_for(config).forward(config, p, t))
+
+
+def _reference_greedy(config, params, prompt, n):
+    """Greedy decoding by re-running the full forward (no cache) on a fixed-width buffer; the
+    model is causal, so the zeros after the current token do not matter."""
+    buf = np.zeros((1, len(prompt) + n), np.int32)
+    buf[0, :len(prompt)] = prompt
+    logits = []
+    for i in range(n):
+        lg = np.asarray(_jit_forward(config)(params, jnp.asarray(buf))[0, len(prompt) - 1 + i])
+        logits.append(lg)
+        buf[0, len(prompt) + i] = lg.argmax()
+    return buf[0, len(prompt):], np.stack(logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_depth(backbone):
+    return _gen(backbone, PROMPTS)
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
+def test_full_depth_matches_uncached_forward(backbone):
+    config, params = MODELS[backbone]
+    r = _full_depth(backbone)
+    for i, prompt in enumerate(PROMPTS):
+        toks, logits = _reference_greedy(config, params, prompt, N)
+        np.testing.assert_array_equal(r.tokens[i], toks)
+        np.testing.assert_allclose(r.logits[i], logits, rtol=1e-5, atol=1e-5)
+    assert (r.exit_layers == config.num_layers).all() and r.avg_layers == config.num_layers
+    assert r.flops_relative == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backbone, kind, mode", [
+    ("mistral", "mamba", "copy"), ("mistral", "ffn", "propagate"), ("mamba2", "mamba", "propagate")])
+def test_threshold_above_one_is_full_depth(backbone, kind, mode):
+    ec, p = _sharp_exits(kind, backbone, mode=mode, threshold=1.5)
+    full = _full_depth(backbone)
+    r = _gen(backbone, PROMPTS, exit_config=ec, exit_params=p)
+    np.testing.assert_array_equal(r.tokens, full.tokens)
+    np.testing.assert_allclose(r.logits, full.logits, rtol=1e-6, atol=1e-6)
+    assert (r.exit_layers == 4).all()
+    assert r.flops_relative > 1.0  # the classifiers ran at every exit and saved nothing
+
+
+@pytest.mark.parametrize("confidence", ["classifier", "softmax", "saturation"])
+def test_threshold_zero_exits_at_first_exit(confidence):
+    ec, p = _sharp_exits("calm", threshold=0.0, confidence=confidence)
+    r = _gen("mistral", PROMPTS, exit_config=ec, exit_params=p)
+    assert (r.exit_layers == 2).all() and r.avg_layers == 2
+    assert r.flops_relative < 1.0
+    # the first exit's tokens are static pruning's at 2 (copy mode: the same caches)
+    s = _gen("mistral", PROMPTS, static_exit_layer=2)
+    np.testing.assert_array_equal(r.tokens, s.tokens)
+    np.testing.assert_allclose(r.logits, s.logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
+def test_static_pruning_equals_truncated_model(backbone):
+    config, params = MODELS[backbone]
+    for k in (1, 3):
+        truncated = dataclasses.replace(config, num_layers=k)
+        tparams = {**params, "layers": jax.tree.map(lambda a: a[:k], params["layers"])}
+        r = _gen(backbone, PROMPTS, static_exit_layer=k)
+        for i, prompt in enumerate(PROMPTS):
+            toks, logits = _reference_greedy(truncated, tparams, prompt, N)
+            np.testing.assert_array_equal(r.tokens[i], toks)
+            np.testing.assert_allclose(r.logits[i], logits, rtol=1e-5, atol=1e-5)
+        assert (r.exit_layers == k).all()
+
+
+@pytest.mark.parametrize("backbone, mode", [
+    ("mistral", "copy"), ("mistral", "propagate"),
+    pytest.param("mamba2", "skip", marks=pytest.mark.slow), ("mamba2", "propagate")])
+def test_batch_rows_match_single_prompts(backbone, mode):
+    ec, p = _sharp_exits("mamba", backbone, threshold=0.5, mode=mode)
+    batch = _gen(backbone, PROMPTS, exit_config=ec, exit_params=p)
+    assert len(set(batch.exit_layers.ravel().tolist())) > 1, "exits should vary for this test to bite"
+    for i, prompt in enumerate(PROMPTS):
+        alone = _gen(backbone, [prompt], exit_config=ec, exit_params=p)
+        np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+        np.testing.assert_array_equal(batch.exit_layers[i], alone.exit_layers[0])
+        np.testing.assert_allclose(batch.logits[i], alone.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def _one_exiting_step(backbone, mode, prompt):
+    """Prefill ``prompt`` and decode one token that leaves after layer 2 (of 4); return the
+    cache/state."""
+    config, params = MODELS[backbone]
+    ec, p = _sharp_exits("calm", backbone, threshold=0.0, mode=mode)
+    settings, ec, p, dyn = G._settings_and_args(config, 1, ec, p, 0.0, 0, 1.0, 1.0, (), None, False, 0)
+    t = len(prompt)
+    state = G._prefill(config, settings, params, p, jnp.asarray([prompt]), jnp.asarray([t]), cache_len=t + 1)
+    _, exit_layers, *_, state = G._decode(config, settings, 1, params, p, state, key=jax.random.key(0), **dyn)
+    assert int(exit_layers[0, 0]) == 2
+    return state.cache
+
+
+@pytest.mark.parametrize("mode", ["copy", "propagate"])
+def test_skipped_layer_caches_transformer(mode):
+    """Layers 1-2 hold their own K/V at the new position; layers 3-4 hold layer 2's K/V
+    (copy) or their K/V projected from the exit hidden state (propagate); earlier positions
+    are the full model's."""
+    prompt = PROMPTS[0]
+    t = len(prompt)
+    cache = _one_exiting_step("mistral", mode, prompt)
+    k, v = np.asarray(cache.k), np.asarray(cache.v)  # [L, 1, S, K, H]
+    _, full, hidden = mistral.apply(CFG, PARAMS, jnp.asarray([prompt]), mistral.KVCache.init(CFG, 1, t),
+                                    jnp.zeros((1,), jnp.int32), return_hidden=True)
+    fk, fv = np.asarray(full.k), np.asarray(full.v)
+    np.testing.assert_allclose(k[:, :, :t - 1], fk[:, :, :t - 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k[:2, :, t - 1], fk[:2, :, t - 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v[:2, :, t - 1], fv[:2, :, t - 1], rtol=1e-5, atol=1e-6)
+    for layer in (2, 3):
+        if mode == "copy":
+            want_k, want_v = fk[1, :, t - 1], fv[1, :, t - 1]
+        else:
+            lp = jax.tree.map(lambda a: a[layer], PARAMS["layers"])
+            wk, wv = mistral.kv_projection(CFG, lp, hidden[1][:, t - 1:t], jnp.asarray([t - 1]))
+            want_k, want_v = np.asarray(wk[:, 0]), np.asarray(wv[:, 0])
+        np.testing.assert_allclose(k[layer, :, t - 1], want_k, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v[layer, :, t - 1], want_v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["skip", "propagate"])
+def test_skipped_layer_states_mamba2(mode):
+    """Layers 1-2 hold the full model's state after the whole prompt; layers 3-4 keep the
+    state before the last token (skip) or take their update from the exit hidden state
+    (propagate)."""
+    prompt = PROMPTS[0]
+    t = len(prompt)
+    state = _one_exiting_step("mamba2", mode, prompt)
+    zero = mamba2.init_state(MCFG, 1)
+    _, full, _ = mamba2.apply(MCFG, MPARAMS, jnp.asarray([prompt]), zero)
+    _, before, _ = mamba2.apply(MCFG, MPARAMS, jnp.asarray([prompt[:-1]]), zero)
+    _, hidden = mamba2.forward(MCFG, MPARAMS, jnp.asarray([prompt]), return_hidden=True)
+    for name in ("conv", "ssm"):
+        np.testing.assert_allclose(getattr(state, name)[:2], getattr(full, name)[:2], rtol=1e-5, atol=1e-6)
+    for layer in (2, 3):
+        prev = jax.tree.map(lambda a: a[layer], before)
+        if mode == "skip":
+            want = prev
+        else:
+            lp = jax.tree.map(lambda a: a[layer], MPARAMS["layers"])
+            want = mamba2.apply_layer(MCFG, lp, hidden[1][:, t - 1:t], prev)[1]
+        for name in ("conv", "ssm"):
+            np.testing.assert_allclose(getattr(state, name)[layer], getattr(want, name), rtol=1e-5, atol=1e-6)
+
+
+def _decode_hlo_text(backbone, num_layers):
+    cfg = dataclasses.replace(MODELS[backbone][0], num_layers=num_layers)
+    params = jax.eval_shape(lambda: module_for(cfg).init_params(cfg, jax.random.key(0)))
+    ec = dx.ExitConfig(kind="mamba", layers=(num_layers // 2, num_layers - 1))
+    p = jax.eval_shape(lambda: dx.init_exits(cfg, ec, jax.random.key(1)))
+    settings, ec, p, dyn = G._settings_and_args(cfg, 4, ec, p, 0.0, 0, 1.0, 1.0, (), None, False, 0)
+    state = jax.eval_shape(lambda: G._prefill(cfg, settings, params, p, jnp.zeros((1, 5), jnp.int32),
+                                              jnp.asarray([5]), cache_len=9))
+    return G._decode.lower(cfg, settings, 4, params, p, state, key=jax.random.key(0), **dyn).as_text()
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
+def test_decode_step_holds_one_layer_body(backbone):
+    """The layer loop is a while loop over the stacked params: the program does not grow with
+    depth (one layer body, not one per layer)."""
+    small, big = _decode_hlo_text(backbone, 4), _decode_hlo_text(backbone, 8)
+    for op in ("dot_general", "stablehlo.while", "stablehlo.case"):
+        assert len(re.findall(op, small)) == len(re.findall(op, big)), op
+    assert len(re.findall("dot_general", small)) < 40
+
+
+def test_compiled_once_per_shape_and_setting():
+    ec, p = _sharp_exits("calm", threshold=0.5)
+    _gen("mistral", PROMPTS, exit_config=ec, exit_params=p)
+    before = dict(G.TRACE_COUNT)
+    # other tokens, lengths, thresholds, stop tokens: the same compiled programs
+    _gen("mistral", [[4, 5, 6], [9], [1, 1]], exit_config=ec, exit_params=p)
+    _gen("mistral", PROMPTS[::-1], exit_config=dataclasses.replace(ec, threshold=0.9), exit_params=p,
+         stop_tokens=(7, 9))
+    assert G.TRACE_COUNT == before
+
+
+def test_sampling_reproducible_and_topk1_is_greedy():
+    kw = dict(temperature=1.0, top_p=0.9)
+    a = _gen("mistral", PROMPTS, key=jax.random.key(3), **kw)
+    b = _gen("mistral", PROMPTS, key=jax.random.key(3), **kw)
+    c = _gen("mistral", PROMPTS, key=jax.random.key(4), **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    top1 = _gen("mistral", PROMPTS, temperature=0.7, top_k=1, key=jax.random.key(5))
+    np.testing.assert_array_equal(_full_depth("mistral").tokens, top1.tokens)
+
+
+def test_sample_token_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.key(0)
+    top2 = np.asarray(G.sample_token(logits, keys, 1.0, 2, 1.0, False))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = np.asarray(G.sample_token(logits, keys, 1.0, 0, 0.7, True))  # 0.5 + 0.3 reaches 0.7
+    assert set(nucleus.tolist()) == {0, 1}
+    assert abs((nucleus == 0).mean() - 0.5 / 0.8) < 0.05
+
+
+def test_repetition_penalty():
+    logits = jnp.array([[2.0, -1.0, 0.5]])
+    seen = jnp.array([[True, True, False]])
+    np.testing.assert_allclose(G.apply_repetition_penalty(logits, seen, 2.0), [[1.0, -2.0, 0.5]])
+    greedy = _full_depth("mistral")
+    r = _gen("mistral", PROMPTS, repetition_penalty=1e4)
+    distinct = lambda toks, prompt: len(set(toks.tolist()) | set(prompt)) == N + len(prompt)  # noqa: E731
+    # the random tiny model repeats itself ...
+    assert not all(distinct(greedy.tokens[i], prompt) for i, prompt in enumerate(PROMPTS))
+    # ... but not when penalised
+    assert all(distinct(r.tokens[i], prompt) for i, prompt in enumerate(PROMPTS))
+
+
+def test_stop_tokens_stop():
+    full = _full_depth("mistral")
+    stop = int(full.tokens[0, 2])
+    r = _gen("mistral", PROMPTS, stop_tokens=[stop], pad_token=127)
+    first = int(np.argmax(full.tokens[0] == stop))
+    np.testing.assert_array_equal(r.tokens[0, :first + 1], full.tokens[0, :first + 1])
+    assert (r.tokens[0, first + 1:] == 127).all() and (r.exit_layers[0, first + 1:] == 0).all()
+    assert r.num_generated[0] == first + 1
+    for i in (1, 2):  # other rows go on unless they emit the stop token too
+        hits = np.flatnonzero(full.tokens[i] == stop)
+        n = hits[0] + 1 if hits.size else N
+        np.testing.assert_array_equal(r.tokens[i, :n], full.tokens[i, :n])
+        assert r.num_generated[i] == n
+
+
+def test_bad_input_errors():
+    ec, p = _sharp_exits("calm")
+    with pytest.raises(G.GenerateError, match="the cache has 6 slots but the longest prompt"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=4, cache_len=6)
+    with pytest.raises(ex.ExitError, match="out of range for a 4-layer model"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, exit_config=dx.ExitConfig(layers=(2, 5)),
+                    exit_params=p)
+    with pytest.raises(ex.ExitError, match="strictly increasing"):
+        dx.ExitConfig(layers=(3, 2))
+    with pytest.raises(ex.ExitError, match="threshold must be a number >= 0"):
+        dx.ExitConfig(threshold=float("nan"))
+    with pytest.raises(ex.ExitError, match="threshold must be a number >= 0"):
+        dx.ExitConfig(threshold=-1.0)
+    other = dx.init_exits(dataclasses.replace(CFG, hidden_size=32), ec, jax.random.key(0))
+    with pytest.raises(ex.ExitError, match="hidden size 64"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, exit_config=ec, exit_params=other)
+    with pytest.raises(ex.ExitError, match="needs exit_params"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, exit_config=ec)
+    with pytest.raises(G.GenerateError, match="prompt_lengths must be in"):
+        dx.generate(CFG, PARAMS, np.asarray([PROMPTS[0]]), prompt_lengths=[9], max_new_tokens=2)
+    with pytest.raises(G.GenerateError, match=r"prompt token ids must be in \[0, 128\)"):
+        dx.generate(CFG, PARAMS, [[1, 500]], max_new_tokens=2)
+    with pytest.raises(G.GenerateError, match="static_exit_layer must be in"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, static_exit_layer=5)
+    with pytest.raises(G.GenerateError, match="top_p"):
+        dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, temperature=1.0, top_p=0.0)

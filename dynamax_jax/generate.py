@@ -59,7 +59,9 @@ class DecodeState:
     ``positions [B]``: position of the next input token; ``tokens [B]``: the next input token;
     ``exit_state``: ``MambaExitState`` or ``None``; ``seen [B, V]``: tokens in the prompt or
     generated (repetition penalty) or ``None``; ``done [B]``: row hit a stop token;
-    ``step``: tokens generated so far (scalar; the sampling key is folded with it)."""
+    ``step``: tokens generated so far (scalar; the sampling key is folded with it);
+    ``thresholds [B, E]``: the budget controller's current thresholds (``None`` until a
+    decode call with ``target_layers`` sets them; carried so chunked decoding keeps them)."""
 
     cache: Any
     positions: jax.Array
@@ -68,6 +70,7 @@ class DecodeState:
     seen: Any
     done: jax.Array
     step: jax.Array
+    thresholds: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class _Settings:
     use_penalty: bool
     return_logits: bool
     pad_token: int
+    budget: bool = False  # adapt thresholds towards target_layers (see ``update_thresholds``)
 
 
 @dataclasses.dataclass
@@ -183,7 +187,8 @@ def _copy_exit_kv(cache, exit_layer: jax.Array, positions: jax.Array):
 
 def _token_step(config, settings: _Settings, params, exit_params, state: DecodeState, thresholds,
                 static_layer):
-    """Run the input tokens of ``state`` through the stack with exits. Returns
+    """Run the input tokens of ``state`` through the stack with exits; ``thresholds [B, E]``
+    (one row per sequence). Returns
     ``(logits [B, V] float32, exit_layer [B] int32, cache, exit_state)``."""
     model = module_for(config)
     n_layers = config.num_layers
@@ -231,7 +236,7 @@ def _token_step(config, settings: _Settings, params, exit_params, state: DecodeS
             ref = jnp.where(e == 0, c["x_in"][:, 0], c["ref"][:, 0])
             conf = saturation_confidence(h, ref)
             c["ref"] = c["x"]
-        leave = c["active"] & (conf >= thresholds[e])
+        leave = c["active"] & (conf >= thresholds[:, e])
         if needs_head:
             c["logits"] = jnp.where(leave[:, None], lg, c["logits"])
         c["exit_layer"] = jnp.where(leave, c["layer"], c["exit_layer"])
@@ -306,6 +311,27 @@ def _token_step(config, settings: _Settings, params, exit_params, state: DecodeS
 # Prefill and the token loop (jitted)
 # --------------------------------------------------------------------------------------------
 
+# Threshold at which the budget controller stops raising thresholds: above every confidence.
+NEVER_EXIT = 1.01
+
+
+def update_thresholds(thresholds, exit_layer, counted, target_layers, gain, num_layers: int):
+    """The compute-budget controller: after each token, move every threshold of a row by
+    ``-gain * (layers_run - target_layers) / L`` and clip to ``[0, NEVER_EXIT]``.
+
+    An integral controller on the layers executed: a row that ran more layers than the
+    target exits more easily on its next token, and vice versa. While the thresholds stay
+    inside the clip range, the sum of the errors after ``t`` tokens equals
+    ``L * (theta_0 - theta_t) / gain``, so the running average of layers is within
+    ``NEVER_EXIT * L / (gain * t)`` of the target. Targets between the first exit layer and
+    ``L`` are reachable (threshold 0 always leaves at the first exit, ``NEVER_EXIT`` never
+    leaves). ``thresholds [B, E]``, ``exit_layer [B]``, ``counted [B]`` (rows still
+    generating); returns ``[B, E]``."""
+    error = (exit_layer.astype(jnp.float32) - target_layers) / num_layers
+    step = jnp.where(counted, gain * error, 0.0)[:, None]
+    return jnp.clip(thresholds - step, 0.0, NEVER_EXIT)
+
+
 TRACE_COUNT = {"prefill": 0, "decode": 0}  # incremented when tracing (tests check no retrace)
 
 
@@ -349,7 +375,7 @@ def _prefill(config, settings: _Settings, params, exit_params, prompt, lengths, 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "num_steps"), donate_argnames=("state",))
 def _decode(config, settings: _Settings, num_steps: int, params, exit_params, state: DecodeState,
-            thresholds, static_layer, temperature, top_p, penalty, stop_tokens, key):
+            thresholds, static_layer, temperature, top_p, penalty, stop_tokens, key, target_layers, budget_gain):
     """``num_steps`` tokens (fewer if every row stopped). Returns ``(tokens [B, n],
     exit_layers [B, n], positions [B, n], logits [B, n, V] or None, state)``."""
     TRACE_COUNT["decode"] += 1
@@ -361,13 +387,15 @@ def _decode(config, settings: _Settings, num_steps: int, params, exit_params, st
         out["logits"] = jnp.zeros((b, num_steps, config.vocab_size), jnp.float32)
 
     def cond(carry):
-        i, st, _ = carry
+        i, st, _, _ = carry
         return (i < num_steps) & ~jnp.all(st.done)
 
     def body(carry):
-        i, st, o = carry
+        i, st, o, thr = carry
         logits, exit_layer, cache, exit_state = _token_step(config, settings, params, exit_params, st,
-                                                            thresholds, static_layer)
+                                                            thr, static_layer)
+        if settings.budget:
+            thr = update_thresholds(thr, exit_layer, ~st.done, target_layers, budget_gain, config.num_layers)
         scores = logits
         if settings.use_penalty:
             scores = apply_repetition_penalty(scores, st.seen, penalty)
@@ -390,10 +418,15 @@ def _decode(config, settings: _Settings, num_steps: int, params, exit_params, st
         done = was_done | jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
         st = DecodeState(cache=cache, positions=st.positions + (~was_done).astype(jnp.int32),
                          tokens=jnp.where(was_done, st.tokens, token), exit_state=exit_state, seen=seen,
-                         done=done, step=st.step + 1)
-        return i + 1, st, o
+                         done=done, step=st.step + 1, thresholds=st.thresholds)
+        return i + 1, st, o, thr
 
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    thr0 = jnp.broadcast_to(thresholds, (b, thresholds.shape[-1]))
+    if settings.budget and state.thresholds is not None:
+        thr0 = state.thresholds
+    _, state, out, thr = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, thr0))
+    if settings.budget:
+        state = dataclasses.replace(state, thresholds=thr)
     return out["tokens"], out["exit_layers"], out["positions"], out.get("logits"), state
 
 
@@ -433,7 +466,8 @@ def _as_prompt(prompt_tokens, prompt_lengths, vocab_size: int):
 
 
 def _settings_and_args(config, max_new_tokens, exit_config, exit_params, temperature, top_k, top_p,
-                       repetition_penalty, stop_tokens, static_exit_layer, return_logits, pad_token):
+                       repetition_penalty, stop_tokens, static_exit_layer, return_logits, pad_token,
+                       target_layers=None, budget_gain=0.5):
     n_layers = config.num_layers
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -469,16 +503,26 @@ def _settings_and_args(config, max_new_tokens, exit_config, exit_params, tempera
     # padded with -1 (matches nothing) to a multiple of 4: a few stop tokens more or less
     # do not recompile
     stops = np.concatenate([stops, np.full(-stops.size % 4 or (4 if not stops.size else 0), -1, np.int32)])
+    if target_layers is not None:
+        if ec is None or not ec.layers:
+            raise GenerateError("target_layers needs exits (exit_config), and no static_exit_layer")
+        lo = ec.layers[0]
+        if not lo <= float(target_layers) <= n_layers:
+            raise GenerateError(f"target_layers must be in [{lo}, {n_layers}] (first exit layer to full depth), "
+                                f"got {target_layers}")
+        if not budget_gain > 0:
+            raise GenerateError(f"budget_gain must be > 0, got {budget_gain}")
     if not 0 <= pad_token < config.vocab_size:
         raise GenerateError(f"pad_token must be in [0, {config.vocab_size}), got {pad_token}")
     settings = _Settings(
         exit_config=dataclasses.replace(ec, threshold=0.0) if ec is not None else None,
         static_mode=static_mode, greedy=temperature == 0, top_k=int(top_k) if temperature > 0 else 0,
         use_top_p=temperature > 0 and top_p < 1, use_penalty=repetition_penalty != 1,
-        return_logits=bool(return_logits), pad_token=int(pad_token))
+        return_logits=bool(return_logits), pad_token=int(pad_token), budget=target_layers is not None)
     dyn = dict(thresholds=jnp.asarray(thresholds), static_layer=jnp.int32(static_exit_layer or n_layers),
                temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
-               penalty=jnp.float32(repetition_penalty), stop_tokens=jnp.asarray(stops))
+               penalty=jnp.float32(repetition_penalty), stop_tokens=jnp.asarray(stops),
+               target_layers=jnp.float32(target_layers or 0.0), budget_gain=jnp.float32(budget_gain))
     return settings, ec, exit_params, dyn
 
 
@@ -487,7 +531,8 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_tokens: Sequence[int] = (), key: jax.Array | None = None,
              static_exit_layer: int | None = None, return_logits: bool = False, pad_token: int = 0,
-             cache_len: int | None = None) -> GenerateResult:
+             cache_len: int | None = None, target_layers: float | None = None,
+             budget_gain: float = 0.5) -> GenerateResult:
     """Generate ``max_new_tokens`` per row with early exits (or at full depth).
 
     prompt_tokens: ``[B, T]`` int (right-padded, with ``prompt_lengths [B]``), or a list of
@@ -502,6 +547,10 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
     static_exit_layer: static layer pruning, every token leaves after this many layers;
         skipped layers handled by ``exit_config.mode`` if given (default copy / skip).
     cache_len: KV-cache slots (default ``T + max_new_tokens``); too small is an error.
+    target_layers: a compute budget: average layers per token to aim for (between the first
+        exit layer and L). Each row's thresholds start at ``exit_config.threshold`` and are
+        adapted after every token by ``update_thresholds`` (gain ``budget_gain``) so that the
+        row's running average of layers executed meets the target.
 
     Compiled once per (config, shapes, static settings); thresholds, temperature, top_p,
     penalty, stop tokens and the static exit layer are traced, so changing them does not
@@ -519,7 +568,7 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
     cache_len = max(cache_len, t)
     settings, ec, exit_params, dyn = _settings_and_args(
         config, max_new_tokens, exit_config, exit_params, temperature, top_k, top_p, repetition_penalty,
-        stop_tokens, static_exit_layer, return_logits, pad_token)
+        stop_tokens, static_exit_layer, return_logits, pad_token, target_layers, budget_gain)
     key = jax.random.key(0) if key is None else key
     state = _prefill(config, settings, params, exit_params, jnp.asarray(prompt), jnp.asarray(lengths),
                      cache_len=int(cache_len))
@@ -555,6 +604,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", default=None, choices=["classifier", "softmax", "margin", "saturation"],
                    help="training-free confidence instead of the exit classifiers (needs no --exits; "
                         "exits placed at the default layers)")
+    p.add_argument("--target-layers", type=float, default=None, metavar="AVG",
+                   help="compute budget: adapt the thresholds token by token so that the average number of "
+                        "layers run meets AVG (between the first exit layer and L)")
     p.add_argument("--static-exit", type=int, default=None, metavar="K",
                    help="static layer pruning: every token leaves after K layers (the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -628,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.max_new_tokens
     settings, ec, exit_params, dyn = _settings_and_args(
         config, n, exit_config, exit_params, args.temperature, args.top_k, args.top_p,
-        args.repetition_penalty, stops, args.static_exit, False, 0)
+        args.repetition_penalty, stops, args.static_exit, False, 0, args.target_layers)
     prompt = jnp.asarray([ids], jnp.int32)
     lengths = jnp.asarray([len(ids)], jnp.int32)
     key = jax.random.key(args.seed)

@@ -43,9 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -428,25 +425,6 @@ def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> 
     return ec
 
 
-def _atomic_dir_write(path: Path, write) -> None:
-    """Write a directory via ``write(tmp_dir)`` then swap it into place; nothing half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "x")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> None:
     """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
     (tensors named as in the param dict, dtype kept). Written atomically."""
@@ -461,7 +439,9 @@ def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> Non
             arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
             save_file(arrays, str(tmp / PARAMS_FILE), metadata={"dtypes": json.dumps(dtypes)})
 
-    _atomic_dir_write(Path(path), write)
+    from convert import atomic_directory  # the converters' writer: nothing half-written
+    with atomic_directory(path) as tmp:
+        write(tmp)
 
 
 def load_exits(path) -> tuple[ExitConfig, Params | None]:

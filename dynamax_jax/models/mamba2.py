@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 
 from dynamax_jax.config import Mamba2Config
-from dynamax_jax.models.layers import rms_norm
+# embed and head are part of this module's interface (shared with the Mistral model)
+from dynamax_jax.models.layers import embed, flatten_scanned_block, head, nest_scanned_block, rms_norm
 from kernels.ssd import ops as ssd_ops
 
 Params = dict[str, Any]
@@ -280,15 +281,6 @@ class Mamba2(nn.Module):
 
 # ----------------------------------------------------------------------------- functional API
 
-def _flatten_block(tree: Params) -> Params:
-    """linen nests the scanned block as ``layers/block/...``; expose ``layers/...``."""
-    return {**tree, "layers": tree["layers"]["block"]} if "block" in tree.get("layers", {}) else tree
-
-
-def _nest_block(params: Params) -> Params:
-    return {**params, "layers": {"block": params["layers"]}}
-
-
 def init_params(config: Mamba2Config, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random parameters, cast to ``dtype``: projections normal(0.02), norms and D at one,
     ``A = -(1..H)``, ``softplus(dt_bias)`` log-uniform in [1e-3, 1e-1], conv taps
@@ -301,7 +293,7 @@ def _init_params(config: Mamba2Config, key: jax.Array, dtype) -> Params:
     # Jitted: linen's init traces a whole forward pass, which op by op compiles every op.
     tokens = jnp.zeros((1, 1), jnp.int32)
     variables = Mamba2(config).init(key, tokens, Mamba2State.init(config, 1))
-    return _flatten_block(jax.tree.map(lambda a: a.astype(dtype), variables["params"]))
+    return flatten_scanned_block(jax.tree.map(lambda a: a.astype(dtype), variables["params"]))
 
 
 def _check_lengths(lengths, batch: int):
@@ -318,7 +310,7 @@ def apply(config: Mamba2Config, params: Params, tokens: jax.Array, state: Mamba2
     """Run the full stack over ``tokens [B, T]`` continuing from ``state``; see the module
     docstring. Returns ``(logits [B, T, V] float32, state, hidden [L, B, T, D] or None)``."""
     lengths = _check_lengths(lengths, tokens.shape[0])
-    return Mamba2(config).apply({"params": _nest_block(params)}, tokens, state, lengths, return_hidden)
+    return Mamba2(config).apply({"params": nest_scanned_block(params)}, tokens, state, lengths, return_hidden)
 
 
 def apply_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_state: Mamba2State,
@@ -329,18 +321,6 @@ def apply_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_
     lengths = _check_lengths(lengths, x.shape[0])
     x, conv, ssm = block(config, layer_params, x, layer_state.conv, layer_state.ssm, lengths)
     return x, Mamba2State(conv=conv, ssm=ssm)
-
-
-def embed(config: Mamba2Config, params: Params, tokens: jax.Array) -> jax.Array:
-    """``tokens [B, T] -> [B, T, D]`` in the embedding dtype."""
-    return jnp.take(params["embed"], tokens, axis=0)
-
-
-def head(config: Mamba2Config, params: Params, x: jax.Array) -> jax.Array:
-    """Final norm and LM head: ``[..., D] -> [..., V]`` float32 logits."""
-    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    y = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(w.dtype)
-    return jnp.matmul(y, w, preferred_element_type=jnp.float32)
 
 
 def forward(config: Mamba2Config, params: Params, tokens: jax.Array, return_hidden: bool = False):

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.config import MistralConfig
-from dynamax_jax.models.layers import apply_rope, attention_mask, rms_norm, rope_angles
+# embed and head are part of this module's interface (shared with the Mamba2 model)
+from dynamax_jax.models.layers import (apply_rope, attention_mask, embed, flatten_scanned_block, head,
+                                       nest_scanned_block, rms_norm, rope_angles)
 
 Params = dict[str, Any]
 _init = nn.initializers.normal(stddev=0.02)
@@ -135,18 +137,6 @@ class _ScannedBlock(nn.Module):
         return x, (kv, x if self.return_hidden else None)
 
 
-def embed(config: MistralConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """``tokens [B, T] -> [B, T, D]`` in the embedding dtype."""
-    return jnp.take(params["embed"], tokens, axis=0)
-
-
-def head(config: MistralConfig, params: Params, x: jax.Array) -> jax.Array:
-    """Final norm and LM head: ``[..., D] -> [..., V]`` float32 logits."""
-    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    y = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(w.dtype)
-    return jnp.matmul(y, w, preferred_element_type=jnp.float32)
-
-
 class Mistral(nn.Module):
     """Full-depth decoder. ``__call__(tokens [B,T], cache, start [B], return_hidden)`` returns
     ``(logits [B,T,V] float32, cache, hidden [L,B,T,D] or None)``; ``hidden[i]`` is the output
@@ -172,15 +162,6 @@ class Mistral(nn.Module):
         return logits, KVCache(k, v), hidden
 
 
-def _flatten_block(tree: Params) -> Params:
-    """linen nests the scanned block as ``layers/block/...``; expose ``layers/...``."""
-    return {**tree, "layers": tree["layers"]["block"]} if "block" in tree.get("layers", {}) else tree
-
-
-def _nest_block(params: Params) -> Params:
-    return {**params, "layers": {"block": params["layers"]}}
-
-
 def init_params(config: MistralConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random parameters: normal with std 0.02, norms at one, in ``dtype``."""
     return _init_params(config, key, jnp.dtype(dtype))
@@ -200,12 +181,12 @@ def _init_params(config: MistralConfig, key: jax.Array, dtype) -> Params:
     parts = jnp.split(flat, np.cumsum(sizes)[:-1])
     values = [jnp.ones(s.shape, dtype) if path[-1].key.endswith("norm") else part.reshape(s.shape).astype(dtype)
               for (path, s), part in zip(leaves, parts)]
-    return _flatten_block(jax.tree.unflatten(treedef, values))
+    return flatten_scanned_block(jax.tree.unflatten(treedef, values))
 
 
 def apply(config: MistralConfig, params: Params, tokens, cache: KVCache, start, return_hidden=False):
     """Run the full stack over ``tokens [B, T]`` starting at ``start [B]`` in ``cache``."""
-    return Mistral(config).apply({"params": _nest_block(params)}, tokens, cache, start, return_hidden)
+    return Mistral(config).apply({"params": nest_scanned_block(params)}, tokens, cache, start, return_hidden)
 
 
 def apply_layer(config: MistralConfig, layer_params: Params, x, k_cache, v_cache, start):

@@ -65,3 +65,13 @@ def flatten_scanned_block(tree):
 def nest_scanned_block(params):
     """The inverse of ``flatten_scanned_block``, for ``module.apply``."""
     return {**params, "layers": {"block": params["layers"]}}
+
+
+def declare_head(module, config, embedding: jax.Array, x: jax.Array, init) -> jax.Array:
+    """Inside a compact linen ``module``: declare ``final_norm`` (and ``lm_head`` when untied)
+    and return ``head`` of ``x``. Both backbones end this way."""
+    params = {"embed": embedding,
+              "final_norm": module.param("final_norm", jax.nn.initializers.ones, (config.hidden_size,))}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = module.param("lm_head", init, (config.hidden_size, config.vocab_size))
+    return head(config, params, x)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from dynamax_jax.config import Mamba2Config
 # embed and head are part of this module's interface (shared with the Mistral model)
-from dynamax_jax.models.layers import embed, flatten_scanned_block, head, nest_scanned_block, rms_norm
+from dynamax_jax.models.layers import declare_head, embed, flatten_scanned_block, head, nest_scanned_block, rms_norm
 from kernels.ssd import ops as ssd_ops
 
 Params = dict[str, Any]
@@ -269,13 +269,7 @@ class Mamba2(nn.Module):
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
         x = jnp.take(emb, tokens, axis=0)
         x, ((conv, ssm), hidden) = layers(cfg, return_hidden, name="layers")(x, (state.conv, state.ssm), lengths)
-        final_norm = self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,))
-        if cfg.tie_word_embeddings:
-            w = emb.T
-        else:
-            w = self.param("lm_head", _init, (cfg.hidden_size, cfg.vocab_size))
-        y = rms_norm(x, final_norm, cfg.rms_norm_eps).astype(w.dtype)
-        logits = jnp.matmul(y, w, preferred_element_type=jnp.float32)
+        logits = declare_head(self, cfg, emb, x, _init)
         return logits, Mamba2State(conv=conv, ssm=ssm), hidden
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from dynamax_jax.config import MistralConfig
 # embed and head are part of this module's interface (shared with the Mamba2 model)
-from dynamax_jax.models.layers import (apply_rope, attention_mask, embed, flatten_scanned_block, head,
+from dynamax_jax.models.layers import (apply_rope, attention_mask, declare_head, embed, flatten_scanned_block, head,
                                        nest_scanned_block, rms_norm, rope_angles)
 
 Params = dict[str, Any]
@@ -152,13 +152,7 @@ class Mistral(nn.Module):
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
         x = jnp.take(emb, tokens, axis=0)
         x, ((k, v), hidden) = layers(cfg, return_hidden, name="layers")(x, (cache.k, cache.v), start)
-        final_norm = self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,))
-        if cfg.tie_word_embeddings:
-            w = emb.T
-        else:
-            w = self.param("lm_head", _init, (cfg.hidden_size, cfg.vocab_size))
-        y = rms_norm(x, final_norm, cfg.rms_norm_eps).astype(w.dtype)
-        logits = jnp.matmul(y, w, preferred_element_type=jnp.float32)
+        logits = declare_head(self, cfg, emb, x, _init)
         return logits, KVCache(k, v), hidden
 
 

@@ -9,7 +9,8 @@ An exit sits *after* a decoder layer: ``ExitConfig(layers=(18, 21, 24, 27))`` re
 hidden state after the 18th, 21st, ... layer (1-based counts of layers run, the convention
 of ``hidden_states[18]`` in transformers). A classifier maps that hidden state to 2 logits
 ``(continue, exit)``; the token leaves when ``softmax(logits)[1] >= threshold``. The token
-predicted at an exit always comes from the backbone's own final norm and LM head.
+predicted at an exit comes from the backbone's own final norm and LM head, applied to the
+exit hidden state after the exit's *adapter* when the checkpoint has one (see below).
 
 Classifier params are plain dicts stacked on a leading ``[E]`` axis so that a
 ``lax.while_loop`` over layers can ``dynamic_index`` the exit it has reached:
@@ -19,6 +20,17 @@ Classifier params are plain dicts stacked on a leading ``[E]`` axis so that a
     mamba: norm [E, D]  in_proj [E, D, 2I + 2N + J]  conv_w [E, W, C]  conv_b [E, C]
            dt_bias [E, J]  A_log [E, J]  D [E, J]  gate_norm [E, I]  out_proj [E, I, 2]
            out_bias [E, 2]
+
+Adapters ("tuned lens", optional, ``ExitConfig.adapter``) map an exit's hidden state before
+the shared final norm and head, so that the token predicted at the exit agrees more often
+with the final layer's. They are residual, so that zero weights are the identity (the plain
+logit lens) and weight decay pulls towards it:
+
+    affine:  h + h W + b            adapter_w [E, D, D]  adapter_b [E, D]
+    lowrank: h + (h U) V + b        adapter_down [E, D, R]  adapter_up [E, R, D]  adapter_b [E, D]
+
+They only change the *prediction* at an exit: the classifiers, the K/V copied or propagated
+into skipped layers and the Mamba states all use the unadapted hidden state.
 
 Every classifier starts with an RMSNorm of the hidden state: the residual stream grows
 with depth, and a per-exit norm keeps one initialisation and learning rate good for all.
@@ -56,6 +68,7 @@ Params = dict[str, Any]
 
 KINDS = ("calm", "ffn", "mamba")
 CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
+ADAPTERS = ("none", "affine", "lowrank")
 TRANSFORMER_MODES = ("copy", "propagate")
 MAMBA_MODES = ("skip", "propagate")
 _EPS = 1e-5
@@ -75,7 +88,7 @@ class ExitConfig:
         ``num_exits`` exits evenly over the latter half of the model (``resolve``), e.g.
         18, 21, 24, 27 of 30.
     kind: classifier architecture, one of ``calm`` (one linear layer), ``ffn`` (FFN with
-        4x expansion, then 2 outputs) or ``mamba`` (one Mamba2 mixer with 2 outputs; carries
+        ``ffn_expand`` x expansion, 4 as in the paper, then 2 outputs) or ``mamba`` (one Mamba2 mixer with 2 outputs; carries
         state across tokens).
     threshold: exit when the confidence reaches it. One float, or one per exit. Must be
         >= 0 and not NaN; above 1 means never exit (every confidence measure is <= 1).
@@ -90,6 +103,10 @@ class ExitConfig:
         state with the previous exit's, or with the layer input at the first exit). The
         first two run the LM head at every exit reached, which costs about a fifth of
         SmolLM2 each time.
+    adapter: per-exit map applied before the shared final norm and head at an exit:
+        ``none`` (the plain logit lens), ``affine`` (tuned lens, full D x D) or ``lowrank``
+        (rank ``adapter_rank``).
+    ffn_expand: width of the ``ffn`` classifier's hidden layer in units of D.
     mamba_*: size of the ``mamba`` classifier's mixer (inner width ``expand * D``; head dim
         ``None`` = the largest of 64, 32, 16, ... dividing it).
     """
@@ -104,6 +121,9 @@ class ExitConfig:
     mamba_state_size: int = 16
     mamba_head_dim: int | None = None
     mamba_conv_kernel: int = 4
+    adapter: str = "none"
+    adapter_rank: int = 64
+    ffn_expand: int = 4
 
     def __post_init__(self):
         if self.layers is not None:
@@ -139,7 +159,10 @@ class ExitConfig:
             if math.isnan(t) or t < 0:
                 raise ExitError(f"threshold must be a number >= 0 (above 1 means never exit), got {t}")
         object.__setattr__(self, "threshold", thr)
-        for name in ("mamba_expand", "mamba_state_size", "mamba_head_dim", "mamba_conv_kernel"):
+        if self.adapter not in ADAPTERS:
+            raise ExitError(f"unknown adapter {self.adapter!r}; supported: {', '.join(ADAPTERS)}")
+        for name in ("mamba_expand", "mamba_state_size", "mamba_head_dim", "mamba_conv_kernel",
+                     "adapter_rank", "ffn_expand"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ExitError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -163,6 +186,9 @@ class ExitConfig:
         if self.kind == "mamba" and self.mamba_head_dim and (self.mamba_expand * config.hidden_size) % self.mamba_head_dim:
             raise ExitError(f"mamba classifier: inner width {self.mamba_expand * config.hidden_size} is not a "
                             f"multiple of mamba_head_dim {self.mamba_head_dim}")
+        if self.adapter == "lowrank" and self.adapter_rank >= config.hidden_size:
+            raise ExitError(f"adapter_rank {self.adapter_rank} is not below the hidden size {config.hidden_size}: "
+                            "use adapter='affine'")
         return dataclasses.replace(self, layers=tuple(layers), mode=mode, num_exits=len(layers))
 
     def thresholds(self) -> tuple[float, ...]:
@@ -172,7 +198,11 @@ class ExitConfig:
 
     @property
     def needs_params(self) -> bool:
-        return self.confidence == "classifier"
+        return self.confidence == "classifier" or self.has_adapter
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter != "none"
 
     @property
     def stateful(self) -> bool:
@@ -181,6 +211,8 @@ class ExitConfig:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
+        if not self.has_adapter:  # checkpoints without adapters keep the original format
+            del d["adapter"], d["adapter_rank"]
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["threshold"] = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
         return d
@@ -229,9 +261,26 @@ def calm_logits(p: Params, x: jax.Array) -> jax.Array:
 
 
 def ffn_logits(p: Params, x: jax.Array) -> jax.Array:
-    """``x [..., D] -> [..., 2]`` float32: ``D -> 4D`` (GELU) ``-> 2``."""
+    """``x [..., D] -> [..., 2]`` float32: ``D -> F`` (GELU) ``-> 2``."""
     y = jax.nn.gelu(_mm(rms_norm(x, p["norm"], _EPS), p["w_in"]) + p["b_in"].astype(jnp.float32))  # [..., F]
     return _mm(y, p["w_out"]) + p["b_out"].astype(jnp.float32)
+
+
+def adapt(exit_config: ExitConfig, p: Params, h: jax.Array) -> jax.Array:
+    """One exit's adapter on ``h [..., D]`` (same shape and dtype); the identity without one.
+    Its output goes to the backbone's final norm and LM head."""
+    if not exit_config.has_adapter:
+        return h
+    if exit_config.adapter == "affine":
+        delta = _mm(h, p["adapter_w"])
+    else:
+        delta = _mm(_mm(h, p["adapter_down"]), p["adapter_up"])
+    return (h.astype(jnp.float32) + delta + p["adapter_b"].astype(jnp.float32)).astype(h.dtype)
+
+
+def adapter_params(p: Params) -> Params:
+    """The adapter tensors of an exit param dict (``adapter_*``)."""
+    return {k: v for k, v in p.items() if k.startswith("adapter_")}
 
 
 @jax.tree_util.register_dataclass
@@ -353,24 +402,36 @@ def saturation_confidence(hidden: jax.Array, previous: jax.Array) -> jax.Array:
 # Parameters: init, checks, save/load
 # --------------------------------------------------------------------------------------------
 
+def _adapter_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
+    d, r = config.hidden_size, exit_config.adapter_rank
+    if exit_config.adapter == "affine":
+        return {"adapter_w": (d, d), "adapter_b": (d,)}
+    if exit_config.adapter == "lowrank":
+        return {"adapter_down": (d, r), "adapter_up": (r, d), "adapter_b": (d,)}
+    return {}
+
+
 def _param_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
-    """Per-exit shapes (without the leading ``[E]``)."""
+    """Per-exit shapes (without the leading ``[E]``): the classifier's, then the adapter's."""
     d = config.hidden_size
+    adapter = _adapter_shapes(config, exit_config)
     if exit_config.kind == "calm":
-        return {"norm": (d,), "w": (d, 2), "b": (2,)}
+        return {"norm": (d,), "w": (d, 2), "b": (2,), **adapter}
     if exit_config.kind == "ffn":
-        return {"norm": (d,), "w_in": (d, 4 * d), "b_in": (4 * d,), "w_out": (4 * d, 2), "b_out": (2,)}
+        f = exit_config.ffn_expand * d
+        return {"norm": (d,), "w_in": (d, f), "b_in": (f,), "w_out": (f, 2), "b_out": (2,), **adapter}
     inner, n, heads, _, conv_dim = _mamba_dims(exit_config, d)
     return {"norm": (d,), "in_proj": (d, 2 * inner + 2 * n + heads),
             "conv_w": (exit_config.mamba_conv_kernel, conv_dim), "conv_b": (conv_dim,),
             "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "gate_norm": (inner,),
-            "out_proj": (inner, 2), "out_bias": (2,)}
+            "out_proj": (inner, 2), "out_bias": (2,), **adapter}
 
 
 def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random exit-classifier params stacked ``[E, ...]`` (normal std 0.02 for matrices, norms
     at one, zero biases; the Mamba mixer's ``A`` in [1, 16] and ``dt`` in [1e-3, 1e-1] as in
-    Mamba2)."""
+    Mamba2; adapters start as the identity: ``adapter_w``, ``adapter_up`` and ``adapter_b``
+    zero)."""
     ec = exit_config.resolve(config)
     e = ec.num_exits
     shapes = _param_shapes(config, ec)
@@ -381,7 +442,7 @@ def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float3
         k = keys[name]
         if name in ("norm", "gate_norm", "D"):
             v = jnp.ones(full, jnp.float32)
-        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias"):
+        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias", "adapter_b", "adapter_w", "adapter_up"):
             v = jnp.zeros(full, jnp.float32)
         elif name == "A_log":
             v = jnp.log(jax.random.uniform(k, full, jnp.float32, 1.0, 16.0))
@@ -404,8 +465,8 @@ def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> 
     if not ec.needs_params:
         return ec
     if exit_params is None:
-        raise ExitError(f"confidence='classifier' needs exit_params (from init_exits or load_exits) for "
-                        f"kind={ec.kind!r}")
+        need = "confidence='classifier'" if ec.confidence == "classifier" else f"adapter={ec.adapter!r}"
+        raise ExitError(f"{need} needs exit_params (from init_exits or load_exits) for kind={ec.kind!r}")
     shapes = _param_shapes(config, ec)
     missing = sorted(set(shapes) - set(exit_params))
     if missing:
@@ -471,9 +532,27 @@ def load_exits(path) -> tuple[ExitConfig, Params | None]:
 
 
 def num_classifier_params(config, exit_config: ExitConfig) -> int:
-    """Parameters of all exit classifiers."""
+    """Parameters of all exit classifiers and their adapters."""
     ec = exit_config.resolve(config)
     return ec.num_exits * sum(int(np.prod(s)) for s in _param_shapes(config, ec).values())
+
+
+def affine_to_lowrank(exit_config: ExitConfig, exit_params: Params, rank: int) -> tuple[ExitConfig, Params]:
+    """Compress affine adapters to rank ``rank`` by truncated SVD of each exit's ``adapter_w``
+    (the best rank-``rank`` approximation in Frobenius norm): ``adapter_down = U_r S_r``,
+    ``adapter_up = V_r^T``; ``adapter_b`` and the classifier are kept. Returns the
+    ``lowrank`` config and params (the dtype of ``adapter_w``)."""
+    if exit_config.adapter != "affine":
+        raise ExitError(f"affine_to_lowrank needs affine adapters, got adapter={exit_config.adapter!r}")
+    w = np.asarray(exit_params["adapter_w"], np.float32)  # [E, D, D]
+    if not 1 <= rank < w.shape[-1]:
+        raise ExitError(f"rank must be in [1, {w.shape[-1] - 1}], got {rank}")
+    u, sv, vt = np.linalg.svd(w)
+    dtype = exit_params["adapter_w"].dtype
+    params = {k: v for k, v in exit_params.items() if k != "adapter_w"}
+    params["adapter_down"] = jnp.asarray(u[..., :rank] * sv[:, None, :rank], dtype)
+    params["adapter_up"] = jnp.asarray(vt[:, :rank], dtype)
+    return dataclasses.replace(exit_config, adapter="lowrank", adapter_rank=rank), params
 
 
 def _stack_index(tree, index):
@@ -487,7 +566,7 @@ def _stack_update(tree, new, index):
 
 
 __all__: Sequence[str] = (
-    "ExitConfig", "ExitError", "MambaExitState", "init_exits", "save_exits", "load_exits",
+    "ExitConfig", "ExitError", "MambaExitState", "adapt", "adapter_params", "affine_to_lowrank", "init_exits", "save_exits", "load_exits",
     "check_exits", "classifier_step", "classifier_sequence", "exit_logits", "init_exit_state",
     "classifier_confidence", "softmax_confidence", "margin_confidence", "saturation_confidence",
     "default_exit_layers", "num_classifier_params",

@@ -70,10 +70,21 @@ def classifier_flops(config, exit_config: ExitConfig) -> float:
     if exit_config.kind == "calm":
         return float(2 * d * 2)
     if exit_config.kind == "ffn":
-        return float(2 * d * 4 * d + 2 * 4 * d * 2)
+        f = exit_config.ffn_expand * d
+        return float(2 * d * f + 2 * f * 2)
     inner, n, heads, head_dim, conv_dim = _mamba_dims(exit_config, d)
     return float(2 * d * (2 * inner + 2 * n + heads) + 2 * conv_dim * exit_config.mamba_conv_kernel
                  + 5 * heads * head_dim * n + 2 * inner * 2)
+
+
+def adapter_flops(config, exit_config: ExitConfig) -> float:
+    """One exit's adapter on one token (0 without one)."""
+    d = config.hidden_size
+    if exit_config.adapter == "affine":
+        return float(2 * d * d)
+    if exit_config.adapter == "lowrank":
+        return float(2 * 2 * d * exit_config.adapter_rank)
+    return 0.0
 
 
 def token_flops(config, exit_config: ExitConfig | None, exit_layer: np.ndarray, position: np.ndarray,
@@ -99,10 +110,13 @@ def token_flops(config, exit_config: ExitConfig | None, exit_layer: np.ndarray, 
     # stateful classifiers also step the exits a token skipped (see exits.py)
     evaluated = np.full_like(reached, len(exits)) if exit_config.stateful else reached
     total = total + evaluated * classifier_flops(config, exit_config)
+    left = exit_layer < config.num_layers
     if exit_config.confidence in ("softmax", "margin"):
         # the head already ran at the exit the token left from: only tokens that ran to the
-        # end pay the final head on top of the heads at every exit
-        total = total - np.where(exit_layer < config.num_layers, head_flops(config), 0.0)
+        # end pay the final head on top of the heads at every exit (each on adapted states)
+        total = total - np.where(left, head_flops(config), 0.0) + reached * adapter_flops(config, exit_config)
+    else:  # the adapter runs once, at the exit the token leaves from
+        total = total + np.where(left, adapter_flops(config, exit_config), 0.0)
     return total.astype(np.float64)
 
 

@@ -12,7 +12,7 @@ layer). Layers after that are never computed. The layers a row skipped then get,
 position: Transformer ``copy`` (the exit layer's K/V) or ``propagate`` (K/V projected from
 the exit hidden state); Mamba2 ``skip`` (state unchanged) or ``propagate`` (state update
 run on the exit hidden state). The next token comes from the backbone's final norm and LM
-head on the exit hidden state.
+head on the exit hidden state (after the exit's adapter, when the exit heads have one).
 
 The token loop is itself a ``lax.while_loop`` inside jit (no host sync per token). The
 prompt's last token is *not* part of the full-depth prefill: it is the first input of the
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax import flops as flops_lib
-from dynamax_jax.exits import (ExitConfig, _stack_index, _stack_update, check_exits,
+from dynamax_jax.exits import (ExitConfig, _stack_index, _stack_update, adapt, check_exits,
                                classifier_confidence, classifier_sequence, classifier_step,
                                init_exit_state, margin_confidence, saturation_confidence,
                                softmax_confidence)
@@ -218,20 +218,22 @@ def _token_step(config, settings: _Settings, params, exit_params, state: DecodeS
             carry["ref"] = x
         if needs_head:
             carry["logits"] = jnp.zeros((b, config.vocab_size), jnp.float32)
+        elif ec.has_adapter:  # the adapted hidden state of rows that left, for the head
+            carry["x_pred"] = x[:, 0]
 
     def exit_check(c):
         c = dict(c)
         e = exit_index[c["layer"]]
         h = c["x"][:, 0]  # [B, D]
+        p_e = _stack_index(exit_params, e) if ec.needs_params else None
         if ec.confidence == "classifier":
-            p_e = _stack_index(exit_params, e)
             st_e = _stack_index(c["exit_state"], e) if ec.stateful else None
             logits2, st_e = classifier_step(ec, p_e, h, st_e)
             conf = classifier_confidence(logits2)
             if ec.stateful:  # rows that left earlier step on their exit hidden state (frozen x)
                 c["exit_state"] = _stack_update(c["exit_state"], st_e, e)
         elif needs_head:
-            lg = model.head(config, params, h)
+            lg = model.head(config, params, adapt(ec, p_e, h))
             conf = softmax_confidence(lg) if ec.confidence == "softmax" else margin_confidence(lg)
         else:
             ref = jnp.where(e == 0, c["x_in"][:, 0], c["ref"][:, 0])
@@ -240,6 +242,10 @@ def _token_step(config, settings: _Settings, params, exit_params, state: DecodeS
         leave = c["active"] & (conf >= thresholds[:, e])
         if needs_head:
             c["logits"] = jnp.where(leave[:, None], lg, c["logits"])
+        elif ec.has_adapter:  # adapt only when some row leaves (counted once per token)
+            c["x_pred"] = jax.lax.cond(jnp.any(leave),
+                                       lambda: jnp.where(leave[:, None], adapt(ec, p_e, h), c["x_pred"]),
+                                       lambda: c["x_pred"])
         c["exit_layer"] = jnp.where(leave, c["layer"], c["exit_layer"])
         c["active"] = c["active"] & ~leave
         return c
@@ -303,6 +309,8 @@ def _token_step(config, settings: _Settings, params, exit_params, state: DecodeS
                               lambda: jnp.where(ran_to_end[:, None], model.head(config, params, x[:, 0]),
                                                 c["logits"]),
                               lambda: c["logits"])
+    elif dynamic and ec.has_adapter:  # rows that left predict from their adapted state
+        logits = model.head(config, params, jnp.where(c["active"][:, None], x[:, 0], c["x_pred"]))
     else:
         logits = model.head(config, params, x[:, 0])
     return logits, exit_layer, cache, exit_state
@@ -665,7 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_config, exit_params = dx.load_exits(exits_path)
     if args.confidence and args.confidence != "classifier":
         exit_config = dataclasses.replace(exit_config or ExitConfig(), confidence=args.confidence)
-        exit_params = None
+        if not exit_config.has_adapter:  # an adapter still maps the exit's hidden state
+            exit_params = None
     if exit_config is not None or args.mode:
         exit_config = exit_config or ExitConfig(confidence="saturation", threshold=2.0)
         changes = {}

@@ -84,6 +84,10 @@ class ShardingTable:
     exit_mamba_head_ej: P = P(None, None)
     exit_mamba_gate_norm_ei: P = P(None, None)
     exit_mamba_out_proj_eix: P = P(None, None, None)
+    exit_adapter_w_edd: P = P(None, None, MODEL)
+    exit_adapter_down_edr: P = P(None, None, None)
+    exit_adapter_up_erd: P = P(None, None, None)
+    exit_adapter_b_ed: P = P(None, None)
 
 
 TABLE = ShardingTable()
@@ -157,8 +161,19 @@ def param_specs(config, table: ShardingTable = TABLE) -> dict[str, Any]:
     return specs
 
 
-def exit_param_specs(kind: str, table: ShardingTable = TABLE) -> dict[str, P]:
-    """Spec tree of exit-classifier params of ``kind`` (``dynamax_jax.exits`` layout)."""
+def exit_param_specs(kind: str, adapter: str = "none", table: ShardingTable = TABLE) -> dict[str, P]:
+    """Spec tree of exit-classifier params of ``kind`` with an ``adapter`` (``none``,
+    ``affine`` or ``lowrank``; ``dynamax_jax.exits`` layout)."""
+    specs = {"affine": {"adapter_w": table.exit_adapter_w_edd, "adapter_b": table.exit_adapter_b_ed},
+             "lowrank": {"adapter_down": table.exit_adapter_down_edr, "adapter_up": table.exit_adapter_up_erd,
+                         "adapter_b": table.exit_adapter_b_ed},
+             "none": {}}
+    if adapter not in specs:
+        raise ShardingError(f"no sharding table for exit adapter {adapter!r}; supported: {', '.join(specs)}")
+    return {**_classifier_specs(kind, table), **specs[adapter]}
+
+
+def _classifier_specs(kind: str, table: ShardingTable) -> dict[str, P]:
     if kind == "calm":
         return {"norm": table.exit_norm_ed, "w": table.exit_linear_edx, "b": table.exit_bias_ex}
     if kind == "ffn":

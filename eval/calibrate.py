@@ -183,6 +183,18 @@ def default_thresholds() -> list[float]:
     return [1.01, 0.99, 0.97, 0.95] + [round(x, 2) for x in np.arange(0.9, 0.0, -0.05)]
 
 
+def parse_thresholds(text: str) -> list[float]:
+    """``"0.5,0.9,0.7"`` -> ``[0.9, 0.7, 0.5]``: candidates ordered strict to loose (fixed-sequence
+    testing needs that order, decided before seeing the data)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CalibrationError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not v >= 0 for v in values):
+        raise CalibrationError(f"--thresholds must be numbers >= 0, got {text!r}")
+    return sorted(set(values), reverse=True)
+
+
 def measure(backbone, prompts: list[list[int]], exit_config, exit_params, candidates, *, loss: str,
             max_new_tokens: int, batch_size: int):
     """Run full depth once and every candidate threshold; returns ``losses [n, C]`` and the
@@ -230,6 +242,9 @@ def _parser():
                         "1 - ROUGE-L of the answer")
     p.add_argument("--per-exit", action="store_true",
                    help="also search per-exit threshold vectors (Bonferroni over families) and keep the cheapest")
+    p.add_argument("--thresholds", default=None,
+                   help="comma-separated candidate thresholds; they are tested from strict (high) to loose "
+                        "whatever the order given (default: 1.01, 0.99, 0.97, 0.95, 0.9, 0.85, ..., 0.05)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/hold-out split")
@@ -252,6 +267,7 @@ def main(argv=None) -> int:
         _check_level("epsilon", args.epsilon)
         if not 0.0 <= args.holdout < 1.0:
             raise CalibrationError(f"--holdout must be in [0, 1), got {args.holdout}")
+        candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
         examples = []
         for name in args.tasks.split(","):
             examples += tasks_lib.get_task(name.strip()).load(args.data, args.limit)
@@ -276,7 +292,6 @@ def main(argv=None) -> int:
     prompts = [backbone.encode(e.prompt) for e in calib]
     kw = dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
-    candidates = default_thresholds()
     losses, layers = measure(backbone, prompts, exit_config, exit_params, candidates, **kw)
     shared = learn_then_test(losses, candidates, args.delta, args.epsilon)
     report = dict(model=model, exits=args.exits, loss=args.loss, shared=shared.as_dict(),

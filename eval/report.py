@@ -97,7 +97,8 @@ def markdown(runs: list[dict]) -> str:
         for r in oracle:
             agree = ", ".join(f"{layer}: {100 * v:.0f}%" for layer, v in r["oracle"]["exit_agreement"].items())
             lines.append("")
-            lines.append(f"Oracle: logit-lens token equals the final layer's at exit {agree}.")
+            lens = "logit-lens" if not r["spec"].get("kind") else f"{r['spec']['kind']} (adapted)"
+            lines.append(f"Oracle `{r['label']}`: the {lens} token equals the final layer's at exit {agree}.")
         lines.append("")
     return "\n".join(lines)
 

@@ -81,8 +81,8 @@ class RunSpec:
             return f"{self.kind}-{self.mode}-t{self.threshold:g}"
         if self.variant == "static":
             return f"static-{self.static_layer}"
-        if self.variant == "oracle":
-            return "oracle-" + "-".join(map(str, self.exit_layers))
+        if self.variant == "oracle":  # with exits: the adapted (tuned-lens) predictions of that checkpoint
+            return "oracle-" + "-".join(map(str, self.exit_layers)) + (f"-{self.kind}" if self.kind else "")
         return "full"
 
     def filename(self) -> str:
@@ -238,25 +238,38 @@ def compute_summary(config, exit_config, generations: list[Generation], prompt_l
 
 # ----------------------------------------------------------------------------- oracle
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _layer_tokens(config, params, exit_layers: tuple[int, ...], tokens):
-    """Teacher-forced logit-lens tokens: ``tokens [B, T]`` -> ``(exit_tokens [E, B, T],
-    final_tokens [B, T])``, the argmax of the head on each exit layer's hidden state and on
-    the last layer's."""
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _layer_tokens(config, params, exit_layers: tuple[int, ...], exit_config, adapters, tokens):
+    """Teacher-forced exit tokens: ``tokens [B, T]`` -> ``(exit_tokens [E, B, T],
+    final_tokens [B, T])``, the argmax of the head on each exit layer's hidden state (after
+    that exit's adapter when ``exit_config`` has one; ``adapters`` stacked ``[E, ...]``) and
+    on the last layer's."""
+    from dynamax_jax.exits import adapt
     from dynamax_jax.models import module_for
     module = module_for(config)
     logits, hidden = module.forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
     exit_hidden = hidden[jnp.asarray(exit_layers) - 1]  # [E, B, T, D]
-    # one exit at a time: [B, T, V] logits instead of [E, B, T, V]
-    exit_tokens = jax.lax.map(lambda h: jnp.argmax(module.head(config, params, h), axis=-1), exit_hidden)
-    return exit_tokens, jnp.argmax(logits, axis=-1)
+
+    def exit_tokens(xs):  # one exit at a time: [B, T, V] logits instead of [E, B, T, V]
+        p, h = xs
+        h = adapt(exit_config, p, h) if exit_config is not None else h
+        return jnp.argmax(module.head(config, params, h), axis=-1)
+    return jax.lax.map(exit_tokens, (adapters, exit_hidden)), jnp.argmax(logits, axis=-1)
 
 
 def oracle_layers(backbone: Backbone, exit_layers: tuple[int, ...], prompts: list[list[int]],
-                  generations: list[Generation], batch_size: int, pad_multiple: int):
+                  generations: list[Generation], batch_size: int, pad_multiple: int,
+                  exit_config=None, exit_params=None):
     """Per-token oracle exit layers for the full-depth ``generations``, the fraction of tokens
-    whose logit-lens token at each exit equals the final layer's, and the fraction of
-    generated tokens the teacher-forced final layer reproduces (a numerics check, ~1)."""
+    whose exit token (logit lens; tuned lens when ``exit_config`` has an adapter, with its
+    ``exit_params``) at each exit equals the final layer's, and the fraction of generated
+    tokens the teacher-forced final layer reproduces (a numerics check, ~1)."""
+    from dynamax_jax.exits import adapter_params
+    adapters = {}
+    if exit_config is not None and exit_config.has_adapter:
+        adapters = adapter_params(exit_params)
+    else:
+        exit_config = None
     num_layers = backbone.config.num_layers
     out: list[list[int]] = [[] for _ in prompts]
     agree = np.zeros(len(exit_layers))
@@ -265,8 +278,8 @@ def oracle_layers(backbone: Backbone, exit_layers: tuple[int, ...], prompts: lis
     sequences = [p + g.tokens[:-1] for p, g in zip(prompts, generations)]
     for idx in _batches(sequences, batch_size):
         tokens, _ = _pad_batch([sequences[i] for i in idx], batch_size, pad_multiple)
-        exit_tok, final_tok = (np.asarray(a) for a in _layer_tokens(backbone.config, backbone.params,
-                                                                      exit_layers, tokens))
+        exit_tok, final_tok = (np.asarray(a) for a in _layer_tokens(
+            backbone.config, backbone.params, exit_layers, exit_config, adapters, tokens))
         for r, i in enumerate(idx):
             n, start = len(generations[i].tokens), len(prompts[i]) - 1
             if n == 0:
@@ -392,6 +405,10 @@ class Sweep:
         if not a.no_oracle:
             for layers in sorted(layer_sets):
                 self.oracle_run(task_name, layers, examples, prompts, full)
+            for tag, ec, p in exit_sources:  # the tuned-lens ceiling of each checkpoint with adapters
+                if ec.has_adapter:
+                    self.oracle_run(task_name, ec.resolve(self.backbone.config).layers, examples, prompts,
+                                    full, (tag, ec, p))
 
         depths = []
         for tag, exit_config, exit_params in exit_sources:
@@ -401,6 +418,7 @@ class Sweep:
                     ec = ec.resolve(self.backbone.config)
                     # a training-free confidence (softmax, margin, saturation) names the run
                     kind = ec.kind if ec.confidence == "classifier" else ec.confidence
+                    kind += f"+{ec.adapter}" if ec.has_adapter else ""
                     spec = self.spec(task_name, "exit", exits=tag, kind=kind, mode=mode,
                                      threshold=float(threshold), exit_layers=ec.layers)
                     run = self.done(spec) or self.generate_run(spec, examples, prompts, full, ec, exit_params)
@@ -424,15 +442,19 @@ class Sweep:
             ks = {l for layers in layer_sets for l in layers}
         return sorted(min(max(k, 1), self.num_layers - 1) for k in ks)
 
-    def oracle_run(self, task_name, layers, examples, prompts, full) -> None:
-        spec = self.spec(task_name, "oracle", exit_layers=tuple(layers))
+    def oracle_run(self, task_name, layers, examples, prompts, full, source=None) -> None:
+        """The oracle at ``layers``; with ``source = (tag, exit_config, exit_params)`` its
+        exits predict through that checkpoint's adapters."""
+        tag, ec, p = source or (None, None, None)
+        spec = self.spec(task_name, "oracle", exit_layers=tuple(layers), exits=tag,
+                         kind=f"{ec.adapter}-lens" if ec is not None else None)
         if self.done(spec):
             return
         a = self.args
         gens = [Generation(r["tokens"], r["exit_layers"]) for r in full["examples"]]
         start = time.perf_counter()
         per_token, agreement, reproduced = oracle_layers(self.backbone, tuple(layers), prompts, gens,
-                                                         a.batch_size, a.pad_multiple)
+                                                         a.batch_size, a.pad_multiple, ec, p)
         elapsed = time.perf_counter() - start
         oracle_gens = [Generation(g.tokens, l) for g, l in zip(gens, per_token)]
         # The oracle emits the full model's tokens and runs no classifier; skipped layers are

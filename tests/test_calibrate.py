@@ -104,3 +104,14 @@ def test_cli_rejects_bad_settings_before_loading_a_model(capsys):
     assert main(["--exits", "unused", "--delta", "0.01", "--epsilon", "0.01", "--data", str(Path(__file__).parent.parent / "eval" / "data")]) == 2
     err = capsys.readouterr().err
     assert "too few" in err and f"at least {min_calibration_size(0.01, 0.01)} are needed" in err
+
+
+def test_candidate_thresholds_are_ordered_strict_to_loose(capsys):
+    from eval.calibrate import main, parse_thresholds
+    assert parse_thresholds("0.5,0.9,0.7,0.9") == [0.9, 0.7, 0.5]
+    with pytest.raises(CalibrationError, match="numbers >= 0"):
+        parse_thresholds("0.5,-1")
+    with pytest.raises(CalibrationError, match="comma-separated numbers"):
+        parse_thresholds("0.5,high")
+    assert main(["--exits", "unused", "--thresholds", "x"]) == 2
+    assert "--thresholds must be comma-separated numbers" in capsys.readouterr().err

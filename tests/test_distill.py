@@ -136,10 +136,14 @@ def test_one_step_on_8_devices_equals_one_device():
         mask = jnp.ones((8, 16), jnp.float32)
         maxdiff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         for kind in ("mamba",):  # the stateful kind; calm/ffn are per-token maps of the same sharded inputs
-            settings = T.DistillSettings(exit_kind=kind, exit_layers=(2, 3), steps=10, topk=2, warmup_steps=0)
-            ec = ex.ExitConfig(layers=(2, 3), kind=kind, mamba_head_dim=16).resolve(config)
+            # with an affine adapter: its KL joins the loss and adapter_w is split over "model"
+            settings = T.DistillSettings(exit_kind=kind, exit_layers=(2, 3), steps=10, topk=2, warmup_steps=0,
+                                         adapter="affine")
+            ec = ex.ExitConfig(layers=(2, 3), kind=kind, mamba_head_dim=16, adapter="affine").resolve(config)
             tx = T.make_optimizer(settings)
-            init = jax.device_get(ex.init_exits(config, ec, jax.random.key(2)))  # host copy: the step donates
+            init = ex.init_exits(config, ec, jax.random.key(2))
+            init["adapter_w"] = 0.05 * jax.random.normal(jax.random.key(3), init["adapter_w"].shape)
+            init = jax.device_get(init)  # host copy: the step donates
             results = {}
             for spec in ("1x1", "8x1", "4x2"):
                 mesh = S.make_mesh(spec)

@@ -19,6 +19,13 @@ weight ``l_e / sum l``, later exits count more, as in CALM/DYNAMAX; ``uniform``;
 comma list). The ``mamba`` classifier runs over whole rows from a zero state so that its
 state sees the history, the same way it runs during generation.
 
+Adapters (``--adapter affine|lowrank``, a "tuned lens" per exit, ``dynamax_jax.exits``) are
+trained jointly: each exit's adapted prediction ``head(adapter(h_e))`` is distilled from the
+final layer with ``KL(final || exit)`` (mean over real tokens, summed over exits with the
+exit weights, times ``--kl-weight``), and the classifier's labels are computed from that
+adapted prediction (no gradient flows through the labels). The adapters start as the
+identity, so the first labels are the plain logit lens's.
+
 Training: optax AdamW (linear warm-up, cosine decay to 10 %, global-norm clipping), one
 ``jax.jit``-compiled step with in/out shardings from ``dynamax_jax.sharding`` (batch over
 ``data``; backbone and classifiers over ``model`` where the table says so).
@@ -80,6 +87,10 @@ class DistillSettings:
     text_field: str = "text"
     exit_kind: str = "mamba"
     exit_layers: tuple[int, ...] | None = None  # None: 4 exits over the latter half
+    adapter: str = "none"
+    adapter_rank: int = 64
+    kl_weight: float = 1.0
+    ffn_expand: int = 4
     topk: int = 1
     steps: int = 300
     batch_size: int = 8
@@ -106,6 +117,10 @@ class DistillSettings:
         for name in ("topk", "steps", "batch_size", "seq_len", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.adapter not in ex.ADAPTERS:
+            raise DistillError(f"--adapter {self.adapter!r}: choose one of {', '.join(ex.ADAPTERS)}")
+        if not self.kl_weight > 0 or not math.isfinite(self.kl_weight):
+            raise DistillError(f"--kl-weight must be a positive number, got {self.kl_weight}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise DistillError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
@@ -127,9 +142,14 @@ class DistillSettings:
                 raise DistillError(f"--exit-weights must be {' or '.join(EXIT_WEIGHTINGS)} or a comma list of "
                                    f"non-negative numbers with a positive sum, got {self.exit_weights!r}")
         try:
-            ex.ExitConfig(layers=self.exit_layers, kind=self.exit_kind)
+            self.exit_config()
         except ex.ExitError as e:
             raise DistillError(f"--exit-layers: {e}") from e
+
+    def exit_config(self) -> ex.ExitConfig:
+        """The (unresolved) exits these settings train."""
+        return ex.ExitConfig(layers=self.exit_layers, kind=self.exit_kind, adapter=self.adapter,
+                             adapter_rank=self.adapter_rank, ffn_expand=self.ffn_expand)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -168,13 +188,41 @@ def exit_labels(config, params, exit_hidden: jax.Array, final_logits: jax.Array,
     return jax.lax.map(one_exit, exit_hidden)
 
 
-def backbone_pass(config, params, tokens: jax.Array, exit_layers: Sequence[int], topk: int):
-    """Frozen backbone: ``tokens [B, T]`` -> ``(exit_hidden [E, B, T, D], labels [E, B, T])``."""
+def backbone_outputs(config, params, tokens: jax.Array, exit_layers: Sequence[int]):
+    """Frozen backbone: ``tokens [B, T]`` -> ``(exit_hidden [E, B, T, D], final_logits [B, T, V])``."""
     params = jax.lax.stop_gradient(params)
     logits, hidden = module_for(config).forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
-    exit_hidden = hidden[np.asarray(exit_layers) - 1]  # layer l's output is hidden[l - 1]
-    labels = exit_labels(config, params, exit_hidden, logits, topk)
-    return exit_hidden, labels
+    return hidden[np.asarray(exit_layers) - 1], logits  # layer l's output is hidden[l - 1]
+
+
+def backbone_pass(config, params, tokens: jax.Array, exit_layers: Sequence[int], topk: int):
+    """Frozen backbone and plain logit-lens labels: ``tokens [B, T]`` ->
+    ``(exit_hidden [E, B, T, D], labels [E, B, T])``."""
+    exit_hidden, logits = backbone_outputs(config, params, tokens, exit_layers)
+    return exit_hidden, exit_labels(config, jax.lax.stop_gradient(params), exit_hidden, logits, topk)
+
+
+def adapted_exits(config, params, exit_config: ex.ExitConfig, adapters, exit_hidden: jax.Array,
+                  final_logits: jax.Array, mask: jax.Array, topk: int):
+    """Labels ``[E, B, T]`` bool and ``KL(final || exit) [E]`` (mean over ``mask``ed tokens) of
+    the adapted exit predictions ``head(adapter_e(h_e))``; ``adapters``: the ``adapter_*``
+    params stacked ``[E, ...]``. Differentiable in ``adapters`` through the KL only."""
+    head = module_for(config).head
+    logp_final = jax.nn.log_softmax(final_logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    p_final = jnp.exp(logp_final)
+    m = mask.astype(jnp.float32)
+
+    def one_exit(_, xs):  # one exit at a time bounds memory to a few [B, T, V]
+        p_e, h = xs
+        logits = head(config, params, ex.adapt(exit_config, p_e, h)).astype(jnp.float32)  # [B, T, V]
+        predicted = jnp.argmax(logits, axis=-1)
+        own = jnp.take_along_axis(final_logits, predicted[..., None], axis=-1)
+        labels = jnp.sum(final_logits > own, axis=-1) < topk
+        kl = jnp.sum(p_final * (logp_final - jax.nn.log_softmax(logits, axis=-1)), axis=-1)  # [B, T]
+        return None, (labels, jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0))
+
+    _, (labels, kl) = jax.lax.scan(one_exit, None, (adapters, exit_hidden))
+    return labels, kl
 
 
 def exit_loss(logits2: jax.Array, labels: jax.Array, mask: jax.Array, exit_weights: jax.Array,
@@ -234,18 +282,31 @@ def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSetting
     balanced = settings.class_weight == "balanced"
 
     def step(backbone_params, exit_params, opt_state, tokens, mask):
-        exit_hidden, labels = backbone_pass(config, backbone_params, tokens, layers, settings.topk)
+        exit_hidden, final_logits = backbone_outputs(config, backbone_params, tokens, layers)
+        if not exit_config.has_adapter:
+            labels = exit_labels(config, backbone_params, exit_hidden, final_logits, settings.topk)
 
         def loss_fn(p):
+            aux = {}
+            if exit_config.has_adapter:
+                labels_, kl = adapted_exits(config, backbone_params, exit_config, ex.adapter_params(p),
+                                            exit_hidden, final_logits, mask, settings.topk)
+                aux["labels"], aux["kl"] = jax.lax.stop_gradient(labels_), kl
+            else:
+                aux["labels"] = labels
             logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
-            loss, per_exit = exit_loss(logits2, labels, mask, weights, balanced)
-            return loss, (per_exit, logits2)
+            loss, aux["exit_loss"] = exit_loss(logits2, aux["labels"], mask, weights, balanced)
+            if exit_config.has_adapter:
+                loss = loss + settings.kl_weight * jnp.sum(weights * aux["kl"])
+            return loss, (aux, logits2)
 
-        (loss, (per_exit, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
+        (loss, (aux, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
         updates, opt_state = tx.update(grads, opt_state, exit_params)
         exit_params = optax.apply_updates(exit_params, updates)
-        metrics = {"loss": loss, "exit_loss": per_exit, "grad_norm": optax.global_norm(grads),
-                   **exit_counts(logits2, labels, mask, layers, config.num_layers)}
+        metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.global_norm(grads),
+                   **exit_counts(logits2, aux["labels"], mask, layers, config.num_layers)}
+        if exit_config.has_adapter:
+            metrics["kl"] = aux["kl"]
         return exit_params, opt_state, metrics
 
     return step
@@ -265,7 +326,7 @@ class ShardedStep:
 def jit_train_step(mesh, config, exit_config, settings, tx, backbone_params, exit_params, opt_state) -> ShardedStep:
     """``make_train_step`` compiled with in/out shardings from the sharding table."""
     backbone_sh = S.shardings_for(mesh, S.param_specs(config), backbone_params)
-    exit_sh = S.shardings_for(mesh, S.exit_param_specs(exit_config.kind), exit_params)
+    exit_sh = S.shardings_for(mesh, S.exit_param_specs(exit_config.kind, exit_config.adapter), exit_params)
     replicated = S.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_state, exit_sh,
                                    transform_non_params=lambda _: replicated)
@@ -400,7 +461,7 @@ class Run:
     def _resolve_exits(self, config) -> ex.ExitConfig:
         s = self.settings
         try:
-            ec = ex.ExitConfig(layers=s.exit_layers, kind=s.exit_kind).resolve(config)
+            ec = s.exit_config().resolve(config)
         except ex.ExitError as e:
             raise DistillError(f"--exit-layers: {e}") from e
         if s.exit_weights not in EXIT_WEIGHTINGS:
@@ -493,6 +554,7 @@ class Run:
                     last = {"step": step, "loss": float(acc["loss"]) / n,
                             "exit_loss": [float(x) / n for x in acc["exit_loss"]],
                             "grad_norm": float(acc["grad_norm"]) / n, "lr": learning_rate(s, step),
+                            **({"kl": [float(x) / n for x in acc["kl"]]} if "kl" in acc else {}),
                             "tokens_per_s": n * s.batch_size * s.seq_len / max(elapsed, 1e-9),
                             **summarize(acc, layers)}
                     if jax.process_index() == 0:
@@ -538,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-layers", type=_int_list, default=None,
                    help="comma-separated 1-based layers, e.g. 18,21,24,27 (default: 4 over the latter half)")
     p.add_argument("--topk", type=int, default=d.topk, help="positive when the exit token is in the final top-k")
+    p.add_argument("--adapter", default=d.adapter, choices=ex.ADAPTERS,
+                   help="per-exit tuned-lens adapter before the shared final norm and head, distilled with "
+                        "KL from the final layer (none: the plain logit lens)")
+    p.add_argument("--adapter-rank", type=int, default=d.adapter_rank, help="rank of a lowrank adapter")
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the adapters' KL loss")
+    p.add_argument("--ffn-expand", type=int, default=d.ffn_expand,
+                   help="hidden width of the ffn classifier in units of the model's hidden size")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global rows per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len)

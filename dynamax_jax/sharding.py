@@ -164,10 +164,10 @@ def param_specs(config, table: ShardingTable = TABLE) -> dict[str, Any]:
 def exit_param_specs(kind: str, adapter: str = "none", table: ShardingTable = TABLE) -> dict[str, P]:
     """Spec tree of exit-classifier params of ``kind`` with an ``adapter`` (``none``,
     ``affine`` or ``lowrank``; ``dynamax_jax.exits`` layout)."""
-    specs = {"affine": {"adapter_w": table.exit_adapter_w_edd, "adapter_b": table.exit_adapter_b_ed},
+    specs = {"none": {},
+             "affine": {"adapter_w": table.exit_adapter_w_edd, "adapter_b": table.exit_adapter_b_ed},
              "lowrank": {"adapter_down": table.exit_adapter_down_edr, "adapter_up": table.exit_adapter_up_erd,
-                         "adapter_b": table.exit_adapter_b_ed},
-             "none": {}}
+                         "adapter_b": table.exit_adapter_b_ed}}
     if adapter not in specs:
         raise ShardingError(f"no sharding table for exit adapter {adapter!r}; supported: {', '.join(specs)}")
     return {**_classifier_specs(kind, table), **specs[adapter]}

@@ -58,13 +58,17 @@ def test_table_covers_every_mamba2_param(overrides):
 
 
 @pytest.mark.parametrize("kind", ["calm", "ffn", "mamba"])
-def test_table_covers_every_exit_param(kind):
+@pytest.mark.parametrize("adapter", ["none", "affine", "lowrank"])
+def test_table_covers_every_exit_param(kind, adapter):
     from dynamax_jax.exits import ExitConfig, init_exits
 
     config = MistralConfig.tiny()
-    exit_params = init_exits(config, ExitConfig(layers=(2, 3), kind=kind, mamba_head_dim=16), jax.random.key(0))
-    shardings = S.shardings_for(S.make_mesh("1x1"), S.exit_param_specs(kind), exit_params)
+    ec = ExitConfig(layers=(2, 3), kind=kind, mamba_head_dim=16, adapter=adapter, adapter_rank=8)
+    exit_params = init_exits(config, ec, jax.random.key(0))
+    shardings = S.shardings_for(S.make_mesh("1x1"), S.exit_param_specs(kind, adapter), exit_params)
     assert jax.tree.structure(shardings) == jax.tree.structure(exit_params)
+    with pytest.raises(S.ShardingError, match="supported: none, affine, lowrank"):
+        S.exit_param_specs(kind, "mlp")
 
 
 def test_mismatched_trees_are_named():

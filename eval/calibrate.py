@@ -173,9 +173,12 @@ def token_disagreement(early: list[int], full: list[int]) -> float:
 
 
 def rouge_inconsistency(early_text: str, full_text: str) -> float:
-    """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer."""
-    from eval.metrics import consistency
-    return 1.0 - consistency(early_text, full_text)["rougeL"]
+    """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer, in [0, 1]; 0 for
+    identical texts (ROUGE scores two empty texts 0)."""
+    from eval.metrics import rouge
+    if early_text == full_text:
+        return 0.0
+    return 1.0 - rouge(early_text, full_text)["rougeL"] / 100.0
 
 
 def default_thresholds() -> list[float]:
@@ -195,18 +198,33 @@ def parse_thresholds(text: str) -> list[float]:
     return sorted(set(values), reverse=True)
 
 
+def parse_levels(text: str) -> list[tuple[float, float]]:
+    """``"0.05:0.1,0.2:0.05"`` -> ``[(0.05, 0.1), (0.2, 0.05)]`` (each level checked)."""
+    levels = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            delta, epsilon = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise CalibrationError(f"--also takes DELTA:EPSILON pairs, got {item!r}") from None
+        _check_level("delta", delta)
+        _check_level("epsilon", epsilon)
+        levels.append((delta, epsilon))
+    return levels
+
+
 def measure(backbone, prompts: list[list[int]], exit_config, exit_params, candidates, *, loss: str,
             max_new_tokens: int, batch_size: int):
-    """Run full depth once and every candidate threshold; returns ``losses [n, C]`` and the
-    average layers per candidate ``[C]``."""
+    """Run full depth once and every candidate threshold; returns ``losses [n, C]``, the
+    average layers per candidate ``[C]`` and its FLOPs relative to full depth ``[C]``
+    (classifiers, adapters and the head counted)."""
     import dataclasses as dc
 
-    from eval.run import generate_all
+    from eval.run import compute_summary, generate_all
     full, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            pad_multiple=16, desc="full depth")
     full_text = [backbone.decode(g.tokens) for g in full]
     losses = np.zeros((len(prompts), len(candidates)))
-    layers = np.zeros(len(candidates))
+    layers, compute = np.zeros(len(candidates)), np.zeros(len(candidates))
     for j, thr in enumerate(candidates):
         ec = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
         gens, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -214,9 +232,9 @@ def measure(backbone, prompts: list[list[int]], exit_config, exit_params, candid
         for i, (g, f) in enumerate(zip(gens, full)):
             losses[i, j] = (token_disagreement(g.tokens, f.tokens) if loss == "token"
                             else rouge_inconsistency(backbone.decode(g.tokens), full_text[i]))
-        all_layers = np.concatenate([np.asarray(g.exit_layers) for g in gens])
-        layers[j] = float(all_layers.mean())
-    return losses, layers
+        summary = compute_summary(backbone.config, ec, gens, [len(p) for p in prompts])
+        layers[j], compute[j] = summary["avg_layers"], summary["compute"]
+    return losses, layers, compute
 
 
 def _parser():
@@ -242,6 +260,9 @@ def _parser():
                         "1 - ROUGE-L of the answer")
     p.add_argument("--per-exit", action="store_true",
                    help="also search per-exit threshold vectors (Bonferroni over families) and keep the cheapest")
+    p.add_argument("--also", default="",
+                   help="more DELTA:EPSILON levels (comma-separated, e.g. 0.05:0.1,0.2:0.05) to report from the "
+                        "same measured losses; only --delta/--epsilon is written into the checkpoint")
     p.add_argument("--thresholds", default=None,
                    help="comma-separated candidate thresholds; they are tested from strict (high) to loose "
                         "whatever the order given (default: 1.01, 0.99, 0.97, 0.95, 0.9, 0.85, ..., 0.05)")
@@ -268,6 +289,7 @@ def main(argv=None) -> int:
         if not 0.0 <= args.holdout < 1.0:
             raise CalibrationError(f"--holdout must be in [0, 1), got {args.holdout}")
         candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
+        levels = [(args.delta, args.epsilon)] + parse_levels(args.also)
         examples = []
         for name in args.tasks.split(","):
             examples += tasks_lib.get_task(name.strip()).load(args.data, args.limit)
@@ -292,21 +314,45 @@ def main(argv=None) -> int:
     prompts = [backbone.encode(e.prompt) for e in calib]
     kw = dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
-    losses, layers = measure(backbone, prompts, exit_config, exit_params, candidates, **kw)
+    losses, layers, compute = measure(backbone, prompts, exit_config, exit_params, candidates, **kw)
+    hold_prompts = [backbone.encode(e.prompt) for e in hold]
+    # the hold-out set at every candidate, so that each level's choice can be checked
+    h_losses, h_layers, h_compute = (measure(backbone, hold_prompts, exit_config, exit_params, candidates, **kw)
+                                     if hold else (None, None, None))
+
+    def outcome(cal: Calibration) -> dict:
+        out = dict(cal.as_dict(), avg_layers=None, compute=None, holdout=None)
+        if cal.index is not None:
+            out.update(avg_layers=float(layers[cal.index]), compute=float(compute[cal.index]))
+            if hold:
+                mean = float(h_losses[:, cal.index].mean())
+                out["holdout"] = dict(prompts=len(hold), mean_loss=mean, avg_layers=float(h_layers[cal.index]),
+                                      compute=float(h_compute[cal.index]), within_delta=mean <= cal.delta)
+        return out
+
+    def level(delta: float, epsilon: float) -> dict:
+        try:
+            return outcome(learn_then_test(losses, candidates, delta, epsilon))
+        except CalibrationError as err:  # an --also level this set is too small for
+            return dict(delta=delta, epsilon=epsilon, threshold=None, error=str(err))
+
     shared = learn_then_test(losses, candidates, args.delta, args.epsilon)
-    report = dict(model=model, exits=args.exits, loss=args.loss, shared=shared.as_dict(),
-                  shared_avg_layers=None if shared.index is None else layers[shared.index],
-                  full_layers=backbone.config.num_layers,
-                  candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a)
-                              for c, m, p, a in zip(candidates, shared.mean_losses, shared.p_values, layers)])
-    chosen, chosen_layers = shared, report["shared_avg_layers"]
+    report = dict(model=model, exits=args.exits, loss=args.loss, calibration_prompts=len(calib),
+                  full_layers=backbone.config.num_layers, shared=outcome(shared),
+                  levels=[level(d, e) for d, e in levels],
+                  candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a, compute=f,
+                                   holdout_mean_loss=None if h_losses is None else float(h_losses[:, j].mean()))
+                              for j, (c, m, p, a, f) in enumerate(zip(candidates, shared.mean_losses,
+                                                                      shared.p_values, layers, compute))])
+    chosen, chosen_layers = shared, report["shared"]["avg_layers"]
+    chosen_meta = report["shared"]
     if args.per_exit:
         cache = {}
 
         def run(fam):
             key = tuple(fam)
             if key not in cache:
-                cache[key] = measure(backbone, prompts, exit_config, exit_params, fam, **kw)
+                cache[key] = measure(backbone, prompts, exit_config, exit_params, fam, **kw)[:2]
             return cache[key]
         families = vector_path(exit_config.num_exits, steps=11, slopes=(0.0, 0.5))
         best, best_layers, _ = calibrate_vectors(lambda f: run(f)[0], lambda f: run(f)[1], families,
@@ -314,12 +360,13 @@ def main(argv=None) -> int:
         report["per_exit"] = None if best is None else dict(best.as_dict(), avg_layers=best_layers)
         if best is not None and (chosen.index is None or best_layers < chosen_layers):
             chosen, chosen_layers = best, best_layers
-    if hold and chosen.index is not None:
-        hold_prompts = [backbone.encode(e.prompt) for e in hold]
-        thr = chosen.threshold
-        h_losses, h_layers = measure(backbone, hold_prompts, exit_config, exit_params, [thr], **kw)
-        report["holdout"] = dict(prompts=len(hold), mean_loss=float(h_losses.mean()), avg_layers=float(h_layers[0]),
-                                 within_delta=bool(h_losses.mean() <= args.delta))
+            chosen_meta = dict(report["per_exit"], holdout=None)
+            if hold:
+                hl, hla, hc = measure(backbone, hold_prompts, exit_config, exit_params, [best.threshold], **kw)
+                chosen_meta["holdout"] = dict(prompts=len(hold), mean_loss=float(hl.mean()),
+                                              avg_layers=float(hla[0]), compute=float(hc[0]),
+                                              within_delta=bool(hl.mean() <= args.delta))
+    report["chosen"] = chosen_meta
     print(json.dumps(report, indent=2, default=float))
     if chosen.index is None:
         print(f"no threshold is certified at delta={args.delta}, epsilon={args.epsilon} with {len(calib)} prompts; "
@@ -329,8 +376,7 @@ def main(argv=None) -> int:
         thr = chosen.threshold
         new_config = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
         dx.save_exits(new_config, exit_params, args.exits)
-        meta = dict(chosen.as_dict(), avg_layers=chosen_layers, full_layers=backbone.config.num_layers,
-                    loss=args.loss, holdout=report.get("holdout"))
+        meta = dict(chosen_meta, full_layers=backbone.config.num_layers, loss=args.loss)
         tmp = Path(args.exits) / "calibration.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=float) + "\n")
         tmp.replace(Path(args.exits) / "calibration.json")

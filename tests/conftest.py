@@ -3,8 +3,13 @@ attention, fixed seeds) and checkpoint directories saved from them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+EVAL_DATA = Path(__file__).resolve().parents[1] / "eval" / "data"
 
 TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -54,3 +59,47 @@ def save_hf_model(tmp_path):
         return model, path
 
     return make
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def eval_fixture_texts():
+    """Every string in the evaluation stand-in fixtures (``eval/data/*.jsonl``)."""
+    for path in sorted(EVAL_DATA.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            yield from _strings(json.loads(line))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 4-layer Llama in HF format with a byte-level BPE tokenizer trained on the
+    evaluation fixtures (for end-to-end runs of the eval CLIs)."""
+    import jax
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import dynamax_jax as dx
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(eval_fixture_texts()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    config = dx.MistralConfig.tiny(model_type="llama", vocab_size=len(fast), num_layers=4,
+                                   eos_token_id=fast.eos_token_id, max_position_embeddings=1024)
+    params = dx.init_params(config, jax.random.key(0))
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    dx.save_pretrained(config, params, path)
+    fast.save_pretrained(path)
+    return path

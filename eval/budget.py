@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -50,8 +48,8 @@ import numpy as np
 from eval import metrics, tasks
 from eval.calibrate import rouge_inconsistency, token_disagreement
 from eval.report import _fmt
-from eval.run import (MODES, Backbone, Generation, _batches, _csv, _cut, _pad_batch, compute_summary,
-                      generate_all, load_backbone, write_json_atomic)
+from eval.run import (MODES, Backbone, Generation, _csv, compute_summary, generate_all, load_backbone,
+                      write_json_atomic)
 from eval.run import build_parser as run_parser
 from eval.run import check_args as check_run_args
 
@@ -107,42 +105,6 @@ def compare(runs: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- runs
 
-# (settings, shape) pairs compiled in this process: each is first run once untimed, as in
-# eval.run.generate_all (the target and the gain are traced: they do not recompile)
-_COMPILED: set = set()
-
-
-def generate_budget(backbone: Backbone, prompts: list[list[int]], *, target_layers: float, budget_gain: float,
-                    exit_config, exit_params, max_new_tokens: int, batch_size: int, pad_multiple: int,
-                    desc: str = ""):
-    """``eval.run.generate_all`` with the compute-budget controller: greedy answers for all
-    ``prompts`` at ``target_layers`` average layers per token. Returns the generations (in
-    prompt order) and ``{"wall_time_s", "tokens_per_s"}`` (compilation excluded)."""
-    import dynamax_jax as dx
-    from tqdm import tqdm
-
-    call = functools.partial(dx.generate, backbone.config, backbone.params, max_new_tokens=max_new_tokens,
-                             exit_config=exit_config, exit_params=exit_params, stop_tokens=backbone.stop_tokens,
-                             target_layers=target_layers, budget_gain=budget_gain)
-    settings = ("budget", backbone.path, max_new_tokens, dataclasses.replace(exit_config, threshold=0.0))
-    out: list[Generation | None] = [None] * len(prompts)
-    wall = 0.0
-    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
-        for idx in _batches(prompts, batch_size):
-            tokens, lengths = _pad_batch([prompts[i] for i in idx], batch_size, pad_multiple)
-            if (settings, tokens.shape) not in _COMPILED:
-                call(tokens, prompt_lengths=lengths)
-                _COMPILED.add((settings, tokens.shape))
-            start = time.perf_counter()
-            result = call(tokens, prompt_lengths=lengths)
-            wall += time.perf_counter() - start
-            for r, i in enumerate(idx):
-                out[i] = _cut(result.tokens[r], result.exit_layers[r], backbone.stop_tokens)
-            bar.update(len(idx))
-    generated = sum(len(g.tokens) for g in out)
-    return out, dict(wall_time_s=wall, tokens_per_s=generated / wall if wall > 0 else None)
-
-
 def measure(backbone: Backbone, prompts: list[list[int]], exit_config, exit_params, args,
             static_layers: list[int], log=print) -> list[dict]:
     """Run full depth, every fixed threshold, every budget target and every static layer;
@@ -177,9 +139,9 @@ def measure(backbone: Backbone, prompts: list[list[int]], exit_config, exit_para
         runs.append(record("threshold", f"threshold {threshold:g}", gens, timing, ec, threshold=float(threshold)))
     for target in args.targets:
         try:
-            gens, timing = generate_budget(backbone, prompts, target_layers=target, budget_gain=args.gain,
-                                           exit_config=exit_config, exit_params=exit_params,
-                                           desc=f"budget {target:g}", **sizes)
+            gens, timing = generate_all(backbone, prompts, target_layers=target, budget_gain=args.gain,
+                                        exit_config=exit_config, exit_params=exit_params,
+                                        desc=f"budget {target:g}", **sizes)
         except GenerateError as err:
             raise BudgetError(f"--targets {target:g}: {err}") from None
         runs.append(record("budget", f"budget {target:g}", gens, timing, exit_config, target_layers=float(target)))

@@ -187,17 +187,19 @@ _COMPILED: set = set()
 
 
 def generate_all(backbone: Backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-                 pad_multiple: int, exit_config=None, exit_params=None, static_layer=None, desc: str = ""):
-    """Greedy answers for all ``prompts`` with ``dx.generate``; returns the generations (in
-    prompt order) and ``{"wall_time_s", "tokens_per_s"}`` (compilation excluded)."""
+                 pad_multiple: int, exit_config=None, exit_params=None, static_layer=None, target_layers=None,
+                 budget_gain: float = 0.5, desc: str = ""):
+    """Greedy answers for all ``prompts`` with ``dx.generate`` (``target_layers``: the
+    compute-budget controller); returns the generations (in prompt order) and
+    ``{"wall_time_s", "tokens_per_s"}`` (compilation excluded)."""
     import dynamax_jax as dx
     from tqdm import tqdm
 
     call = functools.partial(dx.generate, backbone.config, backbone.params, max_new_tokens=max_new_tokens,
                              exit_config=exit_config, exit_params=exit_params, static_exit_layer=static_layer,
-                             stop_tokens=backbone.stop_tokens)
-    # thresholds and the static layer are traced by dx.generate: they do not recompile
-    settings = (backbone.path, max_new_tokens, static_layer is not None,
+                             stop_tokens=backbone.stop_tokens, target_layers=target_layers, budget_gain=budget_gain)
+    # thresholds, the static layer, the target and the gain are traced: they do not recompile
+    settings = (backbone.path, max_new_tokens, static_layer is not None, target_layers is not None,
                 None if exit_config is None else dataclasses.replace(exit_config, threshold=0.0))
     out: list[Generation | None] = [None] * len(prompts)
     wall = 0.0

@@ -47,7 +47,7 @@ import numpy as np
 
 from eval import metrics, tasks
 from eval.calibrate import rouge_inconsistency, token_disagreement
-from eval.report import _fmt
+from eval.report import _fmt, interpolate
 from eval.run import (MODES, Backbone, Generation, _csv, compute_summary, generate_all, load_backbone,
                       write_json_atomic)
 from eval.run import build_parser as run_parser
@@ -63,22 +63,6 @@ class BudgetError(ValueError):
 
 
 # ----------------------------------------------------------------------------- comparison
-
-def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
-    """``y`` at ``x`` on the piecewise-linear curve through ``points`` ``(x, y)`` (any order;
-    the ``y`` of points at the same ``x`` are averaged). ``None`` when ``x`` lies outside the
-    points' ``x`` range or there are no points: never extrapolated."""
-    by_x: dict[float, list[float]] = {}
-    for px, py in points:
-        if py is not None and math.isfinite(px) and math.isfinite(py):
-            by_x.setdefault(float(px), []).append(float(py))
-    if not by_x or not math.isfinite(x):
-        return None
-    xs = sorted(by_x)
-    if not xs[0] <= x <= xs[-1]:
-        return None
-    return float(np.interp(x, xs, [float(np.mean(by_x[v])) for v in xs]))
-
 
 def curve(runs: list[dict], kind: str) -> list[dict]:
     """The runs of one curve, by compute; the static curve ends at full depth."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -67,6 +68,43 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """``y`` at ``x`` on the piecewise-linear curve through ``points`` ``(x, y)`` (any order;
+    the ``y`` of points at the same ``x`` are averaged). ``None`` when ``x`` lies outside the
+    points' ``x`` range or there are no points: never extrapolated."""
+    import numpy as np
+
+    by_x: dict[float, list[float]] = {}
+    for px, py in points:
+        if py is not None and math.isfinite(px) and math.isfinite(py):
+            by_x.setdefault(float(px), []).append(float(py))
+    if not by_x or not math.isfinite(x):
+        return None
+    xs = sorted(by_x)
+    if not xs[0] <= x <= xs[-1]:
+        return None
+    return float(np.interp(x, xs, [float(np.mean(by_x[v])) for v in xs]))
+
+
+def equal_compute(group: list[dict]) -> list[dict]:
+    """Each exit run of one (model, task) next to static layer pruning at the same compute:
+    the static runs and full depth form a curve (quality against FLOPs relative to full
+    depth), linearly interpolated at the exit run's compute (``None`` outside its range).
+    Quality: the task's primary metric and ROUGE-L consistency with the full model."""
+    static = [r for r in group if r["spec"]["variant"] in ("static", "full")]
+    rows = []
+    for run in group:
+        if run["spec"]["variant"] != "exit":
+            continue
+        x = run["compute"]["compute"]
+        row = {"label": run["label"], "exits": run["spec"].get("exits"), "compute": x}
+        for name, key in (("primary", run["primary"]), ("consistency", "consistency_rougeL")):
+            row[name] = run["metrics"].get(key)
+            row[f"static_{name}"] = interpolate([(r["compute"]["compute"], r["metrics"].get(key)) for r in static], x)
+        rows.append(row)
+    return rows
+
+
 def markdown(runs: list[dict]) -> str:
     """One table per (model, task): settings, compute, task metrics, consistency, repetition."""
     lines = ["# Early-exit evaluation", ""]
@@ -99,6 +137,17 @@ def markdown(runs: list[dict]) -> str:
             lines.append("")
             lens = "logit-lens" if not r["spec"].get("kind") else f"{r['spec']['kind']} (adapted)"
             lines.append(f"Oracle `{r['label']}`: the {lens} token equals the final layer's at exit {agree}.")
+        rows = equal_compute(group)
+        if rows and any(r["spec"]["variant"] == "static" for r in group):
+            primary = first["primary"]
+            lines += ["", "At equal compute: each exit run next to static pruning interpolated at its compute "
+                          "(between the static runs and full depth; `-` outside that range).", "",
+                      f"| run | compute | {primary} | static {primary} | consist. R-L | static consist. R-L |",
+                      "|---|---|---|---|---|---|"]
+            for r in rows:
+                lines.append(f"| {r['label']} | {_fmt(r['compute'])} | {_fmt(r['primary'])} | "
+                             f"{_fmt(r['static_primary'])} | {_fmt(r['consistency'])} | "
+                             f"{_fmt(r['static_consistency'])} |")
         lines.append("")
     return "\n".join(lines)
 

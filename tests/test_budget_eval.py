@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import dynamax_jax as dx
-from eval import budget
+from eval import budget, report
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
@@ -20,24 +20,24 @@ NUM_LAYERS = 4  # exits at the default layers 2 and 3
 
 def test_interpolate_hand_checked():
     points = [(0.5, 0.4), (0.7, 0.2), (1.0, 0.0)]
-    assert budget.interpolate(points, 0.6) == pytest.approx(0.3)
-    assert budget.interpolate(points, 0.8) == pytest.approx(0.2 - 0.2 / 3)
-    assert budget.interpolate(points, 0.5) == pytest.approx(0.4)  # the ends are in range
-    assert budget.interpolate(points, 1.0) == pytest.approx(0.0)
+    assert report.interpolate(points, 0.6) == pytest.approx(0.3)
+    assert report.interpolate(points, 0.8) == pytest.approx(0.2 - 0.2 / 3)
+    assert report.interpolate(points, 0.5) == pytest.approx(0.4)  # the ends are in range
+    assert report.interpolate(points, 1.0) == pytest.approx(0.0)
     # order does not matter
-    assert budget.interpolate(points[::-1], 0.6) == pytest.approx(0.3)
-    assert budget.interpolate([(1.0, 0.0), (0.5, 0.4), (0.7, 0.2)], 0.85) == pytest.approx(0.1)
+    assert report.interpolate(points[::-1], 0.6) == pytest.approx(0.3)
+    assert report.interpolate([(1.0, 0.0), (0.5, 0.4), (0.7, 0.2)], 0.85) == pytest.approx(0.1)
     # points at the same compute are averaged
-    assert budget.interpolate([(0.5, 0.2), (0.5, 0.4), (1.0, 0.0)], 0.75) == pytest.approx(0.15)
+    assert report.interpolate([(0.5, 0.2), (0.5, 0.4), (1.0, 0.0)], 0.75) == pytest.approx(0.15)
 
 
 def test_interpolate_never_extrapolates():
     points = [(0.5, 0.4), (0.7, 0.2)]
-    assert budget.interpolate(points, 0.49) is None
-    assert budget.interpolate(points, 0.71) is None
-    assert budget.interpolate([], 0.6) is None
-    assert budget.interpolate([(0.6, 0.1)], 0.6) == pytest.approx(0.1)
-    assert budget.interpolate([(0.6, 0.1)], 0.61) is None
+    assert report.interpolate(points, 0.49) is None
+    assert report.interpolate(points, 0.71) is None
+    assert report.interpolate([], 0.6) is None
+    assert report.interpolate([(0.6, 0.1)], 0.6) == pytest.approx(0.1)
+    assert report.interpolate([(0.6, 0.1)], 0.61) is None
 
 
 def test_compare_rows():

@@ -143,6 +143,7 @@ def test_full_sweep_writes_json_table_png_and_resumes(tiny_model, tmp_path):
 
     table = (out / "results.md").read_text()
     assert "| calm-copy-t0.3 |" in table and "| static-2 |" in table and "| oracle-2-3 |" in table
+    assert "At equal compute" in table  # each exit run next to static pruning at its compute
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["tiny-llama__coqa.png", "tiny-llama__trivia_qa.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -183,3 +184,16 @@ def test_oracle_layers_match_a_direct_logit_lens():
         assert layers == expected
         hits.append(np.stack([tok == final for tok in lens]))
     assert agreement == pytest.approx(list(np.concatenate(hits, axis=1).mean(axis=1)))
+
+
+def test_equal_compute_interpolates_the_static_curve():
+    def run(variant, compute, f1, rl, label):
+        return {"spec": {"variant": variant}, "label": label, "primary": "f1",
+                "compute": {"compute": compute}, "metrics": {"f1": f1, "consistency_rougeL": rl}}
+    group = [run("full", 1.0, 0.5, 100.0, "full"), run("static", 0.6, 0.1, 40.0, "static-18"),
+             run("static", 0.8, 0.3, 60.0, "static-24"), run("exit", 0.7, 0.4, 90.0, "mamba-copy-t0.5"),
+             run("exit", 0.5, 0.2, 30.0, "mamba-copy-t0.1")]
+    rows = report.equal_compute(group)
+    assert [r["label"] for r in rows] == ["mamba-copy-t0.5", "mamba-copy-t0.1"]
+    assert rows[0]["static_primary"] == pytest.approx(0.2) and rows[0]["static_consistency"] == pytest.approx(50.0)
+    assert rows[1]["static_primary"] is None  # below the cheapest static run: not extrapolated

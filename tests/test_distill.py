@@ -281,11 +281,11 @@ def test_restart_with_other_settings_is_refused(tiny_model, tmp_path, capsys):
 
 def test_restart_of_a_run_from_before_adapters(tmp_path):
     """A run directory written before the adapter settings existed trained without adapters:
-    resuming it with --adapter none is accepted, with the new default (affine) refused."""
+    resuming it without adapters is accepted, with --adapter affine refused."""
     old = T.DistillSettings(out=str(tmp_path)).to_json()
     for key in ("adapter", "adapter_rank", "kl_weight", "ffn_expand"):
         del old[key]
     (tmp_path / T.CONFIG_FILE).write_text(json.dumps(old))
-    T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path), adapter="none"))
+    T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path)))
     with pytest.raises(T.DistillError, match="adapter: 'none' -> 'affine'"):
-        T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path)))
+        T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path), adapter="affine"))

@@ -125,7 +125,7 @@ def learn_then_test(losses: np.ndarray, candidates, delta: float, epsilon: float
 
 
 def vector_path(num_exits: int, steps: int = 21, top: float = 1.0, floor: float = 0.0,
-                slopes=(0.0, 0.25, 0.5)) -> list[tuple[tuple[float, ...], ...]]:
+                slopes=(0.0, 0.25, 0.5), bases=None) -> list[tuple[tuple[float, ...], ...]]:
     """Candidate families of per-exit threshold vectors, each ordered strict to loose.
 
     A family with slope ``s`` sets exit ``e``'s threshold to ``base + s * (1 - e/(E-1)) *
@@ -134,7 +134,8 @@ def vector_path(num_exits: int, steps: int = 21, top: float = 1.0, floor: float 
     LTT at ``epsilon / len(slopes)`` (Bonferroni over families) and the cheapest certified
     vector wins (``calibrate_vectors``)."""
     families = []
-    bases = np.linspace(top, floor, steps)
+    # the base thresholds, strict to loose: given, or ``steps`` evenly from ``top`` to ``floor``
+    bases = sorted(bases, reverse=True) if bases is not None else np.linspace(top, floor, steps)
     for s in slopes:
         fam = []
         for b in bases:
@@ -347,14 +348,16 @@ def main(argv=None) -> int:
     chosen, chosen_layers = shared, report["shared"]["avg_layers"]
     chosen_meta = report["shared"]
     if args.per_exit:
-        cache = {}
+        # the slope-0 family is the shared candidates: reuse their measurement
+        cache = {tuple((float(c),) * exit_config.num_exits for c in candidates): (losses, layers)}
 
         def run(fam):
             key = tuple(fam)
             if key not in cache:
                 cache[key] = measure(backbone, prompts, exit_config, exit_params, fam, **kw)[:2]
             return cache[key]
-        families = vector_path(exit_config.num_exits, steps=11, slopes=(0.0, 0.5))
+        # the shared candidates as bases: the vectors refine the grid the shared search used
+        families = vector_path(exit_config.num_exits, slopes=(0.0, 0.5), bases=candidates)
         best, best_layers, _ = calibrate_vectors(lambda f: run(f)[0], lambda f: run(f)[1], families,
                                                  args.delta, args.epsilon)
         report["per_exit"] = None if best is None else dict(best.as_dict(), avg_layers=best_layers)

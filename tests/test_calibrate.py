@@ -165,3 +165,9 @@ def test_rouge_inconsistency_is_in_the_unit_interval():
     assert rouge_inconsistency("", "") == 0.0
     assert rouge_inconsistency("dog", "the cat sat") == 1.0
     assert 0.0 < rouge_inconsistency("the cat", "the cat sat") < 1.0
+
+
+def test_vector_path_on_given_bases():
+    fams = vector_path(num_exits=3, slopes=(0.0, 0.5), bases=[0.5, 1.01, 0.9])
+    assert fams[0] == [(1.01, 1.01, 1.01), (0.9, 0.9, 0.9), (0.5, 0.5, 0.5)]  # strict to loose
+    assert fams[1][1] == pytest.approx((0.95, 0.925, 0.9))  # the first exit stays strictest

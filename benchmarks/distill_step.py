@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint path, 'random', or default SmolLM2")
     p.add_argument("--exit-kind", default="mamba", choices=ex.KINDS)
+    p.add_argument("--adapter", default="none", choices=ex.ADAPTERS,
+                   help="train per-exit adapters too (their KL runs the LM head's backward at every exit)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--meshes", default="1x1,8x1")
@@ -69,14 +71,14 @@ def main(argv=None) -> None:
 
     name, config, params = load_model(args.model)
     settings = T.DistillSettings(exit_kind=args.exit_kind, batch_size=args.batch_size, seq_len=args.seq_len,
-                                 steps=1000, warmup_steps=0)
-    ec = ex.ExitConfig(kind=args.exit_kind).resolve(config)
+                                 steps=1000, warmup_steps=0, adapter=args.adapter)
+    ec = settings.exit_config().resolve(config)
     tx = T.make_optimizer(settings)
     init = jax.device_get(ex.init_exits(config, ec, jax.random.key(0)))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (args.batch_size, args.seq_len), 0, config.vocab_size))
     mask = np.ones(tokens.shape, np.float32)
     n_tokens = args.batch_size * args.seq_len
-    print(f"model: {name}; exits {ec.kind} at {ec.layers} of {config.num_layers} layers; batch "
+    print(f"model: {name}; exits {ec.kind} (adapter {ec.adapter}) at {ec.layers} of {config.num_layers} layers; batch "
           f"{args.batch_size} x {args.seq_len}; {len(jax.devices())} {jax.devices()[0].platform} devices")
     rows = {}
     for spec in args.meshes.split(","):

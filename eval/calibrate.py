@@ -213,16 +213,22 @@ def parse_levels(text: str) -> list[tuple[float, float]]:
     return levels
 
 
-def measure(backbone, prompts: list[list[int]], exit_config, exit_params, candidates, *, loss: str,
+def full_depth(backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int):
+    """The full model's greedy generations of ``prompts`` (the reference of ``measure``)."""
+    from eval.run import generate_all
+    return generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        pad_multiple=16, desc="full depth")[0]
+
+
+def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, candidates, *, loss: str,
             max_new_tokens: int, batch_size: int):
-    """Run full depth once and every candidate threshold; returns ``losses [n, C]``, the
-    average layers per candidate ``[C]`` and its FLOPs relative to full depth ``[C]``
-    (classifiers, adapters and the head counted)."""
+    """Run every candidate threshold on ``prompts`` against their full-depth generations
+    ``full`` (``full_depth``); returns ``losses [n, C]``, the average layers per candidate
+    ``[C]`` and its FLOPs relative to full depth ``[C]`` (classifiers, adapters and the head
+    counted)."""
     import dataclasses as dc
 
     from eval.run import compute_summary, generate_all
-    full, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           pad_multiple=16, desc="full depth")
     full_text = [backbone.decode(g.tokens) for g in full]
     losses = np.zeros((len(prompts), len(candidates)))
     layers, compute = np.zeros(len(candidates)), np.zeros(len(candidates))
@@ -315,10 +321,14 @@ def main(argv=None) -> int:
     prompts = [backbone.encode(e.prompt) for e in calib]
     kw = dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
-    losses, layers, compute = measure(backbone, prompts, exit_config, exit_params, candidates, **kw)
+    full = full_depth(backbone, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    losses, layers, compute = measure(backbone, prompts, full, exit_config, exit_params, candidates, **kw)
     hold_prompts = [backbone.encode(e.prompt) for e in hold]
     # the hold-out set at every candidate, so that each level's choice can be checked
-    h_losses, h_layers, h_compute = (measure(backbone, hold_prompts, exit_config, exit_params, candidates, **kw)
+    h_full = (full_depth(backbone, hold_prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+              if hold else None)
+    h_losses, h_layers, h_compute = (measure(backbone, hold_prompts, h_full, exit_config, exit_params, candidates,
+                                             **kw)
                                      if hold else (None, None, None))
 
     def outcome(cal: Calibration) -> dict:
@@ -354,7 +364,7 @@ def main(argv=None) -> int:
         def run(fam):
             key = tuple(fam)
             if key not in cache:
-                cache[key] = measure(backbone, prompts, exit_config, exit_params, fam, **kw)[:2]
+                cache[key] = measure(backbone, prompts, full, exit_config, exit_params, fam, **kw)[:2]
             return cache[key]
         # the shared candidates as bases: the vectors refine the grid the shared search used
         families = vector_path(exit_config.num_exits, slopes=(0.0, 0.5), bases=candidates)
@@ -365,7 +375,8 @@ def main(argv=None) -> int:
             chosen, chosen_layers = best, best_layers
             chosen_meta = dict(report["per_exit"], holdout=None)
             if hold:
-                hl, hla, hc = measure(backbone, hold_prompts, exit_config, exit_params, [best.threshold], **kw)
+                hl, hla, hc = measure(backbone, hold_prompts, h_full, exit_config, exit_params, [best.threshold],
+                                      **kw)
                 chosen_meta["holdout"] = dict(prompts=len(hold), mean_loss=float(hl.mean()),
                                               avg_layers=float(hla[0]), compute=float(hc[0]),
                                               within_delta=bool(hl.mean() <= args.delta))

@@ -26,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -34,37 +33,16 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
                 "How do airplanes fly?"]
 
 
-def teacher_forced_tokens(config, params, sequences: list[list[int]], layers, exit_config=None, exit_params=None):
-    """Exit tokens ``[E, B, T]`` and final tokens ``[B, T]`` of right-padded ``sequences``."""
-    from dynamax_jax.exits import adapter_params
-    from eval.run import _layer_tokens
-    width = -(-max(map(len, sequences)) // 16) * 16
-    batch = np.zeros((len(sequences), width), np.int32)
-    for i, s in enumerate(sequences):
-        batch[i, :len(s)] = s
-    if exit_config is not None and exit_config.has_adapter:
-        adapters = adapter_params(exit_params)
-    else:
-        exit_config, adapters = None, {}
-    return map(np.asarray, _layer_tokens(config, params, tuple(layers), exit_config, adapters, batch))
-
-
-def agreement(config, params, prompts, rows, layers, exit_config=None, exit_params=None, batch_size=8):
+def agreement(backbone, prompts, generations, layers, exit_config=None, exit_params=None, batch_size=8):
     """Per-exit agreement with the final layer and the oracle's average layers over the
-    generated tokens ``rows`` (teacher-forced after their ``prompts``)."""
-    matches, oracle = [], []
-    for start in range(0, len(prompts), batch_size):
-        ps, rs = prompts[start:start + batch_size], rows[start:start + batch_size]
-        exit_tok, final_tok = teacher_forced_tokens(config, params, [p + list(r[:-1]) for p, r in zip(ps, rs)],
-                                                    layers, exit_config, exit_params)
-        for i, (p, r) in enumerate(zip(ps, rs)):
-            sl = slice(len(p) - 1, len(p) - 1 + len(r))
-            m = exit_tok[:, i, sl] == final_tok[None, i, sl]  # [E, n]
-            matches.append(m)
-            oracle.append(np.where(m.any(0), np.asarray(layers)[np.argmax(m, 0)], config.num_layers))
-    m = np.concatenate(matches, 1)
-    return {"agreement": dict(zip(map(str, layers), m.mean(1).round(4).tolist())),
-            "oracle_avg_layers": round(float(np.concatenate(oracle).mean()), 3), "tokens": int(m.shape[1])}
+    full-depth ``generations`` (``eval.run.oracle_layers``; adapted when ``exit_config``
+    has adapters)."""
+    from eval.run import oracle_layers
+    per_token, agree, _ = oracle_layers(backbone, tuple(layers), prompts, generations, batch_size, 16,
+                                        exit_config, exit_params)
+    oracle = np.concatenate([np.asarray(t, np.float64) for t in per_token])
+    return {"agreement": dict(zip(map(str, layers), np.round(agree, 4).tolist())),
+            "oracle_avg_layers": round(float(oracle.mean()), 3), "tokens": int(oracle.size)}
 
 
 def main(argv=None) -> int:
@@ -83,53 +61,44 @@ def main(argv=None) -> int:
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
-    from dynamax_jax.generate import _encode_prompt, _stop_ids
-    from eval.run import Generation, compute_summary
+    from eval.run import compute_summary, generate_all, load_backbone
     from eval.tasks import get_task
 
     path = args.model or str(smollm2_gguf_path())
-    config, params = dx.load_pretrained(path, dtype=jnp.float32)
-    tok = dx.load_tokenizer(path)
+    backbone = load_backbone(path, "float32", use_chat_template=True)
+    config = backbone.config
     texts = list(CHAT_PROMPTS)
     if args.questions:
         texts += [e.prompt for e in get_task("trivia_qa").load(str(Path(args.questions).parent), args.limit)]
-    prompts = [list(_encode_prompt(tok, t, True)) for t in texts]
-    stops = _stop_ids(config, tok)
+    prompts = [backbone.encode(t) for t in texts]
 
     def generate(**kw):
-        rows, layers = [], []
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            chunk = chunk + [chunk[0]] * (args.batch_size - len(chunk))  # one compiled batch shape
-            r = dx.generate(config, params, chunk, max_new_tokens=args.max_new_tokens, stop_tokens=stops, **kw)
-            n = min(args.batch_size, len(prompts) - start)
-            rows += [np.asarray(r.tokens[i, :r.num_generated[i]]) for i in range(n)]
-            layers += [np.asarray(r.exit_layers[i, :r.num_generated[i]]) for i in range(n)]
-        return rows, layers
+        return generate_all(backbone, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            pad_multiple=16, **kw)[0]
 
-    full_rows, _ = generate()
-    out = {"model": path, "prompts": len(prompts), "full_tokens": int(sum(map(len, full_rows))), "checkpoints": {}}
+    full = generate()
+    out = {"model": path, "prompts": len(prompts), "full_tokens": sum(len(g.tokens) for g in full),
+           "checkpoints": {}}
     print(f"{len(prompts)} prompts, {out['full_tokens']} full-depth tokens", file=sys.stderr)
     for exits_dir in args.exits:
         ec, ep = dx.load_exits(exits_dir)
         ec = ec.resolve(config)
         res = {"kind": ec.kind, "adapter": ec.adapter, "layers": list(ec.layers),
-               "logit_lens": agreement(config, params, prompts, full_rows, ec.layers, batch_size=args.batch_size)}
+               "logit_lens": agreement(backbone, prompts, full, ec.layers, batch_size=args.batch_size)}
         if ec.has_adapter:
-            res["adapted"] = agreement(config, params, prompts, full_rows, ec.layers, ec, ep, args.batch_size)
+            res["adapted"] = agreement(backbone, prompts, full, ec.layers, ec, ep, args.batch_size)
             for r in (int(x) for x in args.svd_ranks.split(",") if x.strip()):
                 if ec.adapter == "affine":
                     lec, lep = dx.exits.affine_to_lowrank(ec, ep, r)
-                    res[f"adapted_rank{r}"] = agreement(config, params, prompts, full_rows, ec.layers, lec, lep,
+                    res[f"adapted_rank{r}"] = agreement(backbone, prompts, full, ec.layers, lec, lep,
                                                         args.batch_size)
         for thr in (float(x) for x in args.thresholds.split(",") if x.strip()):
-            rows, layers = generate(exit_config=dataclasses.replace(ec, threshold=thr), exit_params=ep)
-            same = np.concatenate([[j < len(r) and r[j] == f[j] for j in range(len(f))] for r, f in zip(rows, full_rows)])
-            all_layers = np.concatenate(layers)
-            comp = compute_summary(config, dataclasses.replace(ec, threshold=thr),
-                                   [Generation(list(r), list(l)) for r, l in zip(rows, layers)],
-                                   [len(p_) for p_ in prompts])
-            res[f"t{thr:g}"] = {"avg_layers": round(float(all_layers.mean()), 3),
+            gens = generate(exit_config=dataclasses.replace(ec, threshold=thr), exit_params=ep)
+            # position-wise agreement with the full-depth tokens, over the full-depth length
+            same = np.concatenate([[j < len(g.tokens) and g.tokens[j] == f.tokens[j] for j in range(len(f.tokens))]
+                                   for g, f in zip(gens, full)])
+            comp = compute_summary(config, dataclasses.replace(ec, threshold=thr), gens, [len(p_) for p_ in prompts])
+            res[f"t{thr:g}"] = {"avg_layers": round(comp["avg_layers"], 3),
                                 "flops_relative": round(comp["compute"], 4),
                                 "identical_tokens": round(float(same.mean()), 4)}
             print(Path(exits_dir).name, thr, res[f"t{thr:g}"], file=sys.stderr, flush=True)

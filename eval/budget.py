@@ -50,8 +50,7 @@ from eval.calibrate import rouge_inconsistency, token_disagreement
 from eval.report import _fmt, interpolate
 from eval.run import (MODES, Backbone, Generation, _csv, compute_summary, generate_all, load_backbone,
                       write_json_atomic)
-from eval.run import build_parser as run_parser
-from eval.run import check_args as check_run_args
+from eval.run import check_settings
 
 QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
 CURVES = ("threshold", "static")
@@ -257,14 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Reject bad settings before the model is loaded (``BudgetError``): ``eval.run``'s checks
     of the settings the two share (tasks, sizes, thresholds, directories), then this one's."""
-    shared = run_parser().parse_args([])  # eval.run's defaults for what this CLI does not have
-    vars(shared).update(tasks=args.tasks, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, pad_multiple=args.pad_multiple, thresholds=args.thresholds,
-                        data_dir=args.data_dir, exits=[args.exits])
     try:
-        check_run_args(shared)
-    except SystemExit as err:  # eval.run exits with its one-line message
-        raise BudgetError(str(err.code)) from None
+        check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                                    "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
+                       args.thresholds, args.data_dir, [args.exits])
+    except ValueError as err:
+        raise BudgetError(str(err)) from None
     if not args.thresholds:
         raise BudgetError("--thresholds: give at least one threshold")
     if not args.targets:

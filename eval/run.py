@@ -530,29 +530,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
-    """Reject bad settings before any model is loaded."""
-    from dynamax_jax.exits import KINDS
-    for name in args.tasks:
+def check_settings(tasks_: Sequence[str], sizes: dict, thresholds, data_dir, exits: Sequence[str]) -> None:
+    """The checks of the settings the eval CLIs share (``ValueError`` with a one-line
+    message naming the flag): task names, ``sizes`` (``{"--flag": value}``, each >= 1 or
+    None), thresholds >= 0, and the directories."""
+    for name in tasks_:
         try:
             tasks.get_task(name)
         except ValueError as err:
-            raise SystemExit(f"--tasks: {err}") from None
+            raise ValueError(f"--tasks: {err}") from None
+    for name, value in sizes.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for t in thresholds or []:
+        if not t >= 0:
+            raise ValueError(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise ValueError(f"--data-dir {data_dir} is not a directory")
+    for path in exits:
+        if not os.path.isdir(path):
+            raise ValueError(f"--exits: {path} is not a directory")
+
+
+def check_args(args) -> None:
+    """Reject bad settings before any model is loaded."""
+    from dynamax_jax.exits import KINDS
     for kind in args.random_exits:
         if kind not in KINDS:
             raise SystemExit(f"--random-exits: unknown kind {kind!r}; supported: {', '.join(KINDS)}")
-    for name, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
-                        ("--batch-size", args.batch_size), ("--pad-multiple", args.pad_multiple)):
-        if value is not None and value < 1:
-            raise SystemExit(f"{name} must be >= 1, got {value}")
-    for t in args.thresholds or []:
-        if not t >= 0:
-            raise SystemExit(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise SystemExit(f"--data-dir {args.data_dir} is not a directory")
-    for path in args.exits:
-        if not os.path.isdir(path):
-            raise SystemExit(f"--exits: {path} is not a directory")
+    try:
+        check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                                    "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
+                       args.thresholds, args.data_dir, args.exits)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

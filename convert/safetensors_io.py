@@ -16,6 +16,7 @@ time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -40,6 +41,8 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Stored dtypes a floating-point weight may be read from (cast to the requested dtype).
+FLOAT_DTYPES = frozenset(DTYPES[name] for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
 def dtype_name(dtype) -> str:
@@ -70,12 +73,23 @@ class TensorInfo:
         self.file, self.dtype, self.shape, self.begin, self.end = file, dtype, shape, begin, end
 
 
+def _nonneg_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one file's header. Returns ``(tensors, metadata)``.
 
-    Raises ``CorruptFileError`` naming the file when the header cannot be parsed, a
-    tensor's byte range disagrees with its dtype and shape, or the file is shorter than
-    its header says (truncated)."""
+    At least as strict as the reference implementation (``safetensors.safe_open``):
+    the header length must fit the file and the 100 MB cap, the header must be a UTF-8
+    JSON object whose ``__metadata__`` maps strings to strings, every entry must have a
+    known dtype, a shape of non-negative integers and ``data_offsets`` that match its
+    byte size; sorted by offset, the tensors must tile the data section exactly (no
+    gap, no overlap, nothing past the end and nothing after the last tensor).
+
+    Raises ``CorruptFileError`` naming the file (and the tensor, where one is at fault):
+    "truncated" when the file is shorter than its header says, "corrupt safetensors
+    header" otherwise."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -89,6 +103,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CorruptFileError(
                 f"{path}: truncated safetensors file (header needs {8 + header_len} bytes, file has {size})")
         raw = f.read(header_len)
+
+    def corrupt(why: str) -> CorruptFileError:
+        return CorruptFileError(f"{path}: corrupt safetensors header: {why}")
+
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -97,27 +115,43 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise CorruptFileError(f"{path}: corrupt safetensors header ({err})") from None
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ must map strings to strings")
     data_start = 8 + header_len
-    tensors: dict[str, TensorInfo] = {}
-    data_end = 0
+    entries = []  # (begin, end, name, dtype, shape)
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CorruptFileError(f"{path}: corrupt safetensors header entry for {name!r} ({err!r})") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
-            raise CorruptFileError(
-                f"{path}: corrupt safetensors header: {name!r} has shape {shape} {entry['dtype']} "
-                f"({nbytes} bytes) but byte range [{begin}, {end})")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise corrupt(f"entry {name!r} must have the keys dtype, shape and data_offsets")
+        dtype_str, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype_str not in DTYPES:
+            raise corrupt(f"{name!r} has dtype {dtype_str!r}; supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_nonneg_int(s) for s in shape):
+            raise corrupt(f"{name!r} has shape {shape!r}; expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_nonneg_int(o) for o in offsets)):
+            raise corrupt(f"{name!r} has data_offsets {offsets!r}; expected [begin, end]")
+        entries.append((offsets[0], offsets[1], name, DTYPES[dtype_str], tuple(shape)))
+
+    tensors: dict[str, TensorInfo] = {}
+    expected_begin = 0  # the reference sorts by offsets and requires each to start where the last ended
+    for begin, end, name, dtype, shape in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin != expected_begin or end < begin:
+            what = "overlaps the previous tensor" if begin < expected_begin else (
+                "leaves a gap before it" if begin > expected_begin else "ends before it begins")
+            raise corrupt(f"{name!r} has invalid data_offsets [{begin}, {end}]: it {what} "
+                          f"(expected to begin at {expected_begin})")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise corrupt(f"{name!r} has shape {shape} {_DTYPE_NAMES[dtype]} ({nbytes} bytes) "
+                          f"but byte range [{begin}, {end})")
         tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
-        data_end = max(data_end, end)
-    if data_start + data_end > size:
+        expected_begin = end
+    if data_start + expected_begin > size:
         raise CorruptFileError(
-            f"{path}: truncated safetensors file (tensors need {data_start + data_end} bytes, file has {size})")
-    return tensors, metadata
+            f"{path}: truncated safetensors file (tensors need {data_start + expected_begin} bytes, file has {size})")
+    if data_start + expected_begin < size:
+        raise corrupt(f"{size - data_start - expected_begin} bytes after the last tensor "
+                      f"(the data section should end at byte {data_start + expected_begin})")
+    return {name: tensors[name] for name in header}, metadata
 
 
 class CheckpointReader:
@@ -174,6 +208,10 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape
+
+    def dtype(self, name: str) -> np.dtype:
+        """The stored numpy dtype of tensor ``name``."""
+        return self.info(name).dtype
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new numpy array in its stored dtype."""

@@ -25,6 +25,8 @@ imported (``convert.load_checkpoint`` imports it lazily, see ``LAZY_MODULES``).
 Readers: ``load_params`` takes any object with ``path``, ``name in reader``, ``names()``,
 ``shape(name)`` and ``read(name) -> numpy array`` in Hugging Face names and layout
 (``safetensors_io.CheckpointReader``; ``convert.gguf.GGUFTensors`` presents a GGUF file so).
+A reader with ``dtype(name)`` has each tensor's stored dtype checked: every param is a
+floating-point weight, so an integer or boolean tensor is refused rather than cast.
 
 Memory: the loader preallocates each stacked param (64-byte aligned so ``jax.device_put``
 on CPU aliases it instead of copying) and reads one checkpoint tensor at a time into it,
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedModelError
-from convert.safetensors_io import CheckpointReader, aligned_empty
+from convert.safetensors_io import FLOAT_DTYPES, CheckpointReader, aligned_empty, dtype_name
 
 Transform = Callable[[Any, Any], Any]
 Params = dict[str, Any]
@@ -204,6 +206,11 @@ def load_params(reader: CheckpointReader, config, arch: Architecture, dtype=jnp.
             if found != want:
                 raise ShapeMismatchError(f"{reader.path}: tensor '{name}' has the wrong shape: "
                                          f"expected {want}, found {found}")
+            stored = reader.dtype(name) if hasattr(reader, "dtype") else None
+            if stored is not None and stored not in FLOAT_DTYPES:  # an integer/bool tensor is no weight
+                raise CheckpointError(f"{reader.path}: tensor '{name}' is stored as {dtype_name(stored)}; "
+                                      f"{row.ours} is a floating-point weight (expected one of "
+                                      f"{', '.join(sorted(dtype_name(d) for d in FLOAT_DTYPES))})")
         plan.append((row, names, shape))
 
     used = {name for _, names, _ in plan for name in names}

@@ -20,18 +20,15 @@ Adding an architecture: write a table (``convert/tables.py`` explains rows) and 
 
 Every failure raises a ``convert.errors.CheckpointError`` (or ``ConfigError``) naming the
 file, tensor or field at fault. Writers never leave half-written output: files and
-directories are built under a temporary name beside the target and renamed when complete.
+directories are built under a temporary name beside the target and renamed when complete
+(``dynamax_jax.io.atomic_directory``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,13 +38,12 @@ from convert.errors import (CheckpointError, ConfigError, CorruptFileError, Miss
                             ShapeMismatchError, UnsupportedModelError)
 from convert.safetensors_io import CheckpointReader, write_sharded
 from convert.tables import architecture, architecture_for_config, hf_tensors, load_params
+from dynamax_jax.io import atomic_directory
 
 # Files copied next to converted weights when the source directory has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
-_DTYPE_NAMES = {np.dtype(jnp.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
-                np.dtype(jnp.float16): "float16"}
 
 
 def read_hf_config(path) -> dict:
@@ -94,38 +90,6 @@ def load_checkpoint(path, dtype=jnp.float32, progress: bool = False):
     return config, params
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out_dir``; on success it replaces
-    ``out_dir`` (an existing one is removed only after the new one is complete, and only
-    when ``overwrite``); on failure it is deleted and ``out_dir`` is left untouched."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old / "dir", out_dir)  # put the previous directory back
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_hf_dir(config, params, directory, max_shard_bytes: int = 5 * 2**30, progress: bool = False):
     """Write ``config.json`` and the safetensors weights (sharded above ``max_shard_bytes``)
     into an existing ``directory`` (not atomic; ``save_hf`` wraps it)."""
@@ -134,7 +98,7 @@ def write_hf_dir(config, params, directory, max_shard_bytes: int = 5 * 2**30, pr
     specs, get = hf_tensors(config, params, arch)
     hf_config = dict(config.to_hf_config())
     first_dtype = next(iter(specs.values()))[1] if specs else np.dtype(np.float32)
-    hf_config.setdefault("dtype", _DTYPE_NAMES.get(np.dtype(first_dtype), str(first_dtype)))
+    hf_config.setdefault("dtype", np.dtype(first_dtype).name)  # "float32", "bfloat16", ...
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     from tqdm.auto import tqdm
 
@@ -183,6 +147,6 @@ def load_tokenizer(path):
 
 __all__ = [
     "CheckpointError", "ConfigError", "CorruptFileError", "MissingTensorError", "ShapeMismatchError",
-    "UnsupportedModelError", "atomic_directory", "copy_tokenizer", "load_checkpoint", "load_tokenizer",
+    "UnsupportedModelError", "copy_tokenizer", "load_checkpoint", "load_tokenizer",
     "read_hf_config", "save_hf", "write_hf_dir",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = ("float32", "bfloat16", "float16")
+from dynamax_jax.io import DTYPES, atomic_directory, parse_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,11 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
-    import jax.numpy as jnp
 
-    from convert import atomic_directory, copy_tokenizer, load_checkpoint, write_hf_dir
+    from convert import copy_tokenizer, load_checkpoint, write_hf_dir
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     progress = not args.quiet
     config, params = load_checkpoint(args.src, dtype=dtype, progress=progress)
     with atomic_directory(args.dst, overwrite=args.overwrite) as tmp:

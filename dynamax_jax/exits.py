@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamax_jax.io import atomic_directory
 from dynamax_jax.models.layers import rms_norm
 
 Params = dict[str, Any]
@@ -500,7 +501,6 @@ def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> Non
             arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
             save_file(arrays, str(tmp / PARAMS_FILE), metadata={"dtypes": json.dumps(dtypes)})
 
-    from convert import atomic_directory  # the converters' writer: nothing half-written
     with atomic_directory(path) as tmp:
         write(tmp)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama", "mamba2")
@@ -18,10 +19,44 @@ class ConfigError(ValueError):
     """A checkpoint configuration is missing a field or asks for something unsupported."""
 
 
-def _require(hf: Mapping[str, Any], key: str, model_type: str) -> Any:
-    if key not in hf or hf[key] is None:
-        raise ConfigError(f"{model_type} config is missing the required field '{key}'")
-    return hf[key]
+_REQUIRED = object()
+
+
+def _int_field(hf: Mapping[str, Any], key: str, where: str, default: Any = _REQUIRED, minimum: int = 1):
+    """``hf[key]`` as an int >= ``minimum`` (``default`` when absent or null; required when no
+    default is given); a ``ConfigError`` names the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where} config is missing the required field '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} config field '{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float_field(hf: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    """``hf[key]`` as a positive finite float (``default`` when absent or null); a
+    ``ConfigError`` names the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{where} config field '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_fields(config, positive_ints: tuple[str, ...], positive_floats: tuple[str, ...]) -> None:
+    """Type and range checks of a config's own fields, naming the field at fault."""
+    name = type(config).__name__
+    for field in positive_ints:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{name}.{field} must be a positive integer, got {value!r}")
+    for field in positive_floats:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ConfigError(f"{name}.{field} must be a positive number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +80,9 @@ class MistralConfig:
     eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        _check_fields(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                             "num_kv_heads", "head_dim", "max_position_embeddings"),
+                      ("rope_theta", "rms_norm_eps"))
         if self.model_type not in ("mistral", "llama"):
             raise ConfigError(f"MistralConfig model_type must be 'mistral' or 'llama', got {self.model_type!r}")
         if self.num_heads % self.num_kv_heads:
@@ -71,31 +109,34 @@ class MistralConfig:
         if model_type not in ("mistral", "llama"):
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        req = lambda k: _require(hf, k, model_type)  # noqa: E731
-        hidden, heads = req("hidden_size"), req("num_attention_heads")
+        integer = lambda k, default=_REQUIRED, minimum=1: _int_field(hf, k, model_type, default, minimum)  # noqa: E731
+        hidden, heads = integer("hidden_size"), integer("num_attention_heads")
         rope_scaling = hf.get("rope_scaling")
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
             raise ConfigError(f"rope_scaling {rope_scaling!r} is not supported (only plain RoPE)")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"{model_type} config sets {flag}=true; biases are not supported")
-        rope_theta = hf.get("rope_theta")
-        if rope_theta is None:  # transformers >= 5 keeps it inside rope_parameters
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if hf.get("rope_theta") is not None:
+            rope_theta = _float_field(hf, "rope_theta", model_type, 10000.0)
+        else:  # transformers >= 5 keeps it inside rope_parameters
+            rope_parameters = hf.get("rope_parameters") or {}
+            rope_theta = _float_field(rope_parameters if isinstance(rope_parameters, Mapping) else {},
+                                      "rope_theta", f"{model_type} rope_parameters", 10000.0)
         eos = hf.get("eos_token_id")
         return cls(
-            vocab_size=req("vocab_size"),
+            vocab_size=integer("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=req("intermediate_size"),
-            num_layers=req("num_hidden_layers"),
+            intermediate_size=integer("intermediate_size"),
+            num_layers=integer("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            rope_theta=float(rope_theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "llama" and False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            num_kv_heads=integer("num_key_value_heads", heads),
+            head_dim=integer("head_dim", hidden // heads),
+            rope_theta=rope_theta,
+            rms_norm_eps=_float_field(hf, "rms_norm_eps", model_type, 1e-5),
+            sliding_window=integer("sliding_window", None) if model_type == "mistral" else None,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=integer("max_position_embeddings", 4096),
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -151,6 +192,8 @@ class Mamba2Config:
     eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        _check_fields(self, ("vocab_size", "hidden_size", "num_layers", "state_size", "expand", "head_dim",
+                             "n_groups", "conv_kernel", "chunk_size"), ("rms_norm_eps",))
         if (self.expand * self.hidden_size) % self.head_dim:
             raise ConfigError(f"d_inner ({self.expand * self.hidden_size}) must be a multiple of head_dim ({self.head_dim})")
         if self.num_heads % self.n_groups:
@@ -193,9 +236,9 @@ class Mamba2Config:
         if model_type != "mamba2":
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        req = lambda k: _require(hf, k, model_type)  # noqa: E731
-        hidden, expand, head_dim = req("hidden_size"), int(hf.get("expand", 2)), int(hf.get("head_dim", 64))
-        num_heads = hf.get("num_heads")
+        integer = lambda k, default=_REQUIRED: _int_field(hf, k, model_type, default)  # noqa: E731
+        hidden, expand, head_dim = integer("hidden_size"), integer("expand", 2), integer("head_dim", 64)
+        num_heads = integer("num_heads", None)
         if num_heads is not None and num_heads * head_dim != expand * hidden:
             raise ConfigError(f"mamba2 config: num_heads ({num_heads}) x head_dim ({head_dim}) must equal "
                               f"expand ({expand}) x hidden_size ({hidden})")
@@ -204,12 +247,12 @@ class Mamba2Config:
             raise ConfigError(f"mamba2 config: hidden_act {act!r} is not supported (only silu)")
         eos = hf.get("eos_token_id")
         return cls(
-            vocab_size=req("vocab_size"), hidden_size=hidden, num_layers=req("num_hidden_layers"),
-            state_size=int(hf.get("state_size", 128)), expand=expand, head_dim=head_dim,
-            n_groups=int(hf.get("n_groups", 8)), conv_kernel=int(hf.get("conv_kernel", 4)),
-            chunk_size=int(hf.get("chunk_size", 256)),
+            vocab_size=integer("vocab_size"), hidden_size=hidden, num_layers=integer("num_hidden_layers"),
+            state_size=integer("state_size", 128), expand=expand, head_dim=head_dim,
+            n_groups=integer("n_groups", 8), conv_kernel=integer("conv_kernel", 4),
+            chunk_size=integer("chunk_size", 256),
             time_step_limit=_time_step_limit(hf.get("time_step_limit", (0.0, math.inf))),
-            rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            rms_norm_eps=_float_field(hf, "layer_norm_epsilon", model_type, 1e-5),
             use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             norm_per_group=bool(hf.get("norm_per_group", True)),
@@ -254,18 +297,18 @@ class Mamba2Config:
         model_type = params.get("model_type", "mamba")
         if model_type != "mamba":
             raise ConfigError(f"params.json model_type {model_type!r} is not a Mamba model (expected 'mamba')")
-        req = lambda k: _require(params, k, "codestral params.json")  # noqa: E731
+        where = "codestral params.json"
         if not params.get("rms_norm", True):
             raise ConfigError("params.json sets rms_norm=false; only RMSNorm Mamba2 models are supported")
         ssm_cfg = dict(params.get("ssm_cfg") or {})
         if ssm_cfg.get("layer", "Mamba2") != "Mamba2":
             raise ConfigError(f"params.json ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (only Mamba2)")
         given = lambda *keys: next((src[k] for k in keys for src in (params, ssm_cfg) if k in src), None)  # noqa: E731
-        dim, n_groups = int(req("dim")), int(given("n_groups", "ngroups") or 1)
+        dim, n_groups = _int_field(params, "dim", where), int(given("n_groups", "ngroups") or 1)
         sizes = {"state_size": given("d_state", "state_size"), "conv_kernel": given("d_conv", "conv_kernel"),
                  "expand": given("expand"), "head_dim": given("headdim", "head_dim")}
         multiple = int(params.get("pad_vocab_size_multiple", 1) or 1)
-        vocab = int(req("vocab_size"))
+        vocab = _int_field(params, "vocab_size", where)
         vocab = -(-vocab // multiple) * multiple  # mamba_ssm pads the embedding to the multiple
         if tensor_shapes:
             prefix = "model.backbone.layers.0.mixer."
@@ -283,7 +326,7 @@ class Mamba2Config:
         defaults = {"state_size": 128, "conv_kernel": 4, "expand": 2, "head_dim": 64}
         sizes = {k: int(v if v is not None else defaults[k]) for k, v in sizes.items()}
         return cls(
-            vocab_size=vocab, hidden_size=dim, num_layers=int(req("n_layers")), n_groups=n_groups,
+            vocab_size=vocab, hidden_size=dim, num_layers=_int_field(params, "n_layers", where), n_groups=n_groups,
             chunk_size=int(given("chunk_size") or 256), rms_norm_eps=float(given("norm_eps", "norm_epsilon") or 1e-5),
             tie_word_embeddings=bool(params.get("tie_embeddings", False)), norm_per_group=True, **sizes,
         )

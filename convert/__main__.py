@@ -13,6 +13,16 @@ import sys
 from dynamax_jax.io import DTYPES, atomic_directory, parse_dtype
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
@@ -26,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of the written weights (default: float32; GGUF quantised tensors are "
                              "dequantised to it)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+    parser.add_argument("--max-shard-gb", type=_positive_float, default=5.0,
                         help="largest safetensors shard in GiB; bigger models are split into shards listed in "
                              "model.safetensors.index.json (default: 5)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")

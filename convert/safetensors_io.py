@@ -293,6 +293,8 @@ def write_sharded(directory, specs: Mapping[str, TensorSpec], get_tensor: Callab
     else as ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
     (the Hugging Face layout). Tensors are grouped in order; returns the file names."""
     directory = Path(directory)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     shards: list[dict[str, TensorSpec]] = [{}]
     shard_bytes = 0
     total = 0

@@ -490,7 +490,7 @@ def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> 
 def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> None:
     """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
     (tensors named as in the param dict, dtype kept). Written atomically."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     def write(tmp: Path):
         (tmp / CONFIG_FILE).write_text(json.dumps(exit_config.to_json(), indent=2) + "\n")
@@ -499,7 +499,8 @@ def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> Non
             dtypes = {k: str(a.dtype) for k, a in arrays.items()}
             # safetensors' numpy API has no bfloat16: store its bits, restore from the dtype map
             arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
-            save_file(arrays, str(tmp / PARAMS_FILE), metadata={"dtypes": json.dumps(dtypes)})
+            # (safetensors' save_file creates the file with mode 0600 whatever the umask)
+            (tmp / PARAMS_FILE).write_bytes(save(arrays, metadata={"dtypes": json.dumps(dtypes)}))
 
     with atomic_directory(path) as tmp:
         write(tmp)
@@ -508,26 +509,32 @@ def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> Non
 def load_exits(path) -> tuple[ExitConfig, Params | None]:
     """Load ``(exit_config, exit_params)`` saved by ``save_exits`` (params ``None`` for a
     training-free confidence saved without params)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ExitError(f"{path} is not an exit checkpoint: {CONFIG_FILE} not found")
-    exit_config = ExitConfig.from_json(json.loads(cfg_file.read_text()))
+    try:
+        exit_config = ExitConfig.from_json(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise ExitError(f"{cfg_file}: not valid JSON ({err})") from None
     params_file = path / PARAMS_FILE
     if not params_file.is_file():
         if exit_config.needs_params:
             raise ExitError(f"{path}: {PARAMS_FILE} not found (needed for confidence='classifier')")
         return exit_config, None
     params = {}
-    with safe_open(str(params_file), framework="numpy") as f:
-        dtypes = json.loads((f.metadata() or {}).get("dtypes", "{}"))
-        for k in f.keys():
-            a = f.get_tensor(k)
-            if dtypes.get(k) == "bfloat16":
-                a = a.view(jnp.bfloat16)
-            params[k] = jnp.asarray(a)
+    try:
+        with safe_open(str(params_file), framework="numpy") as f:
+            dtypes = json.loads((f.metadata() or {}).get("dtypes", "{}"))
+            for k in f.keys():
+                a = f.get_tensor(k)
+                if dtypes.get(k) == "bfloat16":
+                    a = a.view(jnp.bfloat16)
+                params[k] = jnp.asarray(a)
+    except (SafetensorError, json.JSONDecodeError) as err:
+        raise ExitError(f"{params_file}: corrupt or truncated safetensors file ({err})") from None
     return exit_config, params
 
 

@@ -476,9 +476,12 @@ class Sweep:
 def _csv(cast):
     def parse(text: str):
         try:
-            return [cast(x) for x in text.split(",") if x.strip()]
+            items = [cast(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got the empty list {text!r}")
+        return items
     return parse
 
 

@@ -185,3 +185,59 @@ def test_config_constructor_checks_fields(cls, field):
         cls.tiny(**{field: -1})
     with pytest.raises(dx.ConfigError, match=f"{cls.__name__}.{field} must be a positive"):
         cls.tiny(**{field: "x"})
+
+
+@pytest.fixture
+def exits_dir(tmp_path):
+    import os
+
+    config = dx.MistralConfig.tiny(num_layers=4)
+    exit_config = dx.ExitConfig(layers=(2, 3), kind="calm")
+    params = dx.init_exits(config, exit_config, jax.random.key(0))
+    old = os.umask(0o022)
+    try:
+        dx.save_exits(exit_config, params, tmp_path / "exits")
+    finally:
+        os.umask(old)
+    return tmp_path / "exits"
+
+
+def test_exit_files_follow_the_umask(exits_dir):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exits_dir.iterdir()}
+    assert modes == {"exit_config.json": 0o644, "exit_params.safetensors": 0o644}
+    assert exits_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_truncated_exit_params_name_the_file(exits_dir):
+    import os
+
+    file = exits_dir / "exit_params.safetensors"
+    os.truncate(file, file.stat().st_size - 10)
+    with pytest.raises(dx.ExitError, match=r"exits/exit_params\.safetensors: corrupt or truncated"):
+        dx.load_exits(exits_dir)
+    (exits_dir / "exit_config.json").write_text('{"layers": [2, 3')
+    with pytest.raises(dx.ExitError, match=r"exits/exit_config\.json: not valid JSON"):
+        dx.load_exits(exits_dir)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
+def test_convert_refuses_a_shard_size_that_is_not_positive(value, tmp_path, capsys):
+    from convert.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(tmp_path / "src"), str(tmp_path / "dst"), "--max-shard-gb", value])
+    assert exit_info.value.code == 2
+    assert "--max-shard-gb" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+        safetensors_io.write_sharded(tmp_path, {"a": ((2,), np.float32)}, lambda name: np.zeros(2, np.float32),
+                                     max_shard_bytes=0)
+
+
+@pytest.mark.parametrize("flag, value", [("--thresholds", ","), ("--thresholds", ""), ("--tasks", " , ")])
+def test_eval_run_refuses_an_empty_list(flag, value, capsys):
+    from eval.run import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag}: expected a comma-separated list" in capsys.readouterr().err

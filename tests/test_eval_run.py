@@ -54,20 +54,20 @@ def _write(dir_, name, rows):
 @pytest.mark.parametrize("task, rows, message", [
     ("truthful_qa", [{"question": "q?", "best_answer": "a", "correct_answers": ["a"], "incorrect_answers": ["b"]},
                      {"question": "q?", "best_answer": "a", "correct_answers": ["a"]}],
-     r"truthful_qa.jsonl row 1: missing field 'incorrect_answers'"),
+     r"truthful_qa.jsonl, line 2: missing field 'incorrect_answers'"),
     ("truthful_qa", [{"question": "q?", "best_answer": "a", "correct_answers": [], "incorrect_answers": ["b"]}],
-     r"truthful_qa.jsonl row 0: field 'correct_answers' is an empty answer list"),
+     r"truthful_qa.jsonl, line 1: field 'correct_answers' is an empty answer list"),
     ("trivia_qa", [{"question": "q?", "answer": {"value": "x", "aliases": ["x"]}},
                    {"question": "q?", "answer": {"value": "x", "aliases": []}}],
-     r"trivia_qa.jsonl row 1: field 'answer.aliases' is an empty answer list"),
-    ("trivia_qa", [{"question": "q?", "answer": {"aliases": ["x"]}}],
-     r"trivia_qa.jsonl row 0: missing field 'answer.value'"),
+     r"trivia_qa.jsonl, line 2: field 'answer.aliases' is an empty answer list"),
+    ("trivia_qa", [{"question": "q?", "answer": {"value": 3, "aliases": ["x"]}}],
+     r"trivia_qa.jsonl, line 1: field 'answer.value' must be a string or null"),
     ("coqa", [{"story": "s", "questions": ["a?", "b?"], "answers": {"input_text": ["x"]}}],
-     r"coqa.jsonl row 0: field 'answers.input_text' has 1 answers for 2 questions"),
+     r"coqa.jsonl, line 1: field 'answers.input_text' has 1 answers for 2 questions"),
     ("coqa", [{"story": "s", "questions": ["a?"], "answers": {"input_text": []}}],
-     r"coqa.jsonl row 0: field 'answers.input_text' is an empty answer list"),
+     r"coqa.jsonl, line 1: field 'answers.input_text' is an empty answer list"),
     ("coqa", [{"questions": ["a?"], "answers": {"input_text": ["x"]}}],
-     r"coqa.jsonl row 0: missing field 'story'"),
+     r"coqa.jsonl, line 1: missing field 'story'"),
 ])
 def test_bad_rows_are_named(tmp_path, task, rows, message):
     _write(tmp_path, f"{task}.jsonl", rows)
@@ -77,11 +77,11 @@ def test_bad_rows_are_named(tmp_path, task, rows, message):
 
 def test_bad_data_fails_before_the_model_loads(tmp_path):
     _write(tmp_path, "trivia_qa.jsonl", [{"question": "q?", "answer": {"value": "x", "aliases": []}}])
-    with pytest.raises(tasks.DataError, match="row 0: field 'answer.aliases' is an empty answer list"):
+    with pytest.raises(tasks.DataError, match="line 1: field 'answer.aliases' is an empty answer list"):
         run.main(["--model", str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path), "--tasks", "trivia_qa"])
     (tmp_path / "trivia_qa.jsonl").write_text('{"question": "q?", "answer": {"value": "x", "aliases": ["x"]}}\n'
                                             '{"question": "q?",\n')
-    with pytest.raises(tasks.DataError, match=r"trivia_qa.jsonl row 1: invalid JSON"):
+    with pytest.raises(tasks.DataError, match=r"trivia_qa.jsonl, line 2: not valid JSON"):
         tasks.get_task("trivia_qa").load(str(tmp_path))
 
 

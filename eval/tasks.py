@@ -188,7 +188,10 @@ class Task:
             return f"{path} (STAND-IN written for this project, not {self.hf_id})" if self.standin else path
         if data_dir == HUB:
             return f"{self.hf_id} ({self.hf_config or 'default'}, {self.hf_split})"
-        return os.path.join(data_dir, self.fixture_file)
+        path = os.path.join(data_dir, self.fixture_file)
+        if Path(data_dir).resolve() == DATA_DIR:  # the tests' fixtures: all written for this project
+            return f"{path} (STAND-IN fixture written for this project, not {self.hf_id})"
+        return path
 
     def load(self, data_dir: str | None = None, limit: int | None = None,
              split: str | None = None) -> list[Example]:
@@ -246,6 +249,12 @@ def resolve_split(split: str | None, data_dir: str | None, default: str) -> str 
     return default if data_dir is None or data_dir == HUB else None
 
 
+def data_label(data_dir: str | None, split: str | None) -> str:
+    """A short name for a source and part, recorded with results: ``bundled:evaluation``,
+    ``hub:calibration``, ``<dir>:all``."""
+    return f"{'bundled' if data_dir is None else data_dir}:{split or ALL}"
+
+
 def split_help(default: str) -> str:
     """The ``--split`` help text of a command line whose default part is ``default``."""
     return (f"which fixed part of each data set to use: {', '.join(SPLITS)} or {ALL} (rule and sizes: "
@@ -284,5 +293,5 @@ def answer_from_generation(text: str) -> str:
 
 
 __all__: Sequence[str] = ("ALL", "DATA_DIR", "DataError", "Example", "HUB", "SPLITS", "TASKS", "Task",
-                          "answer_from_generation", "examples_from_rows", "get_task", "resolve_split",
+                          "answer_from_generation", "data_label", "examples_from_rows", "get_task", "resolve_split",
                           "split_help", "split_of")

@@ -166,6 +166,8 @@ def test_split_names_and_command_line_defaults(tmp_path):
     assert tasks.resolve_split(None, str(tmp_path), "evaluation") is None
     assert tasks.resolve_split("distill", str(tmp_path), "evaluation") == "distill"
     assert tasks.resolve_split("all", None, "evaluation") is None
+    assert [tasks.data_label(None, "evaluation"), tasks.data_label(tasks.HUB, "distill"),
+            tasks.data_label("my/dir", None)] == ["bundled:evaluation", "hub:distill", "my/dir:all"]
     with pytest.raises(ValueError, match="--split: unknown part 'eval'"):
         tasks.resolve_split("eval", None, "evaluation")
 
@@ -176,6 +178,8 @@ def test_coqa_is_a_labelled_stand_in():
     coqa = tasks.get_task("coqa")
     assert coqa.standin and "STAND-IN" in coqa.source_name() and "not stanfordnlp/coqa" in coqa.source_name()
     assert "STAND-IN" not in tasks.get_task("trivia_qa").source_name()
+    for name in tasks.TASKS:  # the tests' fixtures (--data-dir eval/data) are stand-ins too
+        assert "STAND-IN fixture" in tasks.get_task(name).source_name(str(tasks.DATA_DIR))
     assert len(coqa.load()) == 32  # 8 written stories x 4 turns
     assert {len(coqa.load(split=p)) for p in ("distill", "evaluation")} == {16}
     with pytest.raises(tasks.DataError, match=r"coqa.jsonl \(STAND-IN.*no rows in the calibration part"):

@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dynamax_jax import exits as ex  # noqa: E402
 from dynamax_jax import sharding as S  # noqa: E402
 from dynamax_jax.config import MistralConfig  # noqa: E402
+from dynamax_jax.default_model import smollm2_gguf_path  # noqa: E402
 from train import distill as T  # noqa: E402
+from train import objective as O  # noqa: E402
 
 
 def load_model(name: str | None):
@@ -41,7 +43,7 @@ def load_model(name: str | None):
         from dynamax_jax.api import init_params
         return "random 8-layer Llama (d 256, V 8192)", config, init_params(config, jax.random.key(0))
     from dynamax_jax.api import load_pretrained
-    path = name or T.default_model_path()
+    path = name or str(smollm2_gguf_path())
     config, params = load_pretrained(path)
     return os.path.basename(path), config, params
 
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     for spec in args.meshes.split(","):
         mesh = S.make_mesh(spec)
         step = T.jit_train_step(mesh, config, ec, settings, tx, params, init, tx.init(init))
-        backbone = jax.jit(lambda bp, t: T.backbone_pass(config, bp, t, ec.layers, settings.topk),
+        backbone = jax.jit(lambda bp, t: O.backbone_pass(config, bp, t, ec.layers, settings.topk),
                            in_shardings=(step.backbone, step.batch))
         with jax.set_mesh(mesh):
             bp = jax.device_put(params, step.backbone)

@@ -61,20 +61,5 @@ def is_available() -> bool:
     return True
 
 
-def load_default_model(dtype=None):
-    """``(config, params)`` of the default model (float32 unless ``dtype`` is given)."""
-    import jax.numpy as jnp
-
-    from convert.gguf import load_gguf
-    return load_gguf(smollm2_gguf_path(), dtype=jnp.float32 if dtype is None else dtype)
-
-
-def load_default_tokenizer():
-    """The default model's tokenizer (with its chat template); cached after the first call
-    (see ``convert.gguf.load_gguf_tokenizer``)."""
-    from convert.gguf import load_gguf_tokenizer
-    return load_gguf_tokenizer(smollm2_gguf_path())
-
-
 __all__ = ["DEFAULT_GGUF_FILENAME", "DEFAULT_MODEL_NAME", "DefaultModelNotFound", "is_available",
-           "load_default_model", "load_default_tokenizer", "smollm2_gguf_path"]
+           "smollm2_gguf_path"]

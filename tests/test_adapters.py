@@ -13,6 +13,7 @@ from dynamax_jax import exits as ex
 from dynamax_jax import flops
 from dynamax_jax.models import mistral, module_for
 from train import distill as T
+from train import objective as O
 
 CFG = dx.MistralConfig.tiny()  # 4 layers, hidden 64
 PARAMS = mistral.init_params(CFG, jax.random.key(0))
@@ -148,8 +149,8 @@ def test_adapted_labels_and_kl_equal_a_hand_computation():
     p = _with_random_adapter(ec, scale=0.2)
     tokens = _tokens()
     mask = jnp.ones(tokens.shape).at[1, 6:].set(0.0)
-    exit_hidden, final = T.backbone_outputs(CFG, PARAMS, tokens, layers)
-    labels, kl = T.adapted_exits(CFG, PARAMS, ec, ex.adapter_params(p), exit_hidden, final, mask, topk=2)
+    exit_hidden, final = O.backbone_outputs(CFG, PARAMS, tokens, layers)
+    labels, kl = O.adapted_exits(CFG, PARAMS, ec, ex.adapter_params(p), exit_hidden, final, mask, topk=2)
     final64 = np.asarray(final, np.float64)
     logp_final = final64 - np.log(np.sum(np.exp(final64), -1, keepdims=True))
     m = np.asarray(mask)
@@ -162,8 +163,8 @@ def test_adapted_labels_and_kl_equal_a_hand_computation():
         np.testing.assert_array_equal(np.asarray(labels[e]), np.sum(final64 > own, -1) < 2)
     # identity adapters give the plain logit-lens labels
     p0 = ex.init_exits(CFG, ec, jax.random.key(0))
-    labels0, _ = T.adapted_exits(CFG, PARAMS, ec, ex.adapter_params(p0), exit_hidden, final, mask, topk=2)
-    np.testing.assert_array_equal(labels0, T.backbone_pass(CFG, PARAMS, tokens, layers, 2)[1])
+    labels0, _ = O.adapted_exits(CFG, PARAMS, ec, ex.adapter_params(p0), exit_hidden, final, mask, topk=2)
+    np.testing.assert_array_equal(labels0, O.backbone_pass(CFG, PARAMS, tokens, layers, 2)[1])
 
 
 def test_training_adapters_lowers_kl_and_raises_agreement():
@@ -202,16 +203,16 @@ def test_cli_flags_reach_the_exit_config():
 # ----------------------------------------------------------------------------- eval oracle
 
 def test_oracle_uses_the_adapted_exit_tokens():
-    from eval import run
+    from eval import harness
 
     layers = (1, 2, 3)
     ec = ex.ExitConfig(kind="calm", layers=layers, adapter="affine").resolve(CFG)
     p = _with_random_adapter(ec, scale=0.2)
-    backbone = run.Backbone("tiny", CFG, PARAMS, tokenizer=None, chat_template=False)
+    backbone = harness.Backbone("tiny", CFG, PARAMS, tokenizer=None, chat_template=False)
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7]]
-    gens = [run.Generation([11, 12, 13, 14, 15], [4] * 5), run.Generation([40, 2, 2, 90], [4] * 4)]
-    per_token, agreement, _ = run.oracle_layers(backbone, layers, prompts, gens, 2, 8, ec, p)
-    plain, plain_agreement, _ = run.oracle_layers(backbone, layers, prompts, gens, 2, 8)
+    gens = [harness.Generation([11, 12, 13, 14, 15], [4] * 5), harness.Generation([40, 2, 2, 90], [4] * 4)]
+    per_token, agreement, _ = harness.oracle_layers(backbone, layers, prompts, gens, 2, 8, ec, p)
+    plain, plain_agreement, _ = harness.oracle_layers(backbone, layers, prompts, gens, 2, 8)
     for prompt, gen, got in zip(prompts, gens, per_token):
         start = len(prompt) - 1
         seq = jnp.asarray([prompt + gen.tokens[:-1]])

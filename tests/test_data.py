@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from train import corpus
 from train import data as D
 
 EOS = 0
@@ -138,8 +139,8 @@ def test_stream_source_restores_exactly_across_epochs():
 
 
 def test_default_corpus_is_embedded_small_and_english():
-    assert os.path.getsize(D.DEFAULT_CORPUS) <= 1_000_000
-    docs = D.read_documents(None)
+    assert os.path.getsize(corpus.DEFAULT_CORPUS) <= 1_000_000
+    docs = corpus.read_documents(None)
     assert len(docs) >= 100 and sum(map(len, docs)) >= 300_000
     assert docs[0].startswith("argparse")
 
@@ -155,7 +156,7 @@ def test_local_formats(tmp_path):
     write_jsonl(folder / "b.jsonl", ["from jsonl", "  "])
     (folder / "c.txt").write_text("a whole text file is one document\n\nwith paragraphs")
     (folder / "ignored.csv").write_text("x,y")
-    docs = D.read_documents(str(folder))
+    docs = corpus.read_documents(str(folder))
     assert docs == ["from parquet", "second parquet", "from jsonl",
                     "a whole text file is one document\n\nwith paragraphs"]
 
@@ -200,7 +201,7 @@ def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(D.DataError, match=r"cannot stream .*fineweb-edu.*sample-10BT.*ConnectionError"):
-        build(D.FINEWEB_EDU)
+        build(corpus.FINEWEB_EDU)
 
 
 def test_hub_ids_and_local_paths_are_told_apart(tmp_path):

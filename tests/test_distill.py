@@ -24,6 +24,7 @@ from dynamax_jax import sharding as S
 from dynamax_jax.config import MistralConfig
 from dynamax_jax.models import mistral
 from train import distill as T
+from train import objective as O
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
@@ -68,7 +69,7 @@ def test_labels_equal_a_hand_computation(topk):
     params = mistral.init_params(config, jax.random.key(3))
     tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, config.vocab_size)
     layers = (1, 2, 3)
-    exit_hidden, labels = jax.jit(lambda p, t: T.backbone_pass(config, p, t, layers, topk))(params, tokens)
+    exit_hidden, labels = jax.jit(lambda p, t: O.backbone_pass(config, p, t, layers, topk))(params, tokens)
     logits, hidden = jax.jit(lambda p, t: mistral.forward(config, p, t, return_hidden=True))(params, tokens)
 
     hidden, final = np.asarray(hidden, np.float64), np.asarray(logits, np.float64)
@@ -91,7 +92,7 @@ def test_last_layer_always_agrees_and_topk_only_adds_positives():
     params = mistral.init_params(config, jax.random.key(5))
     tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, config.vocab_size)
     # "exit" after the last layer predicts the final token itself: always positive
-    labels_of = jax.jit(lambda layers, k: T.backbone_pass(config, params, tokens, layers, k)[1],
+    labels_of = jax.jit(lambda layers, k: O.backbone_pass(config, params, tokens, layers, k)[1],
                         static_argnums=(0, 1))
     labels = labels_of((2, 3), 1)
     assert bool(jnp.all(labels[1]))
@@ -106,9 +107,9 @@ def test_balanced_loss_gives_each_class_half_the_weight():
     ce = -jax.nn.log_softmax(logits2, axis=-1)
     neg = float(jnp.mean(ce[0, 0, :3, 0]))
     pos = float(ce[0, 0, 3, 1])
-    loss, per_exit = T.exit_loss(logits2, labels, mask, jnp.ones((1,)), balanced=True)
+    loss, per_exit = O.exit_loss(logits2, labels, mask, jnp.ones((1,)), balanced=True)
     np.testing.assert_allclose(float(loss), 0.5 * neg + 0.5 * pos, rtol=1e-6)
-    plain, _ = T.exit_loss(logits2, labels, mask, jnp.ones((1,)), balanced=False)
+    plain, _ = O.exit_loss(logits2, labels, mask, jnp.ones((1,)), balanced=False)
     np.testing.assert_allclose(float(plain), (3 * neg + pos) / 4, rtol=1e-6)
     np.testing.assert_allclose(T.exit_weight_vector("position", (18, 21, 24, 27)),
                                np.array([18, 21, 24, 27]) / 90, rtol=1e-6)

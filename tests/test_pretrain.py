@@ -301,12 +301,12 @@ def test_local_files(tmp_path):
     rows.write_text('{"text": "a"}\n\n{"text": "b"}\n')
     assert [d.text for d in corpus_lib.file_documents(rows)] == ["a", "b"]
     rows.write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(ValueError, match=r"rows.jsonl:2: expected an object with a string 'text' field"):
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2: expected an object with a string field 'text'"):
         corpus_lib.file_documents(rows)
     rows.write_text('{"text": "a"\n')
-    with pytest.raises(ValueError, match=r"rows.jsonl:1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 1: not valid JSON"):
         corpus_lib.file_documents(rows)
-    with pytest.raises(ValueError, match="expected a .txt or .jsonl file"):
+    with pytest.raises(ValueError, match=r"expected a \.jsonl/\.json/\.parquet/\.txt file"):
         corpus_lib.file_documents(Path(__file__))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         corpus_lib.file_documents(tmp_path / "missing.txt")

@@ -1,19 +1,25 @@
-"""A deterministic English corpus that every machine has without a network.
+"""Every corpus of the training commands, built from files every machine has without a network.
 
-The default corpus is the English prose that ships with the Python standard library:
-module/class/function docstrings, blocks of ``#`` comments and the language-reference
-topics of ``pydoc_data.topics``. Local ``.txt`` files (one document per blank-line
-separated paragraph block... no: one document per file) and ``.jsonl`` files (one document
-per line, from its ``"text"`` field) can be added or used instead.
+- The pretraining corpus (``build_corpus``, ``python -m train.corpus``): the English prose
+  that ships with the Python standard library (module/class/function docstrings, blocks of
+  ``#`` comments and the language-reference topics of ``pydoc_data.topics``), optionally
+  plus local files, split into train and held-out sets. Documents are split by a hash of
+  their *unit* (the module path for standard-library text, the topic name for reference
+  topics, the file and paragraph or line for local files), so the split never changes when
+  other files come and go and held-out modules are never seen in training. The same Python
+  version gives the same corpus byte for byte.
+- The embedded distillation corpus (``DEFAULT_CORPUS``, ``default_corpus/
+  stdlib_docstrings.jsonl``): one document per module or class of a fixed list of
+  standard-library modules. The shipped file is the corpus; ``--rebuild-embedded`` rewrites it.
+- Local files (``file_documents``, ``read_documents``): ``.jsonl``/``.json`` (one document
+  per line, from a text field), ``.parquet`` (one per row of a text column) and ``.txt``.
+  A ``.txt`` file is one document per blank-line separated paragraph for pretraining (a
+  fine-grained held-out split of a long book) and one document for distillation (its rows
+  are packed across documents, so a book keeps its context).
 
-Documents are split into train and held-out sets by a hash of their *unit* (the module
-path for standard-library text, the topic name for reference topics, the file path and
-line number for local files), so the split never changes when other files come and go
-and held-out modules are never seen in training. The same Python version gives the same
-corpus byte for byte.
-
-    python -m train.corpus                     # print sizes of the default corpus
+    python -m train.corpus                     # print sizes of the pretraining corpus
     python -m train.corpus --out runs/corpus   # also write train.txt / heldout.txt
+    python -m train.corpus --rebuild-embedded  # rewrite default_corpus/stdlib_docstrings.jsonl
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import argparse
 import ast
 import dataclasses
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
@@ -29,6 +37,13 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from dynamax_jax.io import DataError, read_jsonl, write_text_atomic
+
+DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_corpus",
+                              "stdlib_docstrings.jsonl")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu:sample-10BT"
 
 # Directories of the standard library that hold test data, vendored code or
 # generated tables rather than prose.
@@ -138,32 +153,75 @@ def reference_topics() -> list[Document]:
     return [Document(f"pydoc_data.topics/{name}", topics[name].strip()) for name in sorted(topics)]
 
 
-def file_documents(path: str | os.PathLike) -> list[Document]:
-    """Documents of a local file: a ``.txt`` file gives one document per blank-line
-    separated paragraph (so a long book still gets a fine-grained train/held-out split); a
-    ``.jsonl`` file gives one document per line, from its ``"text"`` field."""
+def file_documents(path: str | os.PathLike, text_field: str = "text", paragraphs: bool = True) -> list[Document]:
+    """Documents of a local file (``LOCAL_SUFFIXES``), texts as stored: a ``.txt`` file gives
+    one document per blank-line separated paragraph (``paragraphs``) or one for the whole
+    file; a ``.jsonl``/``.json`` file one per line, from its ``text_field`` string; a
+    ``.parquet`` file one per non-null row of column ``text_field``. Unreadable content
+    raises ``DataError`` naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n", text)]
-        return [Document(f"{path.name}#{i}", p) for i, p in enumerate(paragraphs) if p]
-    if path.suffix == ".jsonl":
+        text = path.read_text(encoding="utf-8")
+        if not paragraphs:
+            return [Document(path.name, text)]
+        pieces = [p.strip() for p in re.split(r"\n[ \t]*\n", text)]
+        return [Document(f"{path.name}#{i}", p) for i, p in enumerate(pieces) if p]
+    if path.suffix in (".jsonl", ".json"):
         documents = []
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{line_number}: expected an object with a string 'text' field")
-                documents.append(Document(f"{path.name}:{line_number}", row["text"].strip()))
+        for line, row in read_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError(f"{path}, line {line}: expected an object with a string field {text_field!r}")
+            documents.append(Document(f"{path.name}:{line}", row[text_field]))
         return documents
-    raise ValueError(f"unsupported corpus file {str(path)!r}: expected a .txt or .jsonl file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r}; columns: {', '.join(schema.names)}")
+        column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+        return [Document(f"{path.name}#{i}", t) for i, t in enumerate(column) if t is not None]
+    raise DataError(f"unsupported corpus file {str(path)!r}: expected a {'/'.join(LOCAL_SUFFIXES)} file")
+
+
+def local_files(path: str) -> list[str]:
+    """``path`` itself, or the ``LOCAL_SUFFIXES`` files below a directory, in sorted order."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise DataError(f"data path {path!r} does not exist (expected a {'/'.join(LOCAL_SUFFIXES)} "
+                        f"file, a directory of them, or a Hugging Face dataset id such as {FINEWEB_EDU!r})")
+    if os.path.isfile(path):
+        if not path.endswith(LOCAL_SUFFIXES):
+            raise DataError(f"data file {path!r} has an unsupported type; supported: {', '.join(LOCAL_SUFFIXES)}")
+        return [path]
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.endswith(LOCAL_SUFFIXES))
+    if not files:
+        raise DataError(f"data directory {path!r} holds no {', '.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
+def read_documents(data: str | None, text_field: str = "text") -> list[str]:
+    """The distillation documents of a local source (a file or directory; ``None``: the
+    embedded corpus), non-empty ones in file order, a ``.txt`` file as one document. Raises
+    ``DataError`` naming the file for anything unreadable or empty."""
+    files = [DEFAULT_CORPUS] if data is None else local_files(data)
+    texts: list[str] = []
+    for path in files:
+        try:
+            texts += [doc.text for doc in file_documents(path, text_field, paragraphs=False)]
+        except DataError:
+            raise
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # pyarrow errors are ValueErrors
+            raise DataError(f"cannot read data file {path!r}: {type(e).__name__}: {e}") from e
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        source = "the embedded default corpus" if data is None else repr(data)
+        raise DataError(f"the corpus {source} is empty: no document has any text "
+                        f"(read {len(files)} file(s), field {text_field!r})")
+    return texts
 
 
 def is_heldout(unit: str, heldout_percent: float) -> bool:
@@ -192,7 +250,7 @@ def build_corpus(files: Sequence[str | os.PathLike] = (), use_stdlib: bool = Tru
         raise ValueError("empty corpus: give corpus files or keep the standard-library corpus")
     documents = stdlib_documents() if use_stdlib else []
     for path in files:
-        documents += file_documents(path)
+        documents += [Document(doc.unit, doc.text.strip()) for doc in file_documents(path)]
     corpus = split(documents, heldout_percent)
     if not corpus.train or not corpus.heldout:
         raise ValueError(f"corpus split left an empty side: {corpus.sizes()}; "
@@ -212,12 +270,94 @@ def sample(texts: Sequence[str], max_chars: int) -> list[str]:
 
 
 def write_jsonl(path: str | os.PathLike, texts: Sequence[str]) -> None:
-    """One ``{"text": ...}`` object per line, written to a temporary name then renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-                   encoding="utf-8")
-    tmp.replace(path)
+    """One ``{"text": ...}`` object per line, written atomically."""
+    write_text_atomic(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+
+
+# ----------------------------------------------------------------------------- embedded corpus
+# One document per module or class of a fixed list of pure-Python standard-library modules: its
+# docstring followed by the docstrings of its public functions and methods.
+
+EMBEDDED_MODULES = (
+    "argparse", "ast", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
+    "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses", "difflib",
+    "email.message", "email.utils", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
+    "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "heapq", "hmac", "html",
+    "html.parser", "http.client", "http.cookies", "http.server", "imaplib", "inspect",
+    "ipaddress", "json", "locale", "logging", "logging.handlers", "mailbox", "mimetypes",
+    "netrc", "numbers", "operator", "optparse", "os", "pathlib", "pdb", "pickle",
+    "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "quopri", "random",
+    "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib",
+    "socket", "socketserver", "statistics", "string", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "types", "typing",
+    "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid", "warnings",
+    "wave", "weakref", "webbrowser", "xml.dom.minidom", "zipfile", "zipimport", "_pydecimal",
+)
+EMBEDDED_MAX_CHARS = 700_000  # keeps the file well under 1 MB
+EMBEDDED_MIN_CHARS = 200  # one-line docstrings are too short to be useful documents
+
+
+def _doc(obj) -> str:
+    doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
+    return inspect.cleandoc(doc) if doc else ""
+
+
+def _members(owner, module_name: str):
+    """Public functions/classes defined in ``module_name``, in source order."""
+    out = []
+    for name, value in vars(owner).items():
+        if name.startswith("_") or getattr(value, "__module__", None) != module_name:
+            continue
+        if inspect.isfunction(value) or inspect.isclass(value):
+            try:
+                line = inspect.getsourcelines(value)[1]
+            except (OSError, TypeError):
+                line = sys.maxsize
+            out.append((line, name, value))
+    return [(name, value) for _, name, value in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def embedded_documents():
+    """Yield ``(title, text)`` for each module, then each of its classes."""
+    for module_name in EMBEDDED_MODULES:
+        module = importlib.import_module(module_name)
+        public = module_name.lstrip("_")
+        functions, classes = [], []
+        for name, value in _members(module, module.__name__):
+            (classes if inspect.isclass(value) else functions).append((name, value))
+        parts = [_doc(module)] + [f"{name}{_signature(fn)}\n{_doc(fn)}" for name, fn in functions if _doc(fn)]
+        yield public, "\n\n".join(p for p in parts if p)
+        for name, cls in classes:
+            methods = [(m, f) for m, f in vars(cls).items()
+                       if not m.startswith("_") and inspect.isfunction(f) and _doc(f)]
+            parts = [_doc(cls)] + [f"{m}{_signature(f)}\n{_doc(f)}" for m, f in methods]
+            yield f"{public}.{name}", "\n\n".join(p for p in parts if p)
+
+
+def _signature(fn) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def write_embedded_corpus(path: str | os.PathLike = DEFAULT_CORPUS) -> None:
+    """Rewrite the embedded distillation corpus: one ``{"title", "text"}`` object per line, in
+    a fixed order (the shipped file was made with CPython 3.11). The same interpreter version
+    writes the same text except where a signature's default value is an object whose repr
+    depends on the process (a memory address, the logging handlers alive)."""
+    seen, total, lines = set(), 0, []
+    for title, text in embedded_documents():
+        if len(text) < EMBEDDED_MIN_CHARS or text in seen:
+            continue
+        seen.add(text)
+        text = f"{title}\n\n{text}"
+        if total + len(text) > EMBEDDED_MAX_CHARS:
+            break
+        total += len(text)
+        lines.append(json.dumps({"title": title, "text": text}, ensure_ascii=False))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} documents, {total} characters to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -229,16 +369,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heldout-sample", help="write a .jsonl sample of the held-out split here")
     parser.add_argument("--heldout-sample-chars", type=int, default=20000,
                         help="size budget of --heldout-sample in characters")
+    parser.add_argument("--rebuild-embedded", nargs="?", const=DEFAULT_CORPUS, metavar="PATH",
+                        help="only rewrite the embedded distillation corpus (default path: "
+                             "train/default_corpus/stdlib_docstrings.jsonl)")
     args = parser.parse_args(argv)
+    if args.rebuild_embedded:
+        write_embedded_corpus(args.rebuild_embedded)
+        return
     corpus = build_corpus(args.files, not args.no_stdlib, args.heldout_percent)
     print(json.dumps({"python": sys.version.split()[0], **corpus.sizes()}))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, docs in (("train.txt", corpus.train), ("heldout.txt", corpus.heldout)):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-            tmp.replace(out / name)
+            write_text_atomic(out / name, "\n\n".join(docs) + "\n")
     if args.heldout_sample:
         write_jsonl(args.heldout_sample, sample(corpus.heldout, args.heldout_sample_chars))
 

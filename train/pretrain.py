@@ -23,15 +23,15 @@ import argparse
 import functools
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from dynamax_jax.io import atomic_directory, parse_dtype
+from train import optim
 
 EOT_TOKEN = "<|endoftext|>"
 ARCHS = ("mamba2", "mistral")
@@ -163,14 +163,11 @@ def decay_mask(params):
 
 
 def make_optimizer(args: argparse.Namespace, params):
-    import optax
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps,
-        decay_steps=max(args.steps, args.warmup_steps + 1), end_value=args.lr * args.min_lr_ratio)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(args.clip_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=args.weight_decay,
-                    mask=decay_mask(params)))
+    """``train.optim.adamw`` (b2 0.95) with warm-up and cosine decay to ``--min-lr-ratio``;
+    returns the optimizer and its schedule."""
+    schedule = optim.warmup_cosine(args.lr, args.warmup_steps, args.steps, end_ratio=args.min_lr_ratio)
+    optimizer = optim.adamw(schedule, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+                            decay_mask=decay_mask(params), b2=0.95)
     return optimizer, schedule
 
 
@@ -226,67 +223,39 @@ def check_save_available() -> None:
 
 def write_output(out: Path, config, params, tokenizer, train_counts: np.ndarray, results: dict,
                  save_dtype: str, overwrite: bool) -> None:
-    """Write everything into a temporary sibling of ``out`` and rename it into place, so
+    """Write everything into ``out`` atomically (``dynamax_jax.io.atomic_directory``):
     ``out`` is either absent, the old run or the complete new run."""
     import jax
-    import jax.numpy as jnp
     import dynamax_jax as dx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        dtype = jnp.bfloat16 if save_dtype == "bfloat16" else jnp.float32
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    with atomic_directory(out) as tmp:
+        dtype = parse_dtype(save_dtype)
         dx.save_pretrained(config, jax.tree.map(lambda a: a.astype(dtype), params), tmp)
         save_tokenizer(tokenizer, tmp)
         (tmp / "train_token_counts.json").write_text(json.dumps(train_counts.tolist()) + "\n")
         (tmp / "pretrain_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # temporary directories are private; the output is not
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked(cast, what: str, ok):
+    """An argparse type: ``cast(text)``, refused with "expected ``what``" unless ``ok``."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+_positive_int = _checked(int, "a positive integer", lambda v: v > 0)
+_nonnegative_int = _checked(int, "a non-negative integer", lambda v: v >= 0)
+_positive_float = _checked(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,7 +355,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_save_available()
 
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
     from train.corpus import build_corpus
 
@@ -449,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jax.block_until_ready(params)
     train_seconds = time.time() - train_started
     # Score the weights as they are saved (rounded to --save-dtype), i.e. what a user loads.
-    save_dtype = jnp.bfloat16 if args.save_dtype == "bfloat16" else jnp.float32
+    save_dtype = parse_dtype(args.save_dtype)
     params = jax.tree.map(lambda a: a.astype(save_dtype).astype(a.dtype), params)
     final = heldout_loss(eval_step, params, eval_windows, eval_weights, args.batch_size)
     history.append({"step": steps_done, "train_loss": loss, "heldout_loss": final,

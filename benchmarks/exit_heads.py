@@ -35,9 +35,9 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
 
 def agreement(backbone, prompts, generations, layers, exit_config=None, exit_params=None, batch_size=8):
     """Per-exit agreement with the final layer and the oracle's average layers over the
-    full-depth ``generations`` (``eval.run.oracle_layers``; adapted when ``exit_config``
+    full-depth ``generations`` (``eval.harness.oracle_layers``; adapted when ``exit_config``
     has adapters)."""
-    from eval.run import oracle_layers
+    from eval.harness import oracle_layers
     per_token, agree, _ = oracle_layers(backbone, tuple(layers), prompts, generations, batch_size, 16,
                                         exit_config, exit_params)
     oracle = np.concatenate([np.asarray(t, np.float64) for t in per_token])
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
-    from eval.run import compute_summary, generate_all, load_backbone
+    from eval.harness import compute_summary, generate_all, load_backbone
     from eval.tasks import get_task
 
     path = args.model or str(smollm2_gguf_path())

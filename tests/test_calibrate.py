@@ -91,7 +91,7 @@ def test_too_small_calibration_set_says_how_many_needed():
 
 
 def test_token_disagreement():
-    from eval.calibrate import token_disagreement
+    from eval.metrics import token_disagreement
     assert token_disagreement([1, 2, 3], [1, 2, 3]) == 0.0
     assert token_disagreement([1, 9, 3, 4], [1, 2, 3]) == 0.5  # one differs, one extra, over 4
     assert token_disagreement([], []) == 0.0
@@ -160,7 +160,7 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
 
 
 def test_rouge_inconsistency_is_in_the_unit_interval():
-    from eval.calibrate import rouge_inconsistency
+    from eval.metrics import rouge_inconsistency
     assert rouge_inconsistency("the cat sat", "the cat sat") == 0.0
     assert rouge_inconsistency("", "") == 0.0
     assert rouge_inconsistency("dog", "the cat sat") == 1.0

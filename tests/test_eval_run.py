@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from eval import report, run, tasks
+from eval import harness, report, run, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
@@ -167,12 +167,12 @@ def test_oracle_layers_match_a_direct_logit_lens():
 
     config = dx.Mamba2Config.tiny(num_layers=6)
     params = dx.init_params(config, jax.random.key(1))
-    backbone = run.Backbone("tiny-mamba2", config, params, tokenizer=None, chat_template=False)
+    backbone = harness.Backbone("tiny-mamba2", config, params, tokenizer=None, chat_template=False)
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7]]
     # any continuation will do: the oracle compares exits with the teacher-forced last layer
-    gens = [run.Generation([11, 12, 13, 14, 15], [6] * 5), run.Generation([40, 2, 2, 90], [6] * 4)]
+    gens = [harness.Generation([11, 12, 13, 14, 15], [6] * 5), harness.Generation([40, 2, 2, 90], [6] * 4)]
     exits = (2, 4, 5)
-    per_token, agreement, _ = run.oracle_layers(backbone, exits, prompts, gens, batch_size=2, pad_multiple=8)
+    per_token, agreement, _ = harness.oracle_layers(backbone, exits, prompts, gens, batch_size=2, pad_multiple=8)
     hits = []
     for prompt, gen, layers in zip(prompts, gens, per_token):
         n, start = len(gen.tokens), len(prompt) - 1

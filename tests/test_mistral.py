@@ -31,7 +31,7 @@ def test_parity_with_transformers(save_hf_model, case):
     hf_cfg = hf_model.config
     assert config.model_type == model_type
     assert (config.num_heads, config.num_kv_heads) == (hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads)
-    assert config.head_dim == getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    assert config.head_dim == (getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
     assert config.tie_word_embeddings == bool(overrides.get("tie_word_embeddings", False))
     assert ("lm_head" in params) != config.tie_word_embeddings
     if "rope_theta" in overrides:

@@ -2,7 +2,7 @@
 
     python -m eval.budget --exits exits/smollm2-calm --targets 20,22,24 --limit 100 --out budget_results
 
-On prompts drawn from the task fixtures (``--data-dir``, ``--tasks``, ``--limit`` per task)
+On prompts drawn from the tasks' evaluation parts (``--data-dir``, ``--split``, ``--tasks``, ``--limit`` per task)
 it runs, greedily, with ``dx.generate``:
 
 1. ``full``: full depth, the reference every other run is compared with.
@@ -212,9 +212,9 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    shared = shared_flags(("--model", "--data-dir", "--tasks", "--limit", "--max-new-tokens", "--batch-size",
-                           "--pad-multiple", "--no-chat-template", "--out"),
-                          data_dir="eval/data", tasks="trivia_qa", pad_multiple=16, out="budget_results")
+    shared = shared_flags(("--model", "--data-dir", "--split", "--tasks", "--limit", "--max-new-tokens",
+                           "--batch-size", "--pad-multiple", "--no-chat-template", "--out"),
+                          tasks="trivia_qa", pad_multiple=16, out="budget_results")
     p = argparse.ArgumentParser(
         prog="python -m eval.budget", parents=[shared], formatter_class=HelpFormatter,
         description="Compare, at equal average compute, the compute-budget controller (target average "
@@ -282,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        examples = [ex for name in args.tasks for ex in tasks.get_task(name).load(args.data_dir, args.limit)]
+        args.split = tasks.resolve_split(args.split, args.data_dir, "evaluation")
+        examples = [ex for name in args.tasks
+                    for ex in tasks.get_task(name).load(args.data_dir, args.limit, args.split)]
         args.model = model_path(args.model)
     except (BudgetError, ValueError, FileNotFoundError) as err:  # DataError: a ValueError; no default model
         print(f"error: {err}", file=sys.stderr)
@@ -307,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dict(model=args.model, exits=args.exits, exit_kind=kind,
                     exit_layers=list(exit_config.layers), exit_mode=exit_config.mode,
                     exit_threshold=exit_config.threshold, num_layers=backbone.config.num_layers,
-                    tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, prompts=len(prompts),
+                    tasks=args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit, prompts=len(prompts),
                     max_new_tokens=args.max_new_tokens, gain=args.gain, chat_template=backbone.chat_template,
                     static_mode=MODES[backbone.config.family][0])
     result = dict(command=shlex.join(["python", "-m", "eval.budget", *argv]), settings=settings, runs=runs,

@@ -229,7 +229,9 @@ def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, 
 
 def _parser():
     import argparse
-    shared = shared_flags(("--model", "--tasks", "--limit", "--max-new-tokens", "--batch-size"))
+    # CoQA is left out by default: its bundled stand-in has no calibration part
+    shared = shared_flags(("--model", "--tasks", "--split", "--limit", "--max-new-tokens", "--batch-size"),
+                          tasks=["truthful_qa", "trivia_qa"])
     p = argparse.ArgumentParser(
         prog="python -m eval.calibrate", parents=[shared],
         description="Pick the loosest early-exit threshold whose expected inconsistency with full-depth "
@@ -239,8 +241,8 @@ def _parser():
                                                   "unless --no-write")
     p.add_argument("--delta", type=float, default=0.1, help="allowed expected inconsistency, in (0, 1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability, in (0, 1)")
-    p.add_argument("--data", default="eval/data", help="directory of task fixtures (<task>.jsonl) whose prompts "
-                                                       "form the calibration set")
+    p.add_argument("--data", default=None, help="directory of task files (<task>.jsonl) whose prompts form the "
+                                                "calibration set, or 'hub'; none: the bundled real data")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of prompts kept out of calibration to check the realised inconsistency")
     p.add_argument("--loss", choices=("token", "rouge"), default="token",
@@ -276,8 +278,9 @@ def main(argv=None) -> int:
         candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
         levels = [(args.delta, args.epsilon)] + parse_levels(args.also)
         examples = []
+        args.split = tasks_lib.resolve_split(args.split, args.data, "calibration")
         for name in args.tasks:
-            examples += tasks_lib.get_task(name).load(args.data, args.limit)
+            examples += tasks_lib.get_task(name).load(args.data, args.limit, args.split)
         order = np.random.default_rng(args.seed).permutation(len(examples))
         n_hold = int(round(args.holdout * len(examples)))
         calib, hold = [examples[i] for i in order[n_hold:]], [examples[i] for i in order[:n_hold]]
@@ -325,7 +328,8 @@ def main(argv=None) -> int:
             return dict(delta=delta, epsilon=epsilon, threshold=None, error=str(err))
 
     shared = learn_then_test(losses, candidates, args.delta, args.epsilon)
-    report = dict(model=model, exits=args.exits, loss=args.loss, calibration_prompts=len(calib),
+    report = dict(model=model, exits=args.exits, loss=args.loss, data=tasks_lib.data_label(args.data, args.split),
+                  calibration_prompts=len(calib),
                   full_layers=backbone.config.num_layers, shared=outcome(shared),
                   levels=[level(d, e) for d, e in levels],
                   candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a, compute=f,

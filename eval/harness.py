@@ -262,7 +262,13 @@ _SHARED_FLAGS = {
     "--tasks": dict(type=csv_list(str), default=list(tasks.TASKS),
                     help=f"comma-separated tasks among {', '.join(tasks.TASKS)}"),
     "--data-dir": dict(default=None, help="directory of task files (<task>.jsonl) in the Hugging Face schemas "
-                                          "(eval/data holds small stand-ins); none: download the data sets"),
+                                          "(eval/data holds the tests' small stand-ins), or 'hub': download the "
+                                          "data sets; none: the real TruthfulQA and TriviaQA bundled in "
+                                          "eval/data/real, and CoQA's stand-in (no real copy is bundled)"),
+    "--split": dict(default=None, choices=tasks.SPLITS + (tasks.ALL,),
+                    help="which fixed part of each data set (eval/data/real/README.md): distill, calibration, "
+                         "evaluation or all; default: evaluation (eval.calibrate: calibration) for the bundled "
+                         "and hub data, all rows of a --data-dir"),
     "--limit": dict(type=int, default=None, help="at most N examples per task (CoQA: question turns; default: all)"),
     "--max-new-tokens": dict(type=int, default=32, help="new tokens per answer, greedy"),
     "--batch-size": dict(type=int, default=8, help="prompts per generate call"),
@@ -301,7 +307,7 @@ def check_settings(tasks_: Sequence[str], sizes: dict, thresholds, data_dir, exi
     for t in thresholds or []:
         if not t >= 0:
             raise ValueError(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
-    if data_dir is not None and not os.path.isdir(data_dir):
+    if data_dir not in (None, tasks.HUB) and not os.path.isdir(data_dir):
         raise ValueError(f"--data-dir {data_dir} is not a directory")
     for path in exits:
         if not os.path.isdir(path):

@@ -131,7 +131,7 @@ class Sweep:
 
     def spec(self, task: str, variant: str, **kw) -> RunSpec:
         a = self.args
-        return RunSpec(task=task, variant=variant, model=self.backbone.path, data=a.data_dir or "hub",
+        return RunSpec(task=task, variant=variant, model=self.backbone.path, data=tasks.data_label(a.data_dir, a.split),
                        limit=a.limit, max_new_tokens=a.max_new_tokens, dtype=a.dtype,
                        chat_template=self.backbone.chat_template, **kw)
 
@@ -181,9 +181,10 @@ class Sweep:
         import dynamax_jax as dx
         a = self.args
         task = tasks.get_task(task_name)
-        examples = task.load(a.data_dir, a.limit)
+        examples = task.load(a.data_dir, a.limit, a.split)
         prompts = [self.backbone.encode(ex.prompt) for ex in examples]
-        self.log(f"{task_name}: {len(examples)} examples from {task.source_name(a.data_dir)}")
+        self.log(f"{task_name}: {len(examples)} examples ({a.split or 'all'} part) from "
+                 f"{task.source_name(a.data_dir)}")
 
         spec = self.spec(task_name, "full")
         full = self.done(spec) or self.generate_run(spec, examples, prompts, None)
@@ -270,7 +271,7 @@ def _static_layers(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    shared = shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--limit", "--max-new-tokens",
+    shared = shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--split", "--limit", "--max-new-tokens",
                            "--batch-size", "--pad-multiple", "--no-chat-template", "--out"), out="eval_results")
     p = argparse.ArgumentParser(
         prog="python -m eval.run", parents=[shared], formatter_class=HelpFormatter,
@@ -314,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     args.model = model_path(args.model)
-    if args.data_dir is not None:  # fail on bad data before loading the model
+    args.split = tasks.resolve_split(args.split, args.data_dir, "evaluation")
+    if args.data_dir != tasks.HUB:  # fail on bad data before loading the model
         for name in args.tasks:
-            tasks.get_task(name).load(args.data_dir, args.limit)
+            tasks.get_task(name).load(args.data_dir, args.limit, args.split)
     backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
     sweep = Sweep(args, backbone)
     sources = _exit_sources(args, backbone)

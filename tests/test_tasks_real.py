@@ -225,3 +225,50 @@ def test_bundled_files_ship_with_the_package():
         assert path.is_file()
         assert ".".join(path.parent.relative_to(repo).parts) in packages, path
         assert any(fnmatch(path.name, p) for p in cfg["package-data"]["*"]), path
+
+
+# ----------------------------------------------------------------------------- command-line defaults
+
+@pytest.mark.parametrize("command, extra, expected", [
+    ("run", [], (None, "evaluation")),
+    ("run", ["--split", "distill"], (None, "distill")),
+    ("run", ["--data-dir", "DATA"], ("DATA", None)),  # a directory of your own files: read whole
+    ("run", ["--data-dir", "DATA", "--split", "calibration"], ("DATA", "calibration")),
+    ("budget", [], (None, "evaluation")),
+    ("budget", ["--data-dir", "hub"], ("hub", "evaluation")),
+    ("calibrate", [], (None, "calibration")),
+    ("calibrate", ["--split", "all"], (None, None)),
+])
+def test_eval_commands_load_their_default_part(monkeypatch, command, extra, expected):
+    """Each eval command's first data load, before any model is loaded: (data_dir, split)."""
+    from eval import budget, calibrate, run
+
+    calls = []
+
+    def load(self, data_dir=None, limit=None, split=None):
+        calls.append((self.name, data_dir, split))
+        raise tasks.DataError("stop here")
+
+    monkeypatch.setattr(tasks.Task, "load", load)
+    extra = [str(tasks.DATA_DIR) if arg == "DATA" else arg for arg in extra]
+    expected = (str(tasks.DATA_DIR) if expected[0] == "DATA" else expected[0], expected[1])
+    if command == "run":
+        with pytest.raises(tasks.DataError, match="stop here"):
+            run.main(["--model", "unused", "--tasks", "trivia_qa", *extra])
+    elif command == "budget":
+        assert budget.main(["--exits", str(tasks.DATA_DIR), "--targets", "3", *extra]) == 2
+    else:
+        assert calibrate.main(["--exits", "unused", *extra]) == 2
+    assert calls[0] == ("truthful_qa" if command == "calibrate" else "trivia_qa", *expected)
+
+
+def test_calibrate_defaults_to_the_real_calibration_parts(capsys):
+    """No model needed: the guarantee asked for needs more prompts than the parts hold, and the
+    error counts them (TruthfulQA 150 + TriviaQA 1,656 calibration rows; CoQA left out)."""
+    from eval import calibrate
+
+    assert calibrate.main(["--exits", "unused", "--delta", "0.001", "--epsilon", "0.001"]) == 2
+    assert "1806 calibration prompts are too few" in capsys.readouterr().err
+    assert calibrate.main(["--exits", "unused", "--delta", "0.001", "--epsilon", "0.001",
+                           "--split", "evaluation"]) == 2
+    assert "1994 calibration prompts are too few" in capsys.readouterr().err

@@ -379,9 +379,12 @@ class Run:
         from train.data import encode_state
 
         train = {"exit_params": self.exit_params, "opt_state": self.opt_state}
+        # Each process reads its own share of the data: keep every process's iterator state
+        # (orbax writes JSON from process 0 only).
+        states = _gather_json(encode_state(iterator.get_state()))
         manager.save(step, args=ocp.args.Composite(
             train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(encode_state(iterator.get_state()))), force=True)
+            data=ocp.args.JsonSave({"processes": states})), force=True)
 
     def _restore(self, manager, step: int, iterator) -> None:
         import orbax.checkpoint as ocp
@@ -393,7 +396,13 @@ class Run:
             train=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         self.exit_params = restored["train"]["exit_params"]
         self.opt_state = restored["train"]["opt_state"]
-        iterator.set_state(decode_state(restored["data"]))
+        data = restored["data"]
+        states = data["processes"] if set(data) == {"processes"} else [data]  # (single-process runs before)
+        if len(states) != jax.process_count():
+            raise DistillError(f"{self.settings.out}: its checkpoint at step {step} was written by {len(states)} "
+                               f"process(es), this run has {jax.process_count()}; each process reads its own "
+                               "share of the data, so resume with the same number of processes")
+        iterator.set_state(decode_state(states[jax.process_index()]))
 
     def next_batch(self, iterator):
         batch = next(iterator)
@@ -454,7 +463,7 @@ class Run:
         bar.close()
         manager.wait_until_finished()
         manager.close()
-        exit_params = jax.device_get(self.exit_params)
+        exit_params = _fetch(self.exit_params)
         summary = {"steps": s.steps, "resumed_from": start, "train_seconds": time.time() - started,
                    "tokens_this_run": tokens_seen, "exit_layers": list(layers), "kind": self.exit_config.kind,
                    "num_layers": self.config.num_layers, "final": last}
@@ -462,6 +471,29 @@ class Run:
             ex.save_exits(self.exit_config, exit_params, out / "exits")
             write_json_atomic(out / "summary.json", summary)
         return summary
+
+
+def _gather_json(value) -> list:
+    """``value`` (JSON-serialisable) of every process, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes.reshape(-1))]
+
+
+def _fetch(tree):
+    """A host copy of a pytree of global arrays, also when they span several processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -510,7 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="backbone weights")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first, one process per host (on TPU "
+                        "VMs, SLURM and Open MPI it finds the coordinator itself; elsewhere give the three "
+                        "flags below). --batch-size stays global; each process reads its own share of the data")
+    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="with --distributed: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -527,8 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
+    cluster = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+               "process_id": args.process_id}
+    if not settings.distributed and any(v is not None for v in cluster.values()):
+        parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
     if settings.distributed:
-        S.initialize_distributed()
+        S.initialize_distributed(**{k: v for k, v in cluster.items() if v is not None})
     try:
         run = Run(settings).prepare()
     except (DistillError, DataError, S.ShardingError, ex.ExitError, ConfigError, CheckpointError,

@@ -216,7 +216,7 @@ def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSetting
         (loss, (aux, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
         updates, opt_state = tx.update(grads, opt_state, exit_params)
         exit_params = optax.apply_updates(exit_params, updates)
-        metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.tree.norm(grads),
                    **exit_counts(logits2, aux["labels"], mask, layers, config.num_layers)}
         if exit_config.has_adapter:
             metrics["kl"] = aux["kl"]

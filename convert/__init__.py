@@ -40,6 +40,8 @@ from convert.safetensors_io import CheckpointReader, write_sharded
 from convert.tables import architecture, architecture_for_config, hf_tensors, load_params
 from dynamax_jax.io import atomic_directory
 
+# What ``save_hf`` writes (fnmatch patterns): weights, their index, config.json.
+HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 # Files copied next to converted weights when the source directory has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -107,11 +109,14 @@ def write_hf_dir(config, params, directory, max_shard_bytes: int = 5 * 2**30, pr
                       on_tensor=lambda name: bar.update(1))
 
 
-def save_hf(config, params, out_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
+def save_hf(config, params, out_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = False,
+            overwrite: bool = False) -> None:
     """Write ``config`` + ``params`` as a Hugging Face checkpoint directory (config.json +
     model.safetensors, or shards + index) that ``transformers.AutoModelForCausalLM``
-    loads. Atomic: ``out_dir`` appears only when complete (an existing one is replaced)."""
-    with atomic_directory(out_dir) as tmp:
+    loads. Atomic: ``out_dir`` appears only when complete. An existing ``out_dir`` holding
+    only such files is replaced; one holding anything else (a tokenizer, exit heads, notes)
+    is refused unless ``overwrite``, which replaces the ``HF_FILES`` and keeps the rest."""
+    with atomic_directory(out_dir, owned=HF_FILES, overwrite=overwrite) as tmp:
         write_hf_dir(config, params, tmp, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
@@ -146,7 +151,7 @@ def load_tokenizer(path):
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "CorruptFileError", "MissingTensorError", "ShapeMismatchError",
-    "UnsupportedModelError", "copy_tokenizer", "load_checkpoint", "load_tokenizer",
+    "CheckpointError", "ConfigError", "CorruptFileError", "HF_FILES", "MissingTensorError", "ShapeMismatchError",
+    "TOKENIZER_FILES", "UnsupportedModelError", "copy_tokenizer", "load_checkpoint", "load_tokenizer",
     "read_hf_config", "save_hf", "write_hf_dir",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dynamax_jax.io import DTYPES, atomic_directory, parse_dtype
 
@@ -32,14 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="source checkpoint: a Hugging Face directory (config.json + model.safetensors or "
                              "model.safetensors.index.json; model_type mistral, llama or mamba2), a Codestral "
                              "Mamba directory (params.json + consolidated.safetensors) or a .gguf file")
-    parser.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("dst", metavar="DST", help="output directory (must not exist, or be empty, unless --overwrite)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of the written weights (default: float32; GGUF quantised tensors are "
                              "dequantised to it)")
     parser.add_argument("--max-shard-gb", type=_positive_float, default=5.0,
                         help="largest safetensors shard in GiB; bigger models are split into shards listed in "
                              "model.safetensors.index.json (default: 5)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing DST: replace the weights, config and tokenizer files of a "
+                             "checkpoint there and keep any other file")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="do not copy (or, from .gguf, rebuild) the tokenizer files into DST")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -50,12 +53,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from convert import copy_tokenizer, load_checkpoint, write_hf_dir
+    from convert import HF_FILES, TOKENIZER_FILES, copy_tokenizer, load_checkpoint, write_hf_dir
 
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace a converted checkpoint in it "
+                              "(other files there are kept)")
     dtype = parse_dtype(args.dtype)
     progress = not args.quiet
     config, params = load_checkpoint(args.src, dtype=dtype, progress=progress)
-    with atomic_directory(args.dst, overwrite=args.overwrite) as tmp:
+    with atomic_directory(dst, owned=HF_FILES + TOKENIZER_FILES, overwrite=True) as tmp:
         write_hf_dir(config, params, tmp, max_shard_bytes=int(args.max_shard_gb * 2**30), progress=progress)
         tokenizer_files = [] if args.no_tokenizer else copy_tokenizer(args.src, tmp)
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))

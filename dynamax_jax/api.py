@@ -29,10 +29,12 @@ def load_pretrained(path, dtype=jnp.float32):
     return load_checkpoint(path, dtype=dtype)
 
 
-def save_pretrained(config, params, out_dir) -> None:
-    """Write ``config`` and ``params`` in Hugging Face format (config.json + model.safetensors)."""
+def save_pretrained(config, params, out_dir, overwrite: bool = False) -> None:
+    """Write ``config`` and ``params`` in Hugging Face format (config.json + model.safetensors).
+    An existing ``out_dir`` holding other files (a tokenizer, exit heads, ...) is refused
+    unless ``overwrite``, which replaces the weights and config and keeps those files."""
     from convert import save_hf
-    save_hf(config, params, out_dir)
+    save_hf(config, params, out_dir, overwrite=overwrite)
 
 
 def load_tokenizer(path):

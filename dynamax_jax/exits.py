@@ -75,6 +75,7 @@ MAMBA_MODES = ("skip", "propagate")
 _EPS = 1e-5
 CONFIG_FILE = "exit_config.json"
 PARAMS_FILE = "exit_params.safetensors"
+EXIT_FILES = (CONFIG_FILE, PARAMS_FILE)  # what save_exits writes
 
 
 class ExitError(ValueError):
@@ -487,23 +488,29 @@ def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> 
     return ec
 
 
-def save_exits(exit_config: ExitConfig, exit_params: Params | None, path) -> None:
-    """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
-    (tensors named as in the param dict, dtype kept). Written atomically."""
+def write_exits(exit_config: ExitConfig, exit_params: Params | None, directory) -> None:
+    """Write ``exit_config.json`` and ``exit_params.safetensors`` into the existing
+    ``directory`` (not atomic; ``save_exits`` wraps it)."""
     from safetensors.numpy import save
 
-    def write(tmp: Path):
-        (tmp / CONFIG_FILE).write_text(json.dumps(exit_config.to_json(), indent=2) + "\n")
-        if exit_params is not None:
-            arrays = {k: np.asarray(v) for k, v in exit_params.items()}
-            dtypes = {k: str(a.dtype) for k, a in arrays.items()}
-            # safetensors' numpy API has no bfloat16: store its bits, restore from the dtype map
-            arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
-            # (safetensors' save_file creates the file with mode 0600 whatever the umask)
-            (tmp / PARAMS_FILE).write_bytes(save(arrays, metadata={"dtypes": json.dumps(dtypes)}))
+    directory = Path(directory)
+    (directory / CONFIG_FILE).write_text(json.dumps(exit_config.to_json(), indent=2) + "\n")
+    if exit_params is not None:
+        arrays = {k: np.asarray(v) for k, v in exit_params.items()}
+        dtypes = {k: str(a.dtype) for k, a in arrays.items()}
+        # safetensors' numpy API has no bfloat16: store its bits, restore from the dtype map
+        arrays = {k: (a.view(np.uint16) if a.dtype == jnp.bfloat16 else a) for k, a in arrays.items()}
+        # (safetensors' save_file creates the file with mode 0600 whatever the umask)
+        (directory / PARAMS_FILE).write_bytes(save(arrays, metadata={"dtypes": json.dumps(dtypes)}))
 
-    with atomic_directory(path) as tmp:
-        write(tmp)
+
+def save_exits(exit_config: ExitConfig, exit_params: Params | None, path, overwrite: bool = False) -> None:
+    """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
+    (tensors named as in the param dict, dtype kept). Written atomically. An existing
+    ``path`` holding only those files is replaced; one holding anything else (e.g. a model)
+    is refused unless ``overwrite``, which replaces the two files and keeps the rest."""
+    with atomic_directory(path, owned=EXIT_FILES, overwrite=overwrite) as tmp:
+        write_exits(exit_config, exit_params, tmp)
 
 
 def load_exits(path) -> tuple[ExitConfig, Params | None]:
@@ -574,6 +581,7 @@ def _stack_update(tree, new, index):
 
 __all__: Sequence[str] = (
     "ExitConfig", "ExitError", "MambaExitState", "adapt", "adapter_params", "affine_to_lowrank", "init_exits", "save_exits", "load_exits",
+    "write_exits", "EXIT_FILES",
     "check_exits", "classifier_step", "classifier_sequence", "exit_logits", "init_exit_state",
     "classifier_confidence", "softmax_confidence", "margin_confidence", "saturation_confidence",
     "default_exit_layers", "num_classifier_params",

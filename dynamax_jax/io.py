@@ -3,9 +3,11 @@
 Writers never leave half-written output where a reader could find it: a file or directory
 is built under a temporary name beside its target and renamed into place when complete
 (``os.replace``, atomic on one file system); after a failure the temporary is removed and
-the target is as it was.
+the target is as it was. A directory writer names the entries it owns and never deletes
+anything else (``atomic_directory``). Temporaries are named ``.NAME.tmp-PID@HOST-*`` so
+that the next write to the same target removes those of a killed writer.
 
-    with atomic_directory(out) as tmp:   # write into tmp; tmp becomes out on success
+    with atomic_directory(out, owned=("config.json",)) as tmp:   # tmp becomes out on success
         (tmp / "config.json").write_text(...)
     write_json_atomic(out / "summary.json", {"loss": 0.4})
     for line, row in read_jsonl("data.jsonl"):   # 1-based line numbers, blank lines skipped
@@ -16,12 +18,15 @@ the target is as it was.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax.numpy as jnp
 
@@ -48,44 +53,146 @@ def _make_public(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-@contextlib.contextmanager
-def atomic_directory(dst, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``dst``; on success it replaces ``dst`` (an
-    existing one is removed only after the new one is complete, and only when
-    ``overwrite``); on failure it is deleted and ``dst`` is left untouched."""
+def _temp_prefix(dst: Path, kind: str) -> str:
+    """``.NAME.KIND-PID@HOST-``: a temporary beside ``dst`` that names its writer, so that a
+    later write can tell one left by a dead process from one still being written."""
+    return f".{dst.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst) -> list[Path]:
+    """Delete the temporaries (``.NAME.tmp-*``, ``.NAME.old-*``) that an atomic write to
+    ``dst`` left behind when it was killed: only those whose name says they were made on
+    this host by a process that no longer runs. Returns what was removed."""
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists")
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(?:tmp|old)-(\d+)@(.+)-[^-]+")
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for entry in dst.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or match.group(2) != host or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _owned_test(owned) -> Callable[[str], bool]:
+    if callable(owned):
+        return owned
+    patterns = (owned,) if isinstance(owned, str) else tuple(owned)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def check_destination(dst, owned: Iterable[str] | Callable[[str], bool] = (), overwrite: bool = False) -> list[str]:
+    """The entries of directory ``dst`` that ``owned`` (as in ``atomic_directory``) does not
+    cover; raises ``FileExistsError`` when there are any and not ``overwrite``, or when
+    ``dst`` is a file. Lets a command refuse a destination before doing the work."""
+    dst = Path(dst).absolute()
+    if not (dst.exists() or dst.is_symlink()):
+        return []
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+    is_owned = _owned_test(owned)
+    foreign = sorted(p.name for p in dst.iterdir() if not is_owned(p.name))
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{dst} already exists and holds files this writer did not make ({shown}); choose another "
+            "directory, or pass overwrite=True (--overwrite) to write into it, keeping those files")
+    return foreign
+
+
+@contextlib.contextmanager
+def atomic_directory(dst, owned: Iterable[str] | Callable[[str], bool] = (), overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``dst`` to write into; on success its
+    entries become ``dst``'s, on failure it is deleted and ``dst`` is left as it was.
+
+    ``owned``: the names (``fnmatch`` patterns, or a predicate) of the entries this writer
+    produces, e.g. ``("config.json", "model*.safetensors")``. An existing ``dst`` that holds
+    nothing else (a previous write of the same kind) is replaced whole, atomically. One
+    that holds anything else is refused (``FileExistsError`` naming a few entries) unless
+    ``overwrite``; then only owned entries are replaced or, when the new write lacks them,
+    removed, one by one, and the rest is kept. A ``dst`` that is a file is always refused.
+
+    Temporaries left beside ``dst`` by a killed write (``remove_stale_temporaries``) are
+    deleted first."""
+    dst = Path(dst).absolute()
+    is_owned = _owned_test(owned)
+    foreign = check_destination(dst, is_owned, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "tmp"), dir=dst.parent))
     _make_public(tmp)
     try:
         yield tmp
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "dir")
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old / "dir", dst)  # put the previous directory back
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        if not dst.exists():
             os.replace(tmp, dst)
+            return
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "old"), dir=dst.parent))
+        try:
+            if not foreign:  # all of it is ours: swap the whole directory
+                os.replace(dst, old / "dir")
+                try:
+                    os.replace(tmp, dst)
+                except BaseException:
+                    os.replace(old / "dir", dst)  # put the previous directory back
+                    raise
+            else:
+                _merge(tmp, dst, old, is_owned)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _merge(tmp: Path, dst: Path, old: Path, is_owned: Callable[[str], bool]) -> None:
+    """Move ``tmp``'s entries into ``dst`` and drop ``dst``'s owned entries that ``tmp`` lacks,
+    parking each replaced entry in ``old``; on failure put back what was moved."""
+    new = {p.name for p in tmp.iterdir()}
+    moved: list[str] = []  # names parked in old
+    placed: list[str] = []  # names moved from tmp into dst
+    try:
+        for entry in sorted(dst.iterdir()):
+            if entry.name in new or is_owned(entry.name):
+                os.replace(entry, old / entry.name)
+                moved.append(entry.name)
+        for name in sorted(new):
+            os.replace(tmp / name, dst / name)
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.replace(dst / name, tmp / name)
+        for name in moved:
+            os.replace(old / name, dst / name)
+        raise
+    tmp.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix, so that writers which pick the
     format from the name, such as ``savefig``, still do); on success it replaces ``path``,
-    on failure it is removed."""
-    path = Path(path)
+    on failure it is removed (and one left by a killed write is removed by the next)."""
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -124,5 +231,5 @@ def read_jsonl(path) -> Iterator[tuple[int, Any]]:
             yield line_number, value
 
 
-__all__ = ["DTYPES", "DataError", "atomic_directory", "atomic_file", "parse_dtype", "read_jsonl",
-           "write_json_atomic", "write_text_atomic"]
+__all__ = ["DTYPES", "DataError", "atomic_directory", "atomic_file", "check_destination", "parse_dtype", "read_jsonl",
+           "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]

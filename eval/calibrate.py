@@ -32,7 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from dynamax_jax.io import write_json_atomic
+from dynamax_jax.exits import EXIT_FILES, write_exits
+from dynamax_jax.io import atomic_directory, check_destination
+
+CALIBRATION_FILE = "calibration.json"
+OWNED_FILES = EXIT_FILES + (CALIBRATION_FILE,)  # what calibrate writes into --exits
 from eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
 from eval.metrics import rouge_inconsistency, token_disagreement
 
@@ -258,6 +262,8 @@ def _parser():
                         "whatever the order given (default: 1.01, 0.99, 0.97, 0.95, 0.9, 0.85, ..., 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/hold-out split")
     p.add_argument("--no-write", action="store_true", help="report only; leave the exit checkpoint unchanged")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --exits directory that also holds other files (they are kept)")
     return p
 
 
@@ -265,7 +271,6 @@ def main(argv=None) -> int:
     import dataclasses as dc
     import json
     import sys
-    from pathlib import Path
 
     from eval import tasks as tasks_lib
 
@@ -289,7 +294,9 @@ def main(argv=None) -> int:
             raise CalibrationError(
                 f"{len(calib)} calibration prompts are too few for delta={args.delta}, epsilon={args.epsilon}: "
                 f"at least {need} are needed (add prompts, raise --limit, lower --holdout, or relax delta/epsilon)")
-    except (CalibrationError, ValueError, FileNotFoundError) as err:
+        if not args.no_write:  # refuse before the work, not after
+            check_destination(args.exits, OWNED_FILES, args.overwrite)
+    except (CalibrationError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -370,9 +377,10 @@ def main(argv=None) -> int:
     if not args.no_write:
         thr = chosen.threshold
         new_config = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
-        dx.save_exits(new_config, exit_params, args.exits)
         meta = dict(chosen_meta, full_layers=backbone.config.num_layers, loss=args.loss)
-        write_json_atomic(Path(args.exits) / "calibration.json", meta, default=float)
+        with atomic_directory(args.exits, owned=OWNED_FILES, overwrite=args.overwrite) as tmp:
+            write_exits(new_config, exit_params, tmp)
+            (tmp / CALIBRATION_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
         print(f"wrote threshold {thr} into {args.exits} (calibration.json has delta, epsilon, n and savings)",
               file=sys.stderr)
     return 0

@@ -8,7 +8,9 @@ file reads the same through both)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 from pathlib import Path
 
 import jax
@@ -241,3 +243,125 @@ def test_eval_run_refuses_an_empty_list(flag, value, capsys):
         build_parser().parse_args([flag, value])
     assert exit_info.value.code == 2
     assert f"{flag}: expected a comma-separated list" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_save_exits_into_a_model_directory_deletes_nothing(tiny_checkpoint, exits_dir):
+    before = _tree(tiny_checkpoint)
+    exit_config, exit_params = dx.load_exits(exits_dir)
+    with pytest.raises(FileExistsError, match=r"holds files this writer did not make \(config\.json, model\."):
+        dx.save_exits(exit_config, exit_params, tiny_checkpoint)
+    assert _tree(tiny_checkpoint) == before
+    dx.save_exits(exit_config, exit_params, tiny_checkpoint, overwrite=True)  # beside the model, keeping it
+    after = _tree(tiny_checkpoint)
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {
+        "exit_config.json", "exit_params.safetensors"}
+    dx.load_pretrained(tiny_checkpoint)
+    assert sorted(dx.load_exits(tiny_checkpoint)[1]) == sorted(exit_params)
+
+
+def test_save_pretrained_keeps_other_files(tiny_checkpoint, tmp_path):
+    config, params = dx.load_pretrained(tiny_checkpoint)
+    out = tmp_path / "work"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "data.csv").write_text("a,b\n")
+    with pytest.raises(FileExistsError, match=r"notes\.txt, sub"):
+        dx.save_pretrained(config, params, out)
+    assert _tree(out) == {"notes.txt": b"mine", "sub/data.csv": b"a,b\n"}
+    dx.save_pretrained(config, params, out, overwrite=True)
+    assert set(_tree(out)) == {"notes.txt", "sub/data.csv", "config.json", "model.safetensors"}
+    dx.save_pretrained(config, params, tiny_checkpoint)  # only its own files there: replaced, no flag needed
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        dx.save_pretrained(config, params, out / "notes.txt", overwrite=True)
+
+
+def test_overwrite_replaces_only_the_writers_own_files(tmp_path):
+    from dynamax_jax import io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("notes.txt", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "config.json"):
+        (out / name).write_text("old " + name)
+    owned = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+    with pytest.raises(RuntimeError):  # a failed write changes nothing
+        with io.atomic_directory(out, owned=owned, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+            raise RuntimeError
+    assert len(list(out.iterdir())) == 5 and (out / "config.json").read_text() == "old config.json"
+    with io.atomic_directory(out, owned=owned, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_text("new")
+    # the stale shards of the previous checkpoint went with it; the notes stayed
+    assert _tree(out) == {"config.json": b"new", "model.safetensors": b"new", "notes.txt": b"old notes.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_convert_overwrite_keeps_foreign_files(tiny_checkpoint, tmp_path, capsys):
+    from convert.__main__ import main as convert_main
+
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        convert_main([str(tiny_checkpoint), str(dst), "--quiet"])
+    assert convert_main([str(tiny_checkpoint), str(dst), "--quiet", "--overwrite"]) == 0
+    assert set(_tree(dst)) == {"notes.txt", "config.json", "model.safetensors"}
+
+
+def test_calibrate_refuses_foreign_files_before_any_work(exits_dir, capsys):
+    from eval.calibrate import main as calibrate_main
+
+    (exits_dir / "model.safetensors").write_text("not exits")
+    # --model does not exist: the refusal comes before loading anything
+    assert calibrate_main(["--exits", str(exits_dir), "--model", "/nonexistent", "--tasks", "trivia_qa"]) == 2
+    assert "holds files this writer did not make (model.safetensors)" in capsys.readouterr().err
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path, exits_dir):
+    import socket
+    import subprocess
+
+    # a write killed mid-way (os._exit skips every cleanup, as SIGKILL would)
+    code = ("import os, sys; from dynamax_jax import io\n"
+            "with io.atomic_directory(sys.argv[1], owned=('*',)) as tmp:\n"
+            "    (tmp / 'big.bin').write_bytes(b'x' * 1000)\n"
+            "    os._exit(9)\n")
+    area = tmp_path / "area"
+    area.mkdir()
+    out = area / "exits"
+    assert subprocess.run([sys.executable, "-c", code, str(out)], cwd=Path(__file__).parents[1]).returncode == 9
+    [left] = [p.name for p in area.iterdir() if p.name.startswith(".exits.tmp-")]
+    host, dead = socket.gethostname(), _dead_pid()
+    keep = [f".exits.tmp-{os.getpid()}@{host}-live0000",  # a write in progress (this process)
+            f".exits.tmp-{dead}@another-host-x1234567",  # another host's (shared file system)
+            ".exits.tmp-abcdefgh",  # no writer named: cannot be proven ours
+            f".other.tmp-{dead}@{host}-x1234567"]  # another destination's
+    stale = [f".exits.old-{dead}@{host}-y1234567", f".exits.json.tmp-{dead}@{host}-z1234567.json"]
+    for name in keep + stale:
+        (area / name).mkdir()
+        (area / name / "f").write_text("x")
+    exit_config, exit_params = dx.load_exits(exits_dir)
+    dx.save_exits(exit_config, exit_params, out)
+    names = {p.name for p in area.iterdir()}
+    assert left not in names and not names & set(stale[:1]) and set(keep) <= names
+    from dynamax_jax import io
+
+    io.write_text_atomic(area / "exits.json", "{}")  # a file's temporaries, likewise
+    assert stale[1] not in {p.name for p in area.iterdir()}

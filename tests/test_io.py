@@ -16,25 +16,25 @@ def _entries(directory):
 
 def test_atomic_directory_replaces_or_keeps_the_old_one(tmp_path):
     out = tmp_path / "out"
-    with io.atomic_directory(out) as tmp:
+    with io.atomic_directory(out, owned=("*.txt",)) as tmp:
         assert tmp.parent == tmp_path and tmp != out
         (tmp / "a.txt").write_text("one")
         assert not out.exists()  # nothing visible before the block ends
     assert (out / "a.txt").read_text() == "one"
     with pytest.raises(RuntimeError, match="boom"):
-        with io.atomic_directory(out) as tmp:
+        with io.atomic_directory(out, owned=("*.txt",)) as tmp:
             (tmp / "a.txt").write_text("two")
             raise RuntimeError("boom")
     assert (out / "a.txt").read_text() == "one"
-    with io.atomic_directory(out) as tmp:
+    with io.atomic_directory(out, owned=("*.txt",)) as tmp:
         (tmp / "b.txt").write_text("three")
     assert _entries(out) == ["b.txt"]
     assert _entries(tmp_path) == ["out"]  # no temporary left behind
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private mode
-    with pytest.raises(FileExistsError):
-        with io.atomic_directory(out, overwrite=False):
+    with pytest.raises(FileExistsError):  # b.txt is not what this writer makes
+        with io.atomic_directory(out, owned=("*.json",)):
             pass
 
 

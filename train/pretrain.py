@@ -224,13 +224,16 @@ def check_save_available() -> None:
 def write_output(out: Path, config, params, tokenizer, train_counts: np.ndarray, results: dict,
                  save_dtype: str, overwrite: bool) -> None:
     """Write everything into ``out`` atomically (``dynamax_jax.io.atomic_directory``):
-    ``out`` is either absent, the old run or the complete new run."""
+    ``out`` is either absent, the old run or the complete new run. ``overwrite`` replaces
+    a run's files in an existing ``out`` and keeps any other file there."""
     import jax
     import dynamax_jax as dx
+    from convert import HF_FILES
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    with atomic_directory(out) as tmp:
+    owned = HF_FILES + ("tokenizer.json", "tokenizer_config.json", "train_token_counts.json", "pretrain_results.json")
+    with atomic_directory(out, owned=owned, overwrite=True) as tmp:
         dtype = parse_dtype(save_dtype)
         dx.save_pretrained(config, jax.tree.map(lambda a: a.astype(dtype), params), tmp)
         save_tokenizer(tokenizer, tmp)

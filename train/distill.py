@@ -69,8 +69,10 @@ EXIT_WEIGHTINGS = ("position", "uniform")
 CLASS_WEIGHTINGS = ("balanced", "none")
 CONFIG_FILE = "distill_config.json"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 # Settings that may change between a run and its restart without changing the result.
-_RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps")
+# (``out`` too: a run directory may be moved and resumed from its new place)
+_RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps", "out")
 
 
 class DistillError(ValueError):
@@ -281,6 +283,19 @@ def _read_metrics(path: Path, upto_step: int) -> list[str]:
     return keep
 
 
+def _last_metrics(path: Path, step: int) -> dict[str, Any]:
+    """The metrics line of ``step`` in ``metrics.jsonl`` (``{}`` when there is none)."""
+    lines = _read_metrics(path, step)
+    last = json.loads(lines[-1]) if lines else {}
+    return last if last.get("step") == step else {}
+
+
+def _say(message: str) -> None:
+    """A note to the user from process 0, on stderr."""
+    if jax.process_index() == 0:
+        print(f"train.distill: {message}", file=sys.stderr, flush=True)
+
+
 def _check_restart(out: Path, settings: DistillSettings) -> None:
     file = out / CONFIG_FILE
     if not file.exists():
@@ -386,6 +401,31 @@ class Run:
             train=ocp.args.StandardSave(train),
             data=ocp.args.JsonSave({"processes": states})), force=True)
 
+    def _resume(self, manager):
+        """``(step, iterator)`` of the newest checkpoint that can be read, restored into
+        this run (``(0, fresh iterator)`` when there is none). An unreadable checkpoint is
+        reported, skipped and deleted, so that training goes on from the one before."""
+        steps = sorted(manager.all_steps(), reverse=True)
+        where = Path(self.settings.out) / "checkpoints"
+        for i, step in enumerate(steps):
+            iterator = iter(self.dataset)
+            try:
+                self._restore(manager, step, iterator)
+            except DistillError:
+                raise
+            except Exception as err:  # noqa: BLE001 -- orbax, tensorstore and json each raise their own
+                following = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older one"
+                _say(f"checkpoint of step {step} in {where} cannot be read ({type(err).__name__}: "
+                     f"{str(err)[:200]}); {following}")
+                continue
+            for bad in steps[:i]:
+                manager.delete(bad)
+            return step, iterator
+        if steps:
+            raise DistillError(f"no checkpoint in {where} can be read (steps {', '.join(map(str, steps))}); "
+                               f"remove {where} to start over")
+        return 0, iter(self.dataset)
+
     def _restore(self, manager, step: int, iterator) -> None:
         import orbax.checkpoint as ocp
         from train.data import decode_state
@@ -419,10 +459,15 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         self.init_state()
         manager = self._manager()
-        iterator = iter(self.dataset)
-        start = manager.latest_step() or 0
-        if start:
-            self._restore(manager, start, iterator)
+        start, iterator = self._resume(manager)
+        if start > s.steps:
+            raise DistillError(f"{out} holds a run already trained to step {start}, past --steps {s.steps}; "
+                               f"give --steps {start} or more to use or continue it, or another --out")
+        done = start == s.steps and (out / SUMMARY_FILE).exists() and (out / "exits" / ex.CONFIG_FILE).exists()
+        if done:  # nothing to train: keep what the finished run wrote
+            manager.close()
+            _say(f"{out} holds a finished run of {s.steps} steps; nothing to do")
+            return json.loads((out / SUMMARY_FILE).read_text())
         if jax.process_index() == 0:
             write_json_atomic(out / CONFIG_FILE, s.to_json())
             lines = _read_metrics(out / METRICS_FILE, start)
@@ -430,7 +475,9 @@ class Run:
         layers = self.exit_config.layers
         bar = tqdm(total=s.steps, initial=start, disable=not s.progress or jax.process_index() != 0,
                    desc=f"distill {self.exit_config.kind}", dynamic_ncols=True)
-        acc, acc_steps, last, tokens_seen, started = None, 0, {}, 0, time.time()
+        # (a run killed after its last checkpoint only has to write its exits: report that step's metrics)
+        last = _last_metrics(out / METRICS_FILE, start)
+        acc, acc_steps, tokens_seen, started = None, 0, 0, time.time()
         window_start = time.time()
         with jax.set_mesh(self.mesh):
             for step in range(start + 1, s.steps + 1):
@@ -469,7 +516,7 @@ class Run:
                    "num_layers": self.config.num_layers, "final": last}
         if jax.process_index() == 0:
             ex.save_exits(self.exit_config, exit_params, out / "exits")
-            write_json_atomic(out / "summary.json", summary)
+            write_json_atomic(out / SUMMARY_FILE, summary)
         return summary
 
 
@@ -573,11 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.distributed:
         S.initialize_distributed(**{k: v for k, v in cluster.items() if v is not None})
     try:
-        run = Run(settings).prepare()
+        summary = Run(settings).prepare().train()
     except (DistillError, DataError, S.ShardingError, ex.ExitError, ConfigError, CheckpointError,
             FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    summary = run.train()
     if jax.process_index() == 0:
         final = summary["final"]
         print(json.dumps({"out": str(Path(settings.out) / "exits"), "loss": final.get("loss"),

@@ -109,7 +109,7 @@ def _decode_unstacked(config, params, state, token, steps: int):
         x = mamba2.embed(config, params, token[:, None])
         new = []
         for i, layer_params in enumerate(params["layers"]):
-            x, layer_state = mamba2.apply_layer(config, layer_params, x, jax.tree.map(lambda a: a[i], state))
+            x, layer_state = mamba2.prefill_layer(config, layer_params, x, jax.tree.map(lambda a: a[i], state))
             new.append(layer_state)
         state = jax.tree.map(lambda *a: jnp.stack(a), *new)
         token = jnp.argmax(mamba2.head(config, params, x)[:, -1], axis=-1).astype(jnp.int32)

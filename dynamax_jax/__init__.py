@@ -3,26 +3,36 @@
     import dynamax_jax as dx
     config, params = dx.load_pretrained(path)
     logits = dx.forward(config, params, tokens)
+    result = dx.generate(config, dx.decode_params(params), prompt_tokens, max_new_tokens=32)
 """
+
+import sys
+import types
 
 from dynamax_jax.api import forward, init_params, load_pretrained, load_tokenizer, save_pretrained
 from dynamax_jax.config import ConfigError, Mamba2Config, MistralConfig
+from dynamax_jax.decoding import (DecodeChunk, DecodeControls, DecodeSettings, DecodeState, GenerateError,
+                                  GenerateResult, configure, decode_chunk, decode_params, generate, prefill)
 from dynamax_jax.exits import ExitConfig, ExitError, init_exits, load_exits, save_exits
 
 __all__ = [
     "ConfigError", "Mamba2Config", "MistralConfig", "forward", "init_params", "load_pretrained",
     "load_tokenizer", "save_pretrained", "ExitConfig", "ExitError", "init_exits", "load_exits", "save_exits",
-    "generate", "GenerateResult",
+    "generate", "GenerateResult", "GenerateError", "configure", "prefill", "decode_chunk", "decode_params",
+    "DecodeSettings", "DecodeControls", "DecodeState", "DecodeChunk",
 ]
 
 
-def __getattr__(name):
-    # ``generate`` is imported lazily so that ``python -m dynamax_jax.generate`` does not find
-    # its own module already imported (runpy warns), and so that ``dx.generate`` is the
-    # function, not the submodule of the same name.
-    if name in ("generate", "GenerateResult"):
-        import importlib
-        module = importlib.import_module("dynamax_jax.generate")
-        globals().update(generate=module.generate, GenerateResult=module.GenerateResult)
-        return globals()[name]
-    raise AttributeError(f"module 'dynamax_jax' has no attribute {name!r}")
+class _Package(types.ModuleType):
+    """``dx.generate`` is the function. The command line lives in the submodule of the same
+    name (``python -m dynamax_jax.generate``); importing that submodule would make the import
+    system rebind ``dx.generate`` to it, which this refuses (the submodule stays in
+    ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -88,11 +88,12 @@ def adapter_flops(config, exit_config: ExitConfig) -> float:
 
 
 def token_flops(config, exit_config: ExitConfig | None, exit_layer: np.ndarray, position: np.ndarray,
-                static_mode: str | None = None) -> np.ndarray:
+                static_mode: str | None = None, running_exits: np.ndarray | None = None) -> np.ndarray:
     """FLOPs of each token: ``exit_layer`` (layers run, 1-based) and ``position`` (0-based, of
     the input token) of the same shape. ``exit_config`` (resolved) is ``None`` at full depth.
     ``static_mode`` (``copy`` / ``propagate`` / ``skip``) means static layer pruning with that
-    skipped-layer handling: no classifier runs."""
+    skipped-layer handling: no classifier runs. ``running_exits [E]`` bool: the exits whose
+    confidence is computed (default all; an exit that cannot fire skips it)."""
     exit_layer = np.asarray(exit_layer, np.int64)
     context = np.asarray(position, np.int64) + 1
     if config.family == "transformer" and getattr(config, "sliding_window", None):
@@ -106,22 +107,25 @@ def token_flops(config, exit_config: ExitConfig | None, exit_layer: np.ndarray, 
         return total.astype(np.float64)
     total = total + skipped * skipped_layer_flops(config, exit_config.mode)
     exits = np.asarray(exit_config.layers)
-    reached = np.sum(exits[None, :] <= exit_layer.reshape(-1, 1), axis=1).reshape(exit_layer.shape)
+    running = np.ones(len(exits), bool) if running_exits is None else np.asarray(running_exits, bool)
+    reached_exits = exits[None, :] <= exit_layer.reshape(-1, 1)  # [tokens, E]
     # stateful classifiers also step the exits a token skipped (see exits.py)
-    evaluated = np.full_like(reached, len(exits)) if exit_config.stateful else reached
+    evaluated = (np.full_like(reached_exits, True) if exit_config.stateful else reached_exits) & running
+    evaluated = np.sum(evaluated, axis=1).reshape(exit_layer.shape)
     total = total + evaluated * classifier_flops(config, exit_config)
     left = exit_layer < config.num_layers
     if exit_config.confidence in ("softmax", "margin"):
         # the head already ran at the exit the token left from: only tokens that ran to the
         # end pay the final head on top of the heads at every exit (each on adapted states)
-        total = total - np.where(left, head_flops(config), 0.0) + reached * adapter_flops(config, exit_config)
+        adapted = np.sum(reached_exits & running, axis=1).reshape(exit_layer.shape)
+        total = total - np.where(left, head_flops(config), 0.0) + adapted * adapter_flops(config, exit_config)
     else:  # the adapter runs once, at the exit the token leaves from
         total = total + np.where(left, adapter_flops(config, exit_config), 0.0)
     return total.astype(np.float64)
 
 
 def summarize(config, exit_config: ExitConfig | None, exit_layers: np.ndarray, positions: np.ndarray,
-              counted: np.ndarray, static_mode: str | None = None) -> dict:
+              counted: np.ndarray, static_mode: str | None = None, running_exits: np.ndarray | None = None) -> dict:
     """Average layers and FLOPs per token over the ``counted`` tokens (``[B, N]`` bool), and the
     FLOPs relative to full depth at the same positions."""
     counted = np.asarray(counted, bool)
@@ -129,7 +133,7 @@ def summarize(config, exit_config: ExitConfig | None, exit_layers: np.ndarray, p
         return dict(avg_layers=float("nan"), flops_per_token=float("nan"),
                     full_flops_per_token=float("nan"), flops_relative=float("nan"))
     el, pos = np.asarray(exit_layers)[counted], np.asarray(positions)[counted]
-    ours = token_flops(config, exit_config, el, pos, static_mode)
+    ours = token_flops(config, exit_config, el, pos, static_mode, running_exits)
     full = token_flops(config, None, np.full_like(el, config.num_layers), pos)
     return dict(avg_layers=float(el.mean()), flops_per_token=float(ours.mean()),
                 full_flops_per_token=float(full.mean()), flops_relative=float(ours.sum() / full.sum()))

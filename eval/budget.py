@@ -8,7 +8,7 @@ it runs, greedily, with ``dx.generate``:
 1. ``full``: full depth, the reference every other run is compared with.
 2. ``threshold``: the checkpoint's exits at each fixed ``--thresholds`` value.
 3. ``budget``: the compute-budget controller (``dx.generate(target_layers=t,
-   budget_gain=--gain)``, see ``dynamax_jax.generate.update_thresholds``) at each
+   budget_gain=--gain)``, see ``dynamax_jax.decoding.update_thresholds``) at each
    ``--targets`` average number of layers per token; the checkpoint's exit config, its
    thresholds the controller's starting point.
 4. ``static``: static layer pruning, every token leaves after layer k, for each k in
@@ -92,7 +92,7 @@ def measure(backbone: Backbone, prompts: list[list[int]], exit_config, exit_para
             static_layers: list[int], log=print) -> list[dict]:
     """Run full depth, every fixed threshold, every budget target and every static layer;
     one record per run (see the module docstring)."""
-    from dynamax_jax.generate import GenerateError
+    from dynamax_jax.decoding import GenerateError
 
     config = backbone.config
     sizes = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pad_multiple=args.pad_multiple)

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.io import parse_dtype
+from dynamax_jax.models import mamba2, mistral
 from eval import tasks
 
 # Skipped-layer handling per backbone family; the first is the cheap one static pruning uses.
-MODES = {"transformer": ("copy", "propagate"), "mamba2": ("skip", "propagate")}
+MODES = {"transformer": mistral.SKIPPED_LAYER_MODES, "mamba2": mamba2.SKIPPED_LAYER_MODES}
 
 
 # ----------------------------------------------------------------------------- model + text
@@ -46,22 +47,24 @@ class Backbone:
 
     @property
     def stop_tokens(self) -> tuple[int, ...]:
-        from dynamax_jax.generate import stop_ids
+        from dynamax_jax.prompts import stop_ids
         return tuple(stop_ids(self.config, self.tokenizer))
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids; wrapped in the tokenizer's chat template when it has one (and it is on)."""
-        from dynamax_jax.generate import encode_prompt
-        return [int(i) for i in encode_prompt(self.tokenizer, prompt, self.chat_template)]
+        from dynamax_jax.prompts import encode_prompt
+        return encode_prompt(self.tokenizer, prompt, self.chat_template)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def load_backbone(path: str, dtype: str, use_chat_template: bool) -> Backbone:
-    """The model at ``path`` (``dtype``: a ``dynamax_jax.io.DTYPES`` name) and its tokenizer."""
+    """The model at ``path`` (``dtype``: a ``dynamax_jax.io.DTYPES`` name) and its tokenizer.
+    The params are in the decode layout (one buffer per layer)."""
     import dynamax_jax as dx
     config, params = dx.load_pretrained(path, dtype=parse_dtype(dtype))
+    params = dx.decode_params(params, donate=True)
     tokenizer = dx.load_tokenizer(path)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return Backbone(str(path), config, params, tokenizer, use_chat_template and has_template)

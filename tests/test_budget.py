@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from dynamax_jax.generate import GenerateError, update_thresholds
+from dynamax_jax import decoding
+from dynamax_jax.decoding import GenerateError, update_thresholds
 
 TOLERANCE = 0.25  # layers: the stated accuracy of the running average over 256 tokens
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = dx.MistralConfig.tiny(num_layers=8, vocab_size=96)
+    config = dx.MistralConfig.tiny(num_layers=8, vocab_size=96, max_position_embeddings=512)  # 256 new tokens
     params = dx.init_params(config, jax.random.key(0))
     exit_config = dx.ExitConfig(kind="calm", threshold=0.9).resolve(config)
     exit_params = dx.init_exits(config, exit_config, jax.random.key(1))
@@ -56,18 +57,18 @@ def test_bad_budgets(tiny):
 
 def test_chunked_decoding_carries_the_controller(tiny):
     """The CLI streams with several decode calls: the adapted thresholds must carry over."""
-    from dynamax_jax import generate as G
     config, params, exit_config, exit_params = tiny
+    params = decoding.decode_params(params)
     prompt, lengths = jnp.asarray([[3, 17, 5, 9]], jnp.int32), jnp.asarray([4], jnp.int32)
-    settings, _, p, dyn = G._settings_and_args(config, 48, exit_config, exit_params, 0.0, 0, 1.0, 1.3, (),
-                                               None, False, 0, target_layers=5.5)
+    settings, controls, p = decoding.configure(config, 48, exit_config=exit_config, exit_params=exit_params,
+                                               repetition_penalty=1.3, target_layers=5.5)
 
     def run(chunks):
-        state = G._prefill(config, settings, params, p, prompt, lengths, cache_len=4 + 48)
+        state = decoding.prefill(config, settings, params, p, prompt, lengths, cache_len=4 + 48)
         layers = []
         for n in chunks:
-            _, exl, _, _, state = G._decode(config, settings, n, params, p, state, key=jax.random.key(0), **dyn)
-            layers.append(np.asarray(exl[0]))
+            chunk, state = decoding.decode_chunk(config, settings, n, params, p, state, controls, jax.random.key(0))
+            layers.append(np.asarray(chunk.exit_layers[0]))
         return np.concatenate(layers)
 
     np.testing.assert_array_equal(run([16, 16, 16]), run([48]))

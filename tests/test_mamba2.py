@@ -187,7 +187,7 @@ def test_apply_layer_matches_scanned_stack(ours_g1):
     tokens = jnp.asarray(random_tokens(config.vocab_size, 2, CHUNK + 5, seed=5))
     state = mamba2.init_state(config, 2)
     logits, new_state, hidden = _apply(config, params, tokens, state, return_hidden=True)
-    layer_fn = jax.jit(mamba2.apply_layer, static_argnums=(0,))
+    layer_fn = jax.jit(mamba2.prefill_layer, static_argnums=(0,))
     x = mamba2.embed(config, params, tokens)
     for i in range(config.num_layers):
         layer_params = jax.tree.map(lambda a: a[i], params["layers"])

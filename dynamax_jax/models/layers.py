@@ -52,7 +52,11 @@ def embed(config, params, tokens: jax.Array) -> jax.Array:
 
 def head(config, params, x: jax.Array) -> jax.Array:
     """Final norm and LM head: ``[..., D] -> [..., V]`` float32 logits."""
-    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    if config.tie_word_embeddings:  # contract with embed [V, D] as stored: ``embed.T`` was a copy
+        w = params["embed"]
+        y = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(w.dtype)
+        return jnp.einsum("...d,vd->...v", y, w, preferred_element_type=jnp.float32)
+    w = params["lm_head"]
     y = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(w.dtype)
     return jnp.matmul(y, w, preferred_element_type=jnp.float32)
 
@@ -75,3 +79,43 @@ def declare_head(module, config, embedding: jax.Array, x: jax.Array, init) -> ja
     if not config.tie_word_embeddings:
         params["lm_head"] = module.param("lm_head", init, (config.hidden_size, config.vocab_size))
     return head(config, params, x)
+
+
+# Pytrees stacked on a leading axis (layers ``[L, ...]``, exits ``[E, ...]``).
+
+def stack_index(tree, index):
+    """Slice ``index`` (traced ok) out of every leaf of a pytree stacked on axis 0."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, axis=0, keepdims=False), tree)
+
+
+def stack_update(tree, new, index):
+    """Write ``new`` (leaves without the leading axis) at ``index`` of a stacked pytree."""
+    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), index, axis=0),
+                        tree, new)
+
+
+def unstack(tree, donate: bool = False) -> tuple:
+    """A stacked pytree as a tuple of its slices along axis 0, one buffer each. With
+    ``donate`` every stacked leaf is deleted as soon as it is split, so that the two layouts
+    are never both alive in full (the caller must not use ``tree`` afterwards)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = []
+    for leaf in leaves:
+        parts.append(jnp.unstack(leaf))
+        if donate and isinstance(leaf, jax.Array):
+            leaf.delete()
+    return tuple(jax.tree.unflatten(treedef, list(slices)) for slices in zip(*parts))
+
+
+def unrolled_forward(model, config, params, tokens: jax.Array, return_hidden: bool = False):
+    """Full forward of ``model`` (a backbone module) with params in the decode layout
+    (``params["layers"]`` a tuple of per-layer dicts): layers unrolled, one buffer each.
+    ``tokens [B, T] -> logits [B, T, V]`` float32 (and ``hidden [L, B, T, D]``)."""
+    b, t = tokens.shape
+    x = model.embed(config, params, tokens)
+    hidden = []
+    for layer_params, cache in zip(params["layers"], model.init_cache(config, b, t, params["embed"].dtype)):
+        x, _ = model.prefill_layer(config, layer_params, x, cache, None)
+        hidden.append(x)
+    logits = model.head(config, params, x)
+    return (logits, jnp.stack(hidden)) if return_hidden else logits

@@ -29,12 +29,14 @@ Entry points (the per-layer interface every backbone follows):
   ``state``. ``lengths [B]`` (int, ``0 <= lengths <= T``) marks right-padded rows: the
   positions ``t >= lengths[b]`` leave row ``b``'s state untouched (their outputs are
   meaningless). T == 1 is one decode step (direct recurrence, no chunking).
-- ``apply_layer(config, layer_params, x, layer_state, lengths=None)`` -> ``(x, layer_state)``:
-  one layer on hidden states ``x [B, T, D]`` (T >= 1, float32 in and out), with
-  ``layer_params`` sliced from ``params["layers"]`` and ``layer_state`` a ``Mamba2State``
-  whose leaves are one layer's slice (``conv [B, K-1, C]``, ``ssm [B, H, P, N]``).
-- ``embed``, ``head`` (final norm + LM head -> float32 logits), ``init_params``,
-  ``init_state`` / ``Mamba2State.init(config, batch, dtype)``.
+- the decode protocol (shared with Mistral, used by ``dynamax_jax.decoding``):
+  ``init_cache`` (one state per layer), ``prefill_layer(config, layer_params, x, layer_state,
+  lengths)`` -> ``(x, layer_state)`` on hidden states ``x [B, T, D]`` (T >= 1, float32 out)
+  with one layer's params and state slice, ``decode_layer`` / ``propagate_layer`` (one token,
+  returning the layer's new state as its entry), ``read_entry`` / ``write_entry`` and
+  ``SKIPPED_LAYER_MODES``.
+- ``embed`` (float32: the residual stream's dtype), ``head`` (final norm + LM head ->
+  float32 logits), ``init_params``, ``init_state`` / ``Mamba2State.init(config, batch, dtype)``.
 
 Numerics: the residual stream, norms, the conv output, dt, the SSM state and logits are
 float32; matmul inputs are cast to the weight dtype.
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import math
 from typing import Any
 
@@ -52,8 +55,9 @@ import jax
 import jax.numpy as jnp
 
 from dynamax_jax.config import Mamba2Config
-# embed and head are part of this module's interface (shared with the Mistral model)
-from dynamax_jax.models.layers import declare_head, embed, flatten_scanned_block, head, nest_scanned_block, rms_norm
+from dynamax_jax.models import layers
+# head is part of this module's interface (shared with the Mistral model)
+from dynamax_jax.models.layers import declare_head, flatten_scanned_block, head, nest_scanned_block, rms_norm
 from kernels.ssd import ops as ssd_ops
 
 Params = dict[str, Any]
@@ -76,6 +80,11 @@ class Mamba2State:
         ssm = jnp.zeros((config.num_layers, batch, config.num_heads, config.head_dim, config.state_size),
                         jnp.float32)
         return cls(conv=conv, ssm=ssm)
+
+
+def embed(config: Mamba2Config, params: Params, tokens: jax.Array) -> jax.Array:
+    """``tokens [B, T] -> [B, T, D]`` float32: the residual stream stays in float32."""
+    return layers.embed(config, params, tokens).astype(jnp.float32)
 
 
 def init_state(config: Mamba2Config, batch: int, dtype=jnp.float32) -> Mamba2State:
@@ -307,19 +316,63 @@ def apply(config: Mamba2Config, params: Params, tokens: jax.Array, state: Mamba2
     return Mamba2(config).apply({"params": nest_scanned_block(params)}, tokens, state, lengths, return_hidden)
 
 
-def apply_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_state: Mamba2State,
-                lengths=None):
-    """One layer (params sliced from ``params["layers"]``), for early-exit decoding:
-    ``x [B, T, D]`` and ``layer_state`` (``conv [B, K-1, C]``, ``ssm [B, H, P, N]``) ->
-    ``(x [B, T, D] float32, layer_state)``."""
+# ----------------------------------------------------------------------------- decode protocol
+# One layer at a time on per-layer buffers (``dynamax_jax.decoding``); Mistral implements the same.
+# A layer's *entry* (what a decode step writes) is its whole new state.
+
+SKIPPED_LAYER_MODES = ("skip", "propagate")  # the first is the default
+
+
+def init_cache(config: Mamba2Config, batch: int, cache_len: int = 0, dtype=jnp.float32) -> tuple[Mamba2State, ...]:
+    """One zero ``Mamba2State`` (``conv [B, K-1, C]``, ``ssm [B, H, P, N]``) per layer; a
+    recurrent state has no length, so ``cache_len`` is unused."""
+    del cache_len
+    conv = (batch, config.conv_kernel - 1, config.conv_dim)
+    ssm = (batch, config.num_heads, config.head_dim, config.state_size)
+    return tuple(Mamba2State(conv=jnp.zeros(conv, dtype), ssm=jnp.zeros(ssm, jnp.float32))
+                 for _ in range(config.num_layers))
+
+
+def prefill_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_state: Mamba2State,
+                  lengths=None):
+    """One layer: ``x [B, T, D]`` and one layer's ``Mamba2State`` -> ``(x [B, T, D] float32,
+    layer_state)``. ``lengths [B]`` (None: all T) marks right-padded rows, whose padded steps
+    leave the state untouched."""
     lengths = _check_lengths(lengths, x.shape[0])
     x, conv, ssm = block(config, layer_params, x, layer_state.conv, layer_state.ssm, lengths)
     return x, Mamba2State(conv=conv, ssm=ssm)
 
 
+def decode_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_state: Mamba2State,
+                 positions=None):
+    """One token ``x [B, 1, D]`` through one layer -> ``(x float32, entry)``, the entry being
+    the layer's new state (``positions`` is unused: the state carries the history)."""
+    del positions
+    return prefill_layer(config, layer_params, x, layer_state)
+
+
+def propagate_layer(config: Mamba2Config, layer_params: Params, x: jax.Array, layer_state: Mamba2State,
+                    positions=None) -> Mamba2State:
+    """State propagation for a skipped layer: its new state for the exit hidden state
+    ``x [B, 1, D]`` (XLA drops the unused output path)."""
+    return decode_layer(config, layer_params, x, layer_state, positions)[1]
+
+
+def read_entry(layer_state: Mamba2State, positions=None) -> Mamba2State:
+    """A layer's current entry: its state."""
+    return layer_state
+
+
+def write_entry(layer_state: Mamba2State, entry: Mamba2State, positions=None) -> Mamba2State:
+    """The new state is the entry."""
+    return entry
+
+
 def forward(config: Mamba2Config, params: Params, tokens: jax.Array, return_hidden: bool = False):
     """Full forward from an empty state: ``tokens [B, T] -> logits [B, T, V]`` float32
     (and ``hidden [L, B, T, D]`` float32 when ``return_hidden``)."""
+    if isinstance(params["layers"], (tuple, list)):  # the decode layout
+        return layers.unrolled_forward(sys.modules[__name__], config, params, tokens, return_hidden)
     state = Mamba2State.init(config, tokens.shape[0], params["embed"].dtype)
     logits, _, hidden = apply(config, params, tokens, state, None, return_hidden)
     return (logits, hidden) if return_hidden else logits

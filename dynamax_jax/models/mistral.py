@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.config import MistralConfig
+from dynamax_jax.models import layers
 # embed and head are part of this module's interface (shared with the Mamba2 model)
 from dynamax_jax.models.layers import (apply_rope, attention_mask, declare_head, embed, flatten_scanned_block, head,
                                        nest_scanned_block, rms_norm, rope_angles)
@@ -39,44 +41,70 @@ _init = nn.initializers.normal(stddev=0.02)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: ``k, v [L, B, S, K, H]``."""
+    """Keys and values of every layer: ``k, v [L, B, K, S, H]`` (head-major, so that attention
+    reads the cache without transposing it); a one-layer slice is ``[B, K, S, H]``."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def init(cls, config: MistralConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-2]
 
 
 def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new [B, T, K, H]`` into ``cache [B, S, K, H]`` at slots ``start[b] + t``."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
-        cache, new.astype(cache.dtype), start)
+    """Write ``new [B, T, K, H]`` into ``cache [B, K, S, H]`` at slots ``start[b] + t``."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    # One dynamic_update_slice per row (B is static): XLA updates the buffer in place. A vmapped
+    # update becomes a scatter, which XLA:CPU lowered to copies of the whole cache.
+    zero = jnp.zeros((), start.dtype)
+    for row in range(cache.shape[0]):
+        cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1], (row, zero, start[row], zero))
+    return cache
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. ``q [B, T, N, H]``, ``k, v [B, S, K, H]``, ``mask [B, T, S]``
+    """Grouped-query attention. ``q [B, T, N, H]``, ``k, v [B, K, S, H]``, ``mask [B, T, S]``
     -> ``[B, T, N, H]``. Scores and softmax in float32."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (h ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
+def decode_attention(q, k_new, v_new, k_cache, v_cache, visible):
+    """Attention of one new token: ``q [B, 1, N, H]`` over the cache slots ``visible [B, S]``
+    (``k_cache, v_cache [B, K, S, H]``) and its own ``k_new, v_new [B, 1, K, H]``, which are not
+    in the cache yet -> ``[B, 1, N, H]``. Equal to ``attention`` after writing them."""
+    b, _, n, h = q.shape
+    kv_heads = k_cache.shape[1]
+    q = q.reshape(b, kv_heads, n // kv_heads, h)
+    scale = h ** -0.5
+    scores = jnp.einsum("bkgh,bksh->bkgs", q, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+    own = jnp.einsum("bkgh,bkh->bkg", q, k_new[:, 0], preferred_element_type=jnp.float32) * scale
+    top = jnp.maximum(jnp.max(scores, axis=-1), own)  # finite: the token always sees itself
+    probs, own_prob = jnp.exp(scores - top[..., None]), jnp.exp(own - top)
+    total = jnp.sum(probs, axis=-1) + own_prob
+    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = (out + own_prob[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)) / total[..., None]
+    return out.reshape(b, 1, n, h).astype(q.dtype)
+
+
 class MistralBlock(nn.Module):
-    """One pre-norm decoder layer. ``__call__(x [B,T,D], k_cache, v_cache [B,S,K,H], start [B])``
-    returns ``(x, (k_cache, v_cache))`` with this call's keys/values written at ``start``."""
+    """One pre-norm decoder layer: declares its params and calls ``block``.
+    ``__call__(x [B,T,D], k_cache, v_cache [B,K,S,H], start [B])`` returns
+    ``(x, (k_cache, v_cache))`` with this call's keys/values written at ``start``."""
 
     config: MistralConfig
 
@@ -85,16 +113,50 @@ class MistralBlock(nn.Module):
         cfg = self.config
         d, n, kh, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         p = lambda name, shape, init=_init: self.param(name, init, shape)  # noqa: E731
-        attn_norm = p("attn_norm", (d,), nn.initializers.ones)
-        wq, wk, wv, wo = p("wq", (d, n, h)), p("wk", (d, kh, h)), p("wv", (d, kh, h)), p("wo", (n, h, d))
-        mlp_norm = p("mlp_norm", (d,), nn.initializers.ones)
-        w_gate, w_up, w_down = p("w_gate", (d, f)), p("w_up", (d, f)), p("w_down", (f, d))
+        layer_params = {
+            "attn_norm": p("attn_norm", (d,), nn.initializers.ones),
+            "wq": p("wq", (d, n, h)), "wk": p("wk", (d, kh, h)), "wv": p("wv", (d, kh, h)), "wo": p("wo", (n, h, d)),
+            "mlp_norm": p("mlp_norm", (d,), nn.initializers.ones),
+            "w_gate": p("w_gate", (d, f)), "w_up": p("w_up", (d, f)), "w_down": p("w_down", (f, d)),
+        }
+        x, cache = block(cfg, layer_params, x, KVCache(k_cache, v_cache), start)
+        return x, (cache.k, cache.v)
 
-        x, k, v = attention_sublayer(cfg, (attn_norm, wq, wk, wv, wo), x, k_cache, v_cache, start)
-        y = rms_norm(x, mlp_norm, cfg.rms_norm_eps).astype(w_up.dtype)
-        y = jax.nn.silu(y @ w_gate) * (y @ w_up)  # [B, T, F]
-        x = x + (y @ w_down).astype(x.dtype)
-        return x, (k, v)
+
+def block(cfg: MistralConfig, p: Params, x: jax.Array, cache: "KVCache", start: jax.Array):
+    """One decoder layer as a pure function: ``x [B, T, D]`` at positions ``start[b] + t``,
+    ``cache`` one layer's ``KVCache`` (``k, v [B, K, S, H]``) -> ``(x, cache)`` with this call's
+    keys and values written, then attended to."""
+    positions = start[:, None] + jnp.arange(x.shape[1])[None]  # [B, T]
+    q, k, v = _qkv(cfg, p, x, positions)
+    k_cache, v_cache = _write(cache.k, k, start), _write(cache.v, v, start)
+    out = attention(q, k_cache, v_cache, attention_mask(positions, k_cache.shape[2], cfg.sliding_window))
+    return _mlp(cfg, p, _attention_out(p, x, out)), KVCache(k_cache, v_cache)
+
+
+def _qkv(cfg: MistralConfig, p: Params, x: jax.Array, positions: jax.Array):
+    """Queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` (RoPE applied) of ``x [B, T, D]``
+    at ``positions [B, T]``."""
+    y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["wq"].dtype)
+    q = jnp.einsum("btd,dnh->btnh", y, p["wq"])
+    k = jnp.einsum("btd,dkh->btkh", y, p["wk"])
+    v = jnp.einsum("btd,dkh->btkh", y, p["wv"])
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _attention_out(p: Params, x: jax.Array, out: jax.Array) -> jax.Array:
+    """The residual plus the output projection of the heads ``out [B, T, N, H]``."""
+    b, t, n, h = out.shape
+    # one [N*H, D] matmul: a contraction over (n, h) made XLA:CPU transpose wo on every call
+    return x + (out.reshape(b, t, n * h) @ p["wo"].reshape(n * h, -1)).astype(x.dtype)
+
+
+def _mlp(cfg: MistralConfig, p: Params, x: jax.Array) -> jax.Array:
+    """The gated MLP sublayer with its residual."""
+    y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_up"].dtype)
+    y = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])  # [B, T, F]
+    return x + (y @ p["w_down"]).astype(x.dtype)
 
 
 def kv_projection(cfg: MistralConfig, layer_params: Params, x: jax.Array, start: jax.Array):
@@ -106,23 +168,6 @@ def kv_projection(cfg: MistralConfig, layer_params: Params, x: jax.Array, start:
     positions = start[:, None] + jnp.arange(x.shape[1])[None]
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     return apply_rope(k, cos, sin), v
-
-
-def attention_sublayer(cfg, weights, x, k_cache, v_cache, start):
-    attn_norm, wq, wk, wv, wo = weights
-    t = x.shape[1]
-    positions = start[:, None] + jnp.arange(t)[None]  # [B, T]
-    y = rms_norm(x, attn_norm, cfg.rms_norm_eps).astype(wq.dtype)
-    q = jnp.einsum("btd,dnh->btnh", y, wq)
-    k = jnp.einsum("btd,dkh->btkh", y, wk)
-    v = jnp.einsum("btd,dkh->btkh", y, wv)
-    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache, v_cache = _write(k_cache, k, start), _write(v_cache, v, start)
-    mask = attention_mask(positions, k_cache.shape[1], cfg.sliding_window)
-    out = attention(q, k_cache, v_cache, mask)
-    x = x + jnp.einsum("btnh,nhd->btd", out, wo).astype(x.dtype)
-    return x, k_cache, v_cache
 
 
 class _ScannedBlock(nn.Module):
@@ -183,14 +228,63 @@ def apply(config: MistralConfig, params: Params, tokens, cache: KVCache, start, 
     return Mistral(config).apply({"params": nest_scanned_block(params)}, tokens, cache, start, return_hidden)
 
 
-def apply_layer(config: MistralConfig, layer_params: Params, x, k_cache, v_cache, start):
-    """One layer, for early-exit decoding with params sliced from ``params['layers']``."""
-    return MistralBlock(config).apply({"params": layer_params}, x, k_cache, v_cache, start)
+# ----------------------------------------------------------------------------- decode protocol
+# One layer at a time on per-layer buffers (``dynamax_jax.decoding``); Mamba2 implements the same.
+# A decode step reads the caches and returns each layer's *entry* (here the new token's K/V);
+# the engine writes every entry once the layer loop is over. Written inside the loop, each
+# cache would be read (attention) and updated in place in one loop body, and XLA:CPU then
+# copies the whole cache of every layer on every token.
+
+SKIPPED_LAYER_MODES = ("copy", "propagate")  # the first is the default
+
+
+def init_cache(config: MistralConfig, batch: int, cache_len: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
+    """One empty ``KVCache`` (``k, v [B, K, S, H]``) per layer, ``S = cache_len``."""
+    shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
+    return tuple(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def prefill_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache, lengths):
+    """One layer over right-padded prompts ``x [B, T, D]`` from position 0 -> ``(x, cache)``.
+    ``lengths`` is unused: keys past a row's end are overwritten before any query sees them."""
+    del lengths
+    return block(config, layer_params, x, cache, jnp.zeros((x.shape[0],), jnp.int32))
+
+
+def decode_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache, positions):
+    """One layer on the new tokens ``x [B, 1, D]`` at ``positions [B]``, attending to ``cache``
+    (left as it is) -> ``(x, entry)``, ``entry`` the tokens' ``KVCache(k, v [B, K, H])``."""
+    q, k, v = _qkv(config, layer_params, x, positions[:, None])
+    window = config.sliding_window
+    visible = attention_mask(positions[:, None] - 1, cache.k.shape[2], window and window - 1)[:, 0]
+    out = decode_attention(q, k, v, cache.k, cache.v, visible)
+    x = _mlp(config, layer_params, _attention_out(layer_params, x, out))
+    return x, KVCache(k=k[:, 0], v=v[:, 0])
+
+
+def propagate_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache, positions) -> KVCache:
+    """CALM's state propagation for a skipped layer: the entry (K/V) it would store for the
+    exit hidden state ``x [B, 1, D]`` at ``positions [B]``."""
+    k, v = kv_projection(config, layer_params, x, positions)
+    return KVCache(k=k[:, 0], v=v[:, 0])
+
+
+def read_entry(cache: KVCache, positions) -> KVCache:
+    """The entry stored at ``positions [B]``: ``KVCache(k, v [B, K, H])``."""
+    rows = jnp.arange(positions.shape[0])
+    return KVCache(k=cache.k[rows, :, positions], v=cache.v[rows, :, positions])
+
+
+def write_entry(cache: KVCache, entry: KVCache, positions) -> KVCache:
+    """``cache`` with ``entry`` (``k, v [B, K, H]``) written at ``positions [B]``."""
+    return KVCache(k=_write(cache.k, entry.k[:, None], positions), v=_write(cache.v, entry.v[:, None], positions))
 
 
 def forward(config: MistralConfig, params: Params, tokens: jax.Array, return_hidden: bool = False):
     """Full forward without a persistent cache: ``tokens [B, T] -> logits [B, T, V]`` float32
     (and ``hidden [L, B, T, D]`` when ``return_hidden``)."""
+    if isinstance(params["layers"], (tuple, list)):  # the decode layout
+        return layers.unrolled_forward(sys.modules[__name__], config, params, tokens, return_hidden)
     b, t = tokens.shape
     dtype = params["embed"].dtype
     cache = KVCache.init(config, b, t, dtype)

@@ -22,6 +22,10 @@ and a hash of them; a run whose JSON already exists is skipped, so an interrupte
 resumes where it stopped. The backbone is swept by running the command once per model
 with the same ``--out``: the report groups runs by model and task. At the end
 ``eval.report`` writes ``results.md`` and one PNG per model and task into ``--out``.
+Each run records what it was computed on (``inputs``: the data file and its sha256, the
+model's and the exit heads' fingerprints); a sweep whose data, limit, new tokens or dtype
+differ from the runs already in ``--out``, or whose model or exit heads changed under the
+same path, is refused before the model loads: its rows could not be told apart there.
 
 FLOPs come from ``dynamax_jax.flops`` (backbone layers, LM head, the classifiers' own cost,
 K/V or state propagation); ``compute`` is FLOPs relative to full depth over the same tokens.
@@ -86,6 +90,75 @@ class RunSpec:
         return f"{model_tag}__{self.task}__{self.label}__{digest}.json"
 
 
+# ----------------------------------------------------------------------------- what runs are computed on
+
+_WHOLE_FILE_BYTES = 64 * 2**20
+_END_BYTES = 2**20
+
+
+def fingerprint(path) -> str:
+    """A sha256 identifying a file's content, or a directory's files (names and contents).
+    Files above 64 MiB (model weights) are identified by their size and first and last MiB,
+    enough to tell one checkpoint from another without reading gigabytes."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= _WHOLE_FILE_BYTES:
+                for block in iter(lambda: f.read(2**20), b""):
+                    digest.update(block)
+            else:
+                digest.update(f.read(_END_BYTES))
+                f.seek(size - _END_BYTES)
+                digest.update(f.read(_END_BYTES))
+    return digest.hexdigest()
+
+
+def data_inputs(task: tasks.Task, data_dir: str | None, split: str | None, limit: int | None) -> dict:
+    """What a task's runs read: the source, the part, the limit, and the file with its sha256
+    (``None`` for the Hub, whose datasets are named, not hashed)."""
+    file = None if data_dir == tasks.HUB else (
+        tasks.DATA_DIR / task.bundled if data_dir is None else Path(data_dir) / task.fixture_file)
+    return {"source": tasks.data_label(data_dir, split), "limit": limit,
+            "file": None if file is None else str(file), "sha256": None if file is None else fingerprint(file)}
+
+
+def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple[str, str],
+                  exits: dict[str, str]) -> None:
+    """Refuse to add runs to ``out`` that its report could not tell apart from the runs it
+    holds: for a task, other data (source, part, limit or file content) or other generation
+    settings (``settings``: new tokens, dtype); for the same model path or exit checkpoint
+    path, other weights. Different models and exit checkpoints may share an ``--out``."""
+    from eval.report import load_runs
+
+    problems = []
+    for run in load_runs(out) if out.is_dir() else []:
+        spec, inputs = run["spec"], run.get("inputs", {})
+        task = spec["task"]
+        if task in data:
+            ours, theirs = data[task], inputs.get("data", {})
+            differ = [f"{key} {spec.get(key)!r} (here {value!r})"
+                      for key, value in (("data", ours["source"]), ("limit", ours["limit"]), *settings.items())
+                      if spec.get(key) != value]
+            if theirs.get("sha256") not in (None, ours["sha256"]):
+                differ.append(f"another content of {theirs.get('file')}")
+            if differ:
+                problems.append(f"{task} runs with {', '.join(differ)}")
+        path, weights = model
+        if spec["model"] == path and inputs.get("model", {}).get("fingerprint") not in (None, weights):
+            problems.append(f"the model at {path} has changed since its runs on it")
+        if spec.get("exits") in exits and inputs.get("exits", {}).get("fingerprint") not in (None, exits[spec["exits"]]):
+            problems.append(f"the exit heads at {spec['exits']} have changed since its runs with them")
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise SystemExit(f"--out {out} holds runs that this one cannot share a report with: {'; '.join(unique[:5])}. "
+                         "Use another --out, or remove those runs")
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def score_examples(task: tasks.Task, examples: list[tasks.Example], texts: list[str],
@@ -124,10 +197,13 @@ def _exit_sources(args, backbone: Backbone):
 class Sweep:
     """Runs one backbone over the tasks, writing one JSON per run and skipping finished ones."""
 
-    def __init__(self, args, backbone: Backbone, log=print):
+    def __init__(self, args, backbone: Backbone, log=print, inputs: dict | None = None):
         self.args, self.backbone, self.log = args, backbone, log
         self.out = Path(args.out)
         self.num_layers = backbone.config.num_layers
+        # what the runs are computed on (recorded in each run): {"data": {task: ...},
+        # "model": {"path", "fingerprint"}, "exits": {path: fingerprint}}
+        self.inputs = inputs or {}
 
     def spec(self, task: str, variant: str, **kw) -> RunSpec:
         a = self.args
@@ -150,6 +226,11 @@ class Sweep:
                              "model_type": self.backbone.config.model_type},
                 "primary": task.primary, "metrics": means, "compute": {**compute, **timing},
                 "examples": records, **(extra or {})}
+        if self.inputs:
+            exits = self.inputs["exits"]
+            data["inputs"] = {"data": self.inputs["data"][spec.task], "model": self.inputs["model"],
+                              **({"exits": {"path": spec.exits, "fingerprint": exits[spec.exits]}}
+                                 if spec.exits in exits else {})}
         path = self.out / spec.filename()
         write_json_atomic(path, data, indent=1)
         self.log(f"wrote {path}: {spec.label} {task.primary}={means[task.primary]:.4g} "
@@ -319,8 +400,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir != tasks.HUB:  # fail on bad data before loading the model
         for name in args.tasks:
             tasks.get_task(name).load(args.data_dir, args.limit, args.split)
+    inputs = {"data": {name: data_inputs(tasks.get_task(name), args.data_dir, args.split, args.limit)
+                       for name in args.tasks},
+              "model": {"path": args.model, "fingerprint": fingerprint(args.model)},
+              "exits": {str(path): fingerprint(path) for path in args.exits}}
+    check_out_dir(Path(args.out), inputs["data"], {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype},
+                  (args.model, inputs["model"]["fingerprint"]), inputs["exits"])
     backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
-    sweep = Sweep(args, backbone)
+    sweep = Sweep(args, backbone, inputs=inputs)
     sources = _exit_sources(args, backbone)
     for name in args.tasks:
         sweep.run_task(name, sources)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -423,3 +424,81 @@ def test_distill_checkpoint_faults(tmp_path, capsys):
     assert again["exits/exit_params.safetensors"] == first["exits/exit_params.safetensors"]
     assert json.loads(again["summary.json"])["final"] == summary["final"] | {
         "tokens_per_s": json.loads(again["summary.json"])["final"]["tokens_per_s"]}
+
+
+# ----------------------------------------------------------------------------- evaluation sweeps
+
+
+def _fake_run(out: Path, name: str, task="trivia_qa", data="bundled:evaluation", limit=2, model="m",
+              inputs=None, **spec) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"task": task, "variant": "full", "model": model, "data": data, "limit": limit, "max_new_tokens": 4,
+            "dtype": "float32", "chat_template": True, "exits": None, **spec}
+    (out / f"{name}.json").write_text(json.dumps({"spec": spec, "metrics": {}, **({"inputs": inputs} if inputs else {})}))
+
+
+def test_eval_out_dir_refuses_runs_it_could_not_tell_apart(tmp_path):
+    from eval import run, tasks
+
+    out = tmp_path / "out"
+    data = {"trivia_qa": run.data_inputs(tasks.get_task("trivia_qa"), None, "evaluation", 2)}
+    assert data["trivia_qa"]["sha256"] == run.fingerprint(data["trivia_qa"]["file"])
+    settings = {"max_new_tokens": 4, "dtype": "float32"}
+
+    def check(model=("m", "w1"), exits=None):
+        run.check_out_dir(out, data, settings, model, exits or {})
+
+    check()  # no --out yet
+    _fake_run(out, "same", inputs={"data": data["trivia_qa"], "model": {"path": "m", "fingerprint": "w1"}})
+    _fake_run(out, "other-model", model="m2")  # another backbone of the sweep
+    _fake_run(out, "other-task", task="coqa", data="elsewhere:all")  # a task this sweep does not run
+    check()
+    for name, kw, message in [
+        ("part", {"data": "bundled:calibration"}, "trivia_qa runs with data 'bundled:calibration' "
+                                                  "(here 'bundled:evaluation')"),
+        ("dir", {"data": "mine:all"}, "data 'mine:all'"),
+        ("limit", {"limit": 50}, "limit 50 (here 2)"),
+        ("tokens", {"max_new_tokens": 32}, "max_new_tokens 32 (here 4)"),
+        ("content", {"inputs": {"data": {**data["trivia_qa"], "sha256": "0" * 64}}}, "another content of"),
+    ]:
+        _fake_run(out, name, **kw)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            check()
+        (out / f"{name}.json").unlink()
+    with pytest.raises(SystemExit, match="the model at m has changed"):
+        check(model=("m", "w2"))
+    _fake_run(out, "exits", exits="heads", inputs={"exits": {"path": "heads", "fingerprint": "e1"}})
+    check(exits={"heads": "e1"})
+    with pytest.raises(SystemExit, match="the exit heads at heads have changed"):
+        check(exits={"heads": "e2"})
+
+
+def test_eval_run_refuses_to_mix_before_loading_the_model(tiny_checkpoint, tmp_path):
+    from eval import run
+
+    out = tmp_path / "out"
+    _fake_run(out, "old", data="bundled:calibration", model=str(tiny_checkpoint))
+    with pytest.raises(SystemExit, match="trivia_qa runs with data 'bundled:calibration'"):
+        run.main(["--model", str(tiny_checkpoint), "--tasks", "trivia_qa", "--limit", "2", "--out", str(out)])
+
+
+def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
+    import types
+
+    from eval import run, tasks
+
+    backbone = types.SimpleNamespace(config=dx.MistralConfig.tiny(), path="m", chat_template=True)
+    args = types.SimpleNamespace(out=str(tmp_path), data_dir=None, split="evaluation", limit=2,
+                                 max_new_tokens=4, dtype="float32")
+    inputs = {"data": {"trivia_qa": run.data_inputs(tasks.get_task("trivia_qa"), None, "evaluation", 2)},
+              "model": {"path": "m", "fingerprint": "w"}, "exits": {str(exits_dir): run.fingerprint(exits_dir)}}
+    sweep = run.Sweep(args, backbone, log=lambda *a: None, inputs=inputs)
+    spec = sweep.spec("trivia_qa", "exit", exits=str(exits_dir), kind="calm", mode="copy", threshold=0.5,
+                      exit_layers=(2, 3))
+    recorded = sweep.record(spec, {"avg_layers": 3.0, "compute": 0.9}, {}, {"f1": 0.5}, [])["inputs"]
+    assert recorded["data"]["file"].endswith(".jsonl") and len(recorded["data"]["sha256"]) == 64
+    assert recorded["model"] == {"path": "m", "fingerprint": "w"}
+    assert recorded["exits"] == {"path": str(exits_dir), "fingerprint": run.fingerprint(exits_dir)}
+    fingerprint = run.fingerprint(exits_dir)
+    (exits_dir / "exit_config.json").write_text((exits_dir / "exit_config.json").read_text() + " ")
+    assert run.fingerprint(exits_dir) != fingerprint

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import DTYPES, atomic_directory, parse_dtype
 
 
@@ -46,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="do not copy (or, from .gguf, rebuild) the tokenizer files into DST")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -73,4 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m convert"))

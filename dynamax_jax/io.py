@@ -218,10 +218,15 @@ def write_json_atomic(path, obj: Any, *, indent: int | None = 2, default=None) -
 
 def read_jsonl(path) -> Iterator[tuple[int, Any]]:
     """``(line_number, value)`` for every non-blank line of the JSON-lines file ``path``,
-    line numbers counted from 1. A line that is not valid JSON raises ``DataError`` naming
-    the file and the line."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    line numbers counted from 1. A line that is not UTF-8 or not valid JSON raises
+    ``DataError`` naming the file and the line."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {line_number}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
+                                f"at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.exits import EXIT_FILES, write_exits
 from dynamax_jax.io import atomic_directory, check_destination
 
@@ -264,6 +265,7 @@ def _parser():
     p.add_argument("--no-write", action="store_true", help="report only; leave the exit checkpoint unchanged")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --exits directory that also holds other files (they are kept)")
+    add_debug_flag(p)
     return p
 
 
@@ -387,4 +389,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, prog="python -m eval.calibrate"))

@@ -46,6 +46,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import write_json_atomic
 from eval import metrics, tasks
 from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static layer pruning baseline: 'auto' (the exit runs' average depths, rounded), "
                         "'none', or comma-separated layer counts")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle-exit ceiling")
+    add_debug_flag(p)
     return p
 
 
@@ -400,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir != tasks.HUB:  # fail on bad data before loading the model
         for name in args.tasks:
             tasks.get_task(name).load(args.data_dir, args.limit, args.split)
+    if not Path(args.model).exists():
+        raise SystemExit(f"--model {args.model} does not exist")
     inputs = {"data": {name: data_inputs(tasks.get_task(name), args.data_dir, args.split, args.limit)
                        for name in args.tasks},
               "model": {"path": args.model, "fingerprint": fingerprint(args.model)},
@@ -418,4 +422,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m eval.run"))

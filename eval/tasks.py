@@ -210,7 +210,8 @@ class Task:
             path = DATA_DIR / self.bundled if data_dir is None else Path(data_dir) / self.fixture_file
             if not path.is_file():
                 raise FileNotFoundError(f"data file not found: {path}"
-                                        + ("" if data_dir is None else " (--data-dir needs one <task>.jsonl per task)"))
+                                        + ("" if data_dir is None else " (a data directory needs one <task>.jsonl "
+                                                                       "per task)"))
             rows = ((f"{path}, line {line}", row) for line, row in read_jsonl(path))
         return examples_from_rows(self, rows, source, limit, split)
 

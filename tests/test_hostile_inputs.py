@@ -502,3 +502,71 @@ def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
     fingerprint = run.fingerprint(exits_dir)
     (exits_dir / "exit_config.json").write_text((exits_dir / "exit_config.json").read_text() + " ")
     assert run.fingerprint(exits_dir) != fingerprint
+
+
+# ----------------------------------------------------------------------------- command-line errors
+
+
+def test_cli_errors_print_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from convert.__main__ import main as convert_main
+    from dynamax_jax.cli import run_cli
+    from eval.run import main as eval_main
+
+    monkeypatch.delenv("DYNAMAX_DEBUG", raising=False)
+    missing = str(tmp_path / "missing")
+    assert run_cli(convert_main, [missing, str(tmp_path / "dst")], prog="python -m convert") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m convert: error: checkpoint {missing} does not exist\n")
+    assert "Traceback" not in err and "--debug" in err
+    assert run_cli(eval_main, ["--model", missing, "--out", str(tmp_path / "o")], prog="python -m eval.run") == 2
+    assert capsys.readouterr().err.startswith(f"python -m eval.run: error: --model {missing} does not exist\n")
+    with pytest.raises(FileNotFoundError):  # the traceback on demand
+        run_cli(convert_main, [missing, str(tmp_path / "dst"), "--debug"])
+    monkeypatch.setenv("DYNAMAX_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run_cli(convert_main, [missing, str(tmp_path / "dst")])
+    monkeypatch.delenv("DYNAMAX_DEBUG")
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_cli(lambda argv: 1 / 0, [])
+
+
+def test_cli_entry_points_use_the_guard(tmp_path):
+    import subprocess
+
+    for module in ("convert", "eval.run"):
+        args = [str(tmp_path / "missing"), str(tmp_path / "dst")] if module == "convert" else [
+            "--model", str(tmp_path / "missing")]
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"python -m {module}: error: " in proc.stderr and "missing" in proc.stderr
+
+
+def test_data_errors_name_the_file_and_the_1_based_line(tmp_path):
+    from dynamax_jax.io import DataError
+    from eval import tasks
+
+    good = json.dumps({"question": "Q?", "answer": {"value": "A", "aliases": ["A"]}})
+    (tmp_path / "trivia_qa.jsonl").write_text(f"{good}\n{good}\n\n" + json.dumps({"question": "Q?"}) + "\n")
+    with pytest.raises(DataError, match=r"trivia_qa\.jsonl, line 4: .*answer"):
+        tasks.get_task("trivia_qa").load(str(tmp_path))
+    (tmp_path / "trivia_qa.jsonl").write_bytes(good.encode() + b"\n" + good.encode().replace(b"Q?", b"Q\xff?") + b"\n")
+    with pytest.raises(DataError, match=r"trivia_qa\.jsonl, line 2: not valid UTF-8 \(byte b'\\xff'"):
+        tasks.get_task("trivia_qa").load(str(tmp_path))
+
+
+def test_calibrate_names_its_own_data_flag(tmp_path, capsys):
+    from eval.calibrate import main as calibrate_main
+
+    assert calibrate_main(["--exits", str(tmp_path), "--data", str(tmp_path), "--tasks", "trivia_qa"]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found" in err and "--data-dir" not in err
+
+
+def test_undecodable_prompt_bytes_are_named():
+    from dynamax_jax.cli import utf8_text
+
+    prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # how Python passes such argv bytes
+    with pytest.raises(ValueError, match=r"--prompt is not valid UTF-8: byte\(s\) b'\\xe9' at character 3"):
+        utf8_text(prompt, "--prompt")
+    assert utf8_text("café", "--prompt") == "café"

@@ -45,6 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import atomic_file, write_json_atomic, write_text_atomic
 from eval import metrics, tasks
 from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-layers", type=csv_list(int), default=None,
                    help="comma-separated layers k for static pruning, each in [1, L-1] (default: the floor "
                         "and ceil of every target, clipped to [1, L-1])")
+    add_debug_flag(p)
     return p
 
 
@@ -324,4 +326,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m eval.budget"))

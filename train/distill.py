@@ -29,7 +29,8 @@ Training: AdamW (``train/optim.py``: linear warm-up, cosine decay to 10 %, globa
 ``--out DIR`` receives::
 
     checkpoints/        orbax CheckpointManager: exit params, optimizer state, data-iterator
-                        state and step; a restarted run resumes from the latest one
+                        state (of every process) and step; a restarted run resumes from the
+                        newest readable one (an unreadable one is reported and dropped)
     metrics.jsonl       one line per --log-every steps: loss, lr, per-exit precision, recall,
                         positive rate (= agreement with the final layer), oracle layers
     distill_config.json the settings (a restart must use the same ones)

@@ -570,3 +570,14 @@ def test_undecodable_prompt_bytes_are_named():
     with pytest.raises(ValueError, match=r"--prompt is not valid UTF-8: byte\(s\) b'\\xe9' at character 3"):
         utf8_text(prompt, "--prompt")
     assert utf8_text("café", "--prompt") == "café"
+
+
+def test_distill_errors_exit_2_and_debug_shows_the_traceback(tmp_path, capsys):
+    from train import distill as T
+
+    argv = ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv)
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(T.DistillError, match="does not exist"):
+        T.main([*argv, "--debug"])

@@ -61,6 +61,7 @@ import optax
 
 from dynamax_jax import exits as ex
 from dynamax_jax import sharding as S
+from dynamax_jax.cli import add_debug_flag, debug_requested, run_cli
 from dynamax_jax.default_model import smollm2_gguf_path
 from dynamax_jax.io import parse_dtype, write_json_atomic, write_text_atomic
 from train import optim
@@ -599,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
     p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_debug_flag(p)
     return p
 
 
@@ -624,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = Run(settings).prepare().train()
     except (DistillError, DataError, S.ShardingError, ex.ExitError, ConfigError, CheckpointError,
             FileNotFoundError) as e:
+        if debug_requested(argv):
+            raise
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if jax.process_index() == 0:
         final = summary["final"]
@@ -634,4 +638,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m train.distill"))

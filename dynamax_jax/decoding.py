@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -79,10 +80,13 @@ def decode_params(params: Params, donate: bool = False) -> Params:
     return {**params, "layers": unstack(params["layers"], donate=donate)}
 
 
-def per_exit(exit_params: Params | None):
-    """Stacked ``[E, ...]`` exit params as a tuple of per-exit dicts (one buffer each)."""
+def per_exit(exit_params: Params | None, dtype=None):
+    """Stacked ``[E, ...]`` exit params as a tuple of per-exit dicts (one buffer each), cast
+    to ``dtype`` when given."""
     if exit_params is None or isinstance(exit_params, (tuple, list)):
         return exit_params
+    if dtype is not None:
+        exit_params = jax.tree.map(lambda a: a.astype(dtype), exit_params)
     return unstack(exit_params)
 
 
@@ -149,10 +153,12 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
               exit_params: Params | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
               static_exit_layer: int | None = None, return_logits: bool = False, pad_token: int = 0,
-              target_layers: float | None = None, budget_gain: float = 0.5):
+              target_layers: float | None = None, budget_gain: float = 0.5, dtype=None):
     """Check the arguments of a generation (see ``generate``) and split them into static
     ``DecodeSettings``, traced ``DecodeControls`` and the exit params the loop reads (one dict
-    per exit, or None when no classifier runs). Raises ``GenerateError`` / ``ExitError``."""
+    per exit, or None when no classifier runs), cast to ``dtype`` (pass the backbone's weight
+    dtype: heads saved in bfloat16 ran ten times slower than in float32 under XLA:CPU).
+    Raises ``GenerateError`` / ``ExitError``."""
     n_layers = config.num_layers
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -211,7 +217,7 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
         temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
         penalty=jnp.float32(repetition_penalty), stop_tokens=jnp.asarray(stops),
         target_layers=jnp.float32(target_layers or 0.0), budget_gain=jnp.float32(budget_gain))
-    return settings, controls, per_exit(exit_params)
+    return settings, controls, per_exit(exit_params, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,6 +663,27 @@ def check_context(config, longest_prompt: int, max_new_tokens: int) -> None:
                             f"{longest_prompt + max_new_tokens} tokens, more than the model's context of {limit}")
 
 
+def cache_bytes(config, batch: int, cache_len: int, dtype) -> int:
+    """Bytes of the decode caches (``init_cache``) for ``batch`` rows of ``cache_len`` slots."""
+    shapes = jax.eval_shape(lambda: module_for(config).init_cache(config, batch, cache_len, dtype))
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def check_cache_memory(config, batch: int, cache_len: int, dtype) -> None:
+    """Refuse caches larger than the memory this host has available (CPU backend only: an
+    accelerator's memory is its own)."""
+    if jax.default_backend() != "cpu" or not hasattr(os, "sysconf"):
+        return
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    needed = cache_bytes(config, batch, cache_len, dtype)
+    if needed > available:
+        raise GenerateError(f"the cache for {batch} x {cache_len} tokens needs {needed / 2**30:.1f} GiB, more than "
+                            f"the {available / 2**30:.1f} GiB of memory available")
+
+
 def summarize(config, settings: DecodeSettings, controls: DecodeControls, exit_layers, positions) -> dict:
     """Average layers and FLOPs of the generated tokens (``exit_layers > 0``), see
     ``dynamax_jax.flops.summarize``; exits whose threshold is above 1 ran no classifier."""
@@ -708,7 +735,7 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
         config, max_new_tokens, exit_config=exit_config, exit_params=exit_params, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
         static_exit_layer=static_exit_layer, return_logits=return_logits, pad_token=pad_token,
-        target_layers=target_layers, budget_gain=budget_gain)
+        target_layers=target_layers, budget_gain=budget_gain, dtype=params["embed"].dtype)
     check_context(config, int(lengths.max()), int(max_new_tokens))
     needed = int(lengths.max()) + int(max_new_tokens)
     if cache_len is None:
@@ -716,6 +743,7 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
     elif cache_len < needed:
         raise GenerateError(f"the cache has {cache_len} slots but the longest prompt ({int(lengths.max())} "
                             f"tokens) plus max_new_tokens ({max_new_tokens}) needs {needed}")
+    check_cache_memory(config, prompt.shape[0], int(max(cache_len, t)), params["embed"].dtype)
     params = decode_params(params)
     key = jax.random.key(0) if key is None else key
     state = prefill(config, settings, params, exit_params, jnp.asarray(prompt), jnp.asarray(lengths),

@@ -569,16 +569,6 @@ def affine_to_lowrank(exit_config: ExitConfig, exit_params: Params, rank: int) -
     return dataclasses.replace(exit_config, adapter="lowrank", adapter_rank=rank), params
 
 
-def _stack_index(tree, index):
-    """Slice exit/layer ``index`` (traced ok) out of a pytree stacked on axis 0."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, axis=0, keepdims=False), tree)
-
-
-def _stack_update(tree, new, index):
-    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), index, axis=0),
-                        tree, new)
-
-
 __all__: Sequence[str] = (
     "ExitConfig", "ExitError", "MambaExitState", "adapt", "adapter_params", "affine_to_lowrank", "init_exits", "save_exits", "load_exits",
     "write_exits", "EXIT_FILES",

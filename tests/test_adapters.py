@@ -12,6 +12,7 @@ import dynamax_jax as dx
 from dynamax_jax import exits as ex
 from dynamax_jax import flops
 from dynamax_jax.models import mistral, module_for
+from dynamax_jax.models.layers import stack_index
 from train import distill as T
 from train import objective as O
 
@@ -36,9 +37,9 @@ def test_adapter_starts_as_identity_and_computes_its_map(adapter, names):
     p = ex.init_exits(CFG, ec, jax.random.key(0))
     assert set(ex.adapter_params(p)) == names
     h = jax.random.normal(jax.random.key(2), (3, 5, CFG.hidden_size))
-    one = ex._stack_index(p, 0)
+    one = stack_index(p, 0)
     np.testing.assert_array_equal(ex.adapt(ec, one, h), h)  # zero init: the plain logit lens
-    one = ex._stack_index(_with_random_adapter(ec), 1)
+    one = stack_index(_with_random_adapter(ec), 1)
     hn = np.asarray(h, np.float64)
     if adapter == "affine":
         expected = hn + hn @ np.asarray(one["adapter_w"]) + np.asarray(one["adapter_b"])
@@ -96,7 +97,7 @@ def test_generate_predicts_through_the_adapter_at_an_exit(confidence):
     assert (r.exit_layers == 2).all()
     _, hidden = mistral.forward(CFG, PARAMS, jnp.asarray(prompt), return_hidden=True)
     h = hidden[1, 0, -1]  # after layer 2, last prompt token
-    expected = mistral.head(CFG, PARAMS, ex.adapt(ec, ex._stack_index(p, 0), h))
+    expected = mistral.head(CFG, PARAMS, ex.adapt(ec, stack_index(p, 0), h))
     np.testing.assert_allclose(r.logits[0, 0], expected, rtol=1e-5, atol=1e-5)
     plain = mistral.head(CFG, PARAMS, h)
     assert float(jnp.max(jnp.abs(expected - plain))) > 1e-2, "the adapter must change the prediction"
@@ -155,7 +156,7 @@ def test_adapted_labels_and_kl_equal_a_hand_computation():
     logp_final = final64 - np.log(np.sum(np.exp(final64), -1, keepdims=True))
     m = np.asarray(mask)
     for e in range(len(layers)):
-        lg = np.asarray(mistral.head(CFG, PARAMS, ex.adapt(ec, ex._stack_index(p, e), exit_hidden[e])), np.float64)
+        lg = np.asarray(mistral.head(CFG, PARAMS, ex.adapt(ec, stack_index(p, e), exit_hidden[e])), np.float64)
         logq = lg - np.log(np.sum(np.exp(lg), -1, keepdims=True))
         expected_kl = np.sum(np.exp(logp_final) * (logp_final - logq), -1)
         np.testing.assert_allclose(float(kl[e]), np.sum(expected_kl * m) / m.sum(), rtol=1e-4)
@@ -218,7 +219,7 @@ def test_oracle_uses_the_adapted_exit_tokens():
         seq = jnp.asarray([prompt + gen.tokens[:-1]])
         logits, hidden = mistral.forward(CFG, PARAMS, seq, return_hidden=True)
         final = np.argmax(np.asarray(logits[0]), -1)[start:]
-        toks = [np.argmax(np.asarray(module_for(CFG).head(CFG, PARAMS, ex.adapt(ec, ex._stack_index(p, e),
+        toks = [np.argmax(np.asarray(module_for(CFG).head(CFG, PARAMS, ex.adapt(ec, stack_index(p, e),
                                                                                   hidden[l - 1, 0]))), -1)[start:]
                 for e, l in enumerate(layers)]
         expected = [next((l for l, t in zip(layers, toks) if t[i] == final[i]), 4) for i in range(len(gen.tokens))]
@@ -240,7 +241,7 @@ def test_affine_to_lowrank_is_the_truncated_svd():
     full_rank = ex.affine_to_lowrank(ec, p, CFG.hidden_size - 1)[1]
     h = jax.random.normal(jax.random.key(3), (4, CFG.hidden_size))
     np.testing.assert_allclose(ex.adapt(dataclasses.replace(lec, adapter_rank=CFG.hidden_size - 1),
-                                        ex._stack_index(full_rank, 0), h),
-                               ex.adapt(ec, ex._stack_index(p, 0), h), atol=0.05)
+                                        stack_index(full_rank, 0), h),
+                               ex.adapt(ec, stack_index(p, 0), h), atol=0.05)
     with pytest.raises(ex.ExitError, match="needs affine adapters"):
         ex.affine_to_lowrank(lec, lp, 4)

@@ -2,7 +2,12 @@
 
 import importlib
 
+import jax
+import pytest
+
+import dynamax_jax as dx
 from dynamax_jax.assets import ASSET_DIR, asset_path
+from dynamax_jax.cli import run_cli
 
 G = importlib.import_module("dynamax_jax.generate")
 
@@ -19,3 +24,38 @@ def test_cli_streams_text_and_prints_savings(capsys):
 
     assert G.main(["--model", model, "--max-new-tokens", "4", "The function returns"]) == 0
     assert "average layers 8.00 of 8" in capsys.readouterr().err  # another model: full depth by default
+
+
+def test_threshold_above_one_runs_no_classifier(capsys):
+    """An exit that cannot fire costs nothing: the FLOPs equal full depth's, not more."""
+    model = str(asset_path("mamba2-small"))
+    exits = str(ASSET_DIR / "exits" / "mamba2-small-mamba")
+    assert G.main(["--model", model, "--exits", exits, "--threshold", "2", "--max-new-tokens", "4",
+                   "The function returns"]) == 0
+    assert "average layers 8.00 of 8; FLOPs 100.0% of full depth" in capsys.readouterr().err
+
+
+def test_bad_arguments_fail_before_loading(capsys):
+    """Each bad flag is refused by the parser (exit 2) before any model is read."""
+    for flags, message in [(["--chunk", "0"], "--chunk must be >= 1"),
+                           (["--chunk", "-3"], "--chunk must be >= 1"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                           (["--top-p", "0"], "--top-p must be in"),
+                           (["--model", "/nonexistent/model"], "does not exist")]:
+        with pytest.raises(SystemExit) as exit_:
+            G.main(flags + ["hello"])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_prompt_past_the_context_is_refused(tiny_llama_dir, capsys):
+    """Prompt plus new tokens longer than max_position_embeddings (1024 here): one line, exit 2."""
+    prompt = " ".join(["the river"] * 600)
+    status = run_cli(G.main, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "8", prompt],
+                     prog="python -m dynamax_jax.generate")
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "more than the model's context of 1024" in err and "Traceback" not in err
+    with pytest.raises(dx.GenerateError, match="more than the model's context of 1024"):
+        config = dx.MistralConfig.tiny(max_position_embeddings=1024)
+        dx.generate(config, dx.init_params(config, jax.random.key(0)), [[1] * 1020], max_new_tokens=8)

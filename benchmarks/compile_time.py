@@ -68,9 +68,9 @@ def main(argv=None) -> None:
     codestral = dx.Mamba2Config(vocab_size=32768, hidden_size=4096, num_layers=64, state_size=128, expand=2,
                                 head_dim=64, n_groups=8, conv_kernel=4, chunk_size=256, tie_word_embeddings=False)
     abstract = jax.eval_shape(lambda: dx.decode_params(module_for(codestral).init_params(codestral, jax.random.key(0),
-                                                                                         jnp.bfloat16)))
+                                                                                         jnp.float32)))
     ec = dx.ExitConfig(kind="mamba")
-    exit_params = dx.init_exits(codestral, ec, jax.random.key(1), dtype=jnp.bfloat16)
+    exit_params = dx.init_exits(codestral, ec, jax.random.key(1), dtype=jnp.float32)
     r = lower_and_compile(codestral, abstract, ec, exit_params, args.chunk)
     print(f"\n64-layer Codestral-shaped decode with exits at {ec.resolve(codestral).layers}: lowered in "
           f"{r['lower_decode']:.2f} s (prefill {r['lower_prefill']:.2f} s)")

@@ -181,7 +181,7 @@ def test_padded_prefill_matches_each_row_alone(ours_g1):
     assert np.abs(np.asarray(kept.ssm[:, 0] - start.ssm[:, 0])).max() > 1e-3
 
 
-def test_apply_layer_matches_scanned_stack(ours_g1):
+def test_prefill_layer_matches_scanned_stack(ours_g1):
     """Layer by layer with sliced params and state reproduces ``apply``'s hidden states."""
     config, params = ours_g1
     tokens = jnp.asarray(random_tokens(config.vocab_size, 2, CHUNK + 5, seed=5))

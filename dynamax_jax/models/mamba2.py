@@ -68,7 +68,7 @@ _init = nn.initializers.normal(stddev=0.02)
 @dataclasses.dataclass
 class Mamba2State:
     """Recurrent state of every layer: ``conv [L, B, K-1, C]``, ``ssm [L, B, H, P, N]`` float32.
-    A per-layer slice (leaves without the ``[L]`` axis) is what ``apply_layer`` takes."""
+    A per-layer slice (leaves without the ``[L]`` axis) is what ``prefill_layer`` and ``decode_layer`` take."""
 
     conv: jax.Array
     ssm: jax.Array

@@ -3,10 +3,11 @@ layer (plain logit lens, and through the checkpoint's adapters), the oracle savi
 with and without adapters, and early-exit generation against full depth.
 
     python -m benchmarks.exit_heads --exits dynamax_jax/assets/exits/smollm2-135m-instruct-mamba \\
-        --questions eval/data/calibration/trivia_qa.jsonl --limit 40 --out runs/exit_heads.json
+        --questions 40 --out runs/exit_heads.json
 
-Prompts: five built-in chat prompts plus, with ``--questions``, the first ``--limit``
-questions of a TriviaQA-schema jsonl file, all in the chat template. Full-depth greedy
+Prompts: five built-in chat prompts plus the first ``--questions`` questions of the
+calibration part of the bundled TriviaQA (``eval/data/real``; never the evaluation part),
+all in the chat template. Full-depth greedy
 generations (``--max-new-tokens``, stopping at EOS) are then teacher-forced through the
 backbone once; at every exit the head's token (after the adapter, when there is one) is
 compared with the final layer's. The oracle leaves at the first exit that agrees, so its
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--exits", nargs="+", required=True, help="exit checkpoint directories")
-    p.add_argument("--questions", default=None, help="TriviaQA-schema jsonl whose questions are added as prompts")
-    p.add_argument("--limit", type=int, default=40, help="questions taken from --questions")
+    p.add_argument("--questions", type=int, default=40,
+                   help="questions of the bundled TriviaQA's calibration part added as prompts")
     p.add_argument("--thresholds", default="0.5,0.7,0.9", help="comma-separated thresholds for generation")
     p.add_argument("--svd-ranks", default="", help="comma-separated ranks to truncate affine adapters to")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     config = backbone.config
     texts = list(CHAT_PROMPTS)
     if args.questions:
-        texts += [e.prompt for e in get_task("trivia_qa").load(str(Path(args.questions).parent), args.limit)]
+        texts += [e.prompt for e in get_task("trivia_qa").load(None, args.questions, split="calibration")]
     prompts = [backbone.encode(t) for t in texts]
 
     def generate(**kw):

@@ -40,6 +40,7 @@ CALIBRATION_FILE = "calibration.json"
 OWNED_FILES = EXIT_FILES + (CALIBRATION_FILE,)  # what calibrate writes into --exits
 from eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
 from eval.metrics import rouge_inconsistency, token_disagreement
+from eval.tasks import answer_from_generation
 
 
 class CalibrationError(ValueError):
@@ -203,6 +204,13 @@ def parse_levels(text: str) -> list[tuple[float, float]]:
     return levels
 
 
+def answer_inconsistency(early_text: str, full_text: str) -> float:
+    """``--loss rouge``: 1 - ROUGE-L F1 of the two answers as ``eval.run`` scores them (the
+    first non-empty line of each generation), so that a calibrated ``delta`` of 0.1 is a
+    consistency of 90 in ``eval.run``'s reports."""
+    return rouge_inconsistency(answer_from_generation(early_text), answer_from_generation(full_text))
+
+
 def full_depth(backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int):
     """The full model's greedy generations of ``prompts`` (the reference of ``measure``)."""
     return generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -226,7 +234,7 @@ def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, 
                                pad_multiple=16, exit_config=ec, exit_params=exit_params, desc=f"threshold {thr}")
         for i, (g, f) in enumerate(zip(gens, full)):
             losses[i, j] = (token_disagreement(g.tokens, f.tokens) if loss == "token"
-                            else rouge_inconsistency(backbone.decode(g.tokens), full_text[i]))
+                            else answer_inconsistency(backbone.decode(g.tokens), full_text[i]))
         summary = compute_summary(backbone.config, ec, gens, [len(p) for p in prompts])
         layers[j], compute[j] = summary["avg_layers"], summary["compute"]
     return losses, layers, compute

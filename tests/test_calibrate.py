@@ -159,6 +159,16 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
     assert (meta["delta"], meta["epsilon"], meta["calibration_size"]) == (0.6, 0.2, 12)
 
 
+def test_rouge_loss_scores_the_answers_that_eval_run_scores():
+    from eval.calibrate import answer_inconsistency
+    from eval.metrics import consistency
+    from eval.tasks import answer_from_generation
+    assert answer_inconsistency("Paris\nQ: what next", "\nParis\nQ: something else") == 0.0
+    early, full = "The capital is Paris, France.\nmore", "Paris is the capital.\nQ:"
+    want = 1 - consistency(answer_from_generation(early), answer_from_generation(full))["consistency_rougeL"] / 100
+    assert answer_inconsistency(early, full) == pytest.approx(want) and 0 < want < 1
+
+
 def test_rouge_inconsistency_is_in_the_unit_interval():
     from eval.metrics import rouge_inconsistency
     assert rouge_inconsistency("the cat sat", "the cat sat") == 0.0

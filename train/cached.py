@@ -1,0 +1,454 @@
+"""Exit heads from one pass of the frozen backbone: cache its outputs, fit the adapters in
+closed form, train every classifier kind on the cache.
+
+    python -m train.cached --data train/answers/smollm2-135m-instruct.jsonl=400000,train/prose=200000 \\
+        --exit-layers 16,18,20,22,24,26,28 --kinds calm,ffn --adapter affine --out runs/smollm2-cached
+
+Shape legend: R cached rows, E exits, T tokens per row, D hidden, K the final layer's top-k.
+
+``train.distill`` runs the backbone at every step of every head kind; on a CPU that is 90 %
+of a step. Here it runs once:
+
+1. **Cache** (``out/cache``): rows of ``--seq-len`` tokens from each ``--data`` source up to
+   its token quota (the ``train.data`` pipeline: documents shuffled with the seed, packed);
+   one forward pass per batch stores the exit hidden states ``hidden [R, E, T, D]`` (in
+   ``--cache-dtype``), the final layer's top-k token ids ``topk [R, T, K]``, and the
+   normal equations of the adapters' least-squares fit. A cache whose settings match is
+   reused.
+2. **Adapters** (``--adapter affine``): each exit's ``h + h W + b`` is the ridge-regression
+   fit of the final layer's hidden state (before the final norm) from the exit's, in closed
+   form: a "linear shortcut" (Din et al., 2023, *Jump to Conclusions*). It needs no LM-head
+   backward pass, the cost of the KL-trained tuned lens of ``train.distill``. ``none``: the
+   plain logit lens.
+3. **Labels** ``[R, E, T]``: positive where the exit's predicted token (the backbone's final
+   norm and LM head after the adapter) is among the final layer's top-``--topk``.
+4. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
+   ``train.distill.make_classifier_step`` (the objective and optimizer of ``train.distill``),
+   for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of
+   the rows (drawn with the seed) are held out and scored at each threshold.
+
+``--out`` receives ``cache/``, ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
+``summary.json`` (timings, tokens/s, per-exit label rates, held-out precision/recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamax_jax import exits as ex
+from dynamax_jax.cli import add_debug_flag, run_cli
+from dynamax_jax.io import DataError, atomic_directory, atomic_file, check_destination, parse_dtype, write_json_atomic
+from dynamax_jax.models import module_for
+from train.distill import DistillError, DistillSettings, make_classifier_step, make_optimizer
+
+CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
+ADAPTERS = ("affine", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A distillation source and how many of its tokens go into the cache."""
+
+    path: str
+    tokens: int
+
+
+def parse_sources(text: str) -> list[Source]:
+    """``PATH=TOKENS,PATH=TOKENS`` (``--data``) -> sources; each quota a positive integer."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        path, sep, tokens = item.rpartition("=")
+        try:
+            n = int(tokens.replace("_", ""))
+        except ValueError:
+            n = 0
+        if not sep or not path or n < 1:
+            raise DistillError(f"--data: expected PATH=TOKENS (a positive token count) for each source, got {item!r}")
+        out.append(Source(path, n))
+    if not out:
+        raise DistillError("--data: no source given")
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. cache
+
+
+def make_backbone_pass(config, exit_layers: Sequence[int], topk: int):
+    """Jitted ``(params, tokens [B, T]) -> (exit_hidden [E, B, T, D], topk_ids [B, T, K],
+    gram [E, D+1, D+1], cross [E, D+1, D])``: the frozen backbone once, and each exit's
+    normal-equation terms of the least-squares map ``[h_e, 1] -> h_L - h_e`` (``h_L`` the
+    last layer's output, before the final norm), summed over the batch's tokens."""
+    module = module_for(config)
+    index = np.asarray(exit_layers) - 1  # layer l's output is hidden[l - 1]
+
+    @jax.jit
+    def run(params, tokens):
+        logits, hidden = module.forward(config, params, tokens, return_hidden=True)  # hidden [L, B, T, D]
+        exit_hidden = hidden[index].astype(jnp.float32)  # [E, B, T, D]
+        last = hidden[-1].astype(jnp.float32)  # [B, T, D]
+        x = exit_hidden.reshape(len(index), -1, exit_hidden.shape[-1])  # [E, B*T, D]
+        x = jnp.concatenate([x, jnp.ones(x.shape[:2] + (1,), x.dtype)], axis=-1)  # [E, N, D+1]
+        gram = jnp.einsum("enp,enq->epq", x, x, precision="highest")
+        cross = jnp.einsum("enp,end->epd", x, last.reshape(1, -1, last.shape[-1]) - x[..., :-1],
+                           precision="highest")
+        return exit_hidden, jax.lax.top_k(logits, topk)[1].astype(jnp.int32), gram, cross
+
+    return run
+
+
+def source_batches(source: Source, *, encode, eos_id: int, seq_len: int, batch_size: int, seed: int):
+    """Token batches ``[B, T]`` of one source: enough rows to hold its quota."""
+    from train import data as D
+
+    dataset = D.make_dataset(source.path, encode=encode, eos_id=eos_id, row_len=seq_len, batch_size=batch_size,
+                             seed=seed, process_index=0, process_count=1)
+    iterator = iter(dataset)
+    for _ in range(math.ceil(source.tokens / (batch_size * seq_len))):
+        yield next(iterator)["tokens"]
+
+
+def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: int, exit_layers: Sequence[int],
+                topk: int, seq_len: int, batch_size: int, seed: int, dtype, out, progress: bool = True,
+                identity: dict | None = None) -> dict:
+    """Run the backbone over every source's rows and write the cache directory ``out``
+    (atomically); returns its ``meta.json``. ``identity``: what must match for reuse."""
+    from tqdm import tqdm
+
+    run = make_backbone_pass(config, tuple(exit_layers), topk)
+    batches_per_source = [math.ceil(s.tokens / (batch_size * seq_len)) for s in sources]
+    rows = batch_size * sum(batches_per_source)
+    e, d = len(exit_layers), config.hidden_size
+    started, forward_seconds = time.time(), 0.0
+    with atomic_directory(out, owned=CACHE_FILES) as tmp:
+        hidden = np.lib.format.open_memmap(tmp / "hidden.npy", "w+", np.dtype(dtype), (rows, e, seq_len, d))
+        top = np.lib.format.open_memmap(tmp / "topk.npy", "w+", np.int32, (rows, seq_len, topk))
+        gram = np.zeros((e, d + 1, d + 1), np.float64)
+        cross = np.zeros((e, d + 1, d), np.float64)
+        row = 0
+        with tqdm(total=rows * seq_len, desc="cache", unit="tok", disable=not progress, file=sys.stderr) as bar:
+            for source in sources:
+                for tokens in source_batches(source, encode=encode, eos_id=eos_id, seq_len=seq_len,
+                                             batch_size=batch_size, seed=seed):
+                    t0 = time.perf_counter()
+                    h, ids, g, c = jax.device_get(run(params, jnp.asarray(tokens)))
+                    forward_seconds += time.perf_counter() - t0
+                    hidden[row:row + batch_size] = h.transpose(1, 0, 2, 3).astype(dtype)
+                    top[row:row + batch_size] = ids
+                    gram += g
+                    cross += c
+                    row += batch_size
+                    bar.update(tokens.size)
+        hidden.flush()
+        top.flush()
+        np.save(tmp / "gram.npy", gram)
+        np.save(tmp / "cross.npy", cross)
+        del hidden, top
+        meta = {**(identity or {}), "rows": rows, "exit_layers": list(exit_layers), "seq_len": seq_len,
+                "topk": topk, "cache_dtype": np.dtype(dtype).name,
+                "sources": [dataclasses.asdict(s) | {"rows": batch_size * n} for s, n in zip(sources, batches_per_source)],
+                "seconds": time.time() - started, "forward_seconds": forward_seconds,
+                "tokens_per_s": rows * seq_len / max(forward_seconds, 1e-9)}
+        write_json_atomic(tmp / "meta.json", meta)
+    return meta
+
+
+@dataclasses.dataclass
+class Cache:
+    """An opened cache directory (arrays memory-mapped)."""
+
+    meta: dict
+    hidden: np.ndarray  # [R, E, T, D]
+    topk: np.ndarray  # [R, T, K]
+    gram: np.ndarray  # [E, D+1, D+1] float64
+    cross: np.ndarray  # [E, D+1, D] float64
+
+    @classmethod
+    def open(cls, path) -> "Cache":
+        path = Path(path)
+        missing = [name for name in CACHE_FILES if not (path / name).is_file()]
+        if missing:
+            raise DataError(f"{path} is not a complete cache: missing {', '.join(missing)}")
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(meta, np.load(path / "hidden.npy", mmap_mode="r"), np.load(path / "topk.npy", mmap_mode="r"),
+                   np.load(path / "gram.npy"), np.load(path / "cross.npy"))
+
+
+# ----------------------------------------------------------------------------- 2. adapters
+
+
+def fit_affine_adapters(gram: np.ndarray, cross: np.ndarray, ridge: float) -> dict[str, np.ndarray]:
+    """Ridge solution of ``[h, 1] @ [[W], [b]] = h_L - h`` per exit from the normal equations
+    ``gram [E, D+1, D+1]`` and ``cross [E, D+1, D]``: ``{"adapter_w" [E, D, D], "adapter_b"
+    [E, D]}`` float32. ``ridge`` scales the identity added to ``gram``, relative to the mean
+    of its diagonal (the bias row is not regularised)."""
+    e, p, _ = gram.shape
+    w = np.empty((e, p - 1, p - 1), np.float32)
+    b = np.empty((e, p - 1), np.float32)
+    for i in range(e):
+        reg = np.eye(p) * ridge * np.mean(np.diag(gram[i])[:-1])
+        reg[-1, -1] = 0.0
+        sol = np.linalg.solve(gram[i] + reg, cross[i])  # [D+1, D]
+        w[i], b[i] = sol[:-1], sol[-1]
+    return {"adapter_w": w, "adapter_b": b}
+
+
+# ----------------------------------------------------------------------------- 3. labels
+
+
+def make_labeller(config, exit_config: ex.ExitConfig):
+    """Jitted ``(params, adapters, exit_hidden [E, B, T, D], topk_ids [B, T, K]) -> labels
+    [E, B, T]``: the exit's token (head after the adapter) among the final layer's top-k."""
+    head = module_for(config).head
+
+    @jax.jit
+    def label(params, adapters, exit_hidden, topk_ids):
+        def one(xs):  # one exit at a time bounds memory to one [B, T, V]
+            p, h = xs
+            predicted = jnp.argmax(head(config, params, ex.adapt(exit_config, p, h)), axis=-1)  # [B, T]
+            return jnp.any(predicted[..., None] == topk_ids, axis=-1)
+        return jax.lax.map(one, (adapters, exit_hidden))
+
+    return label
+
+
+def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Cache, batch_size: int,
+                 progress: bool = True) -> np.ndarray:
+    """Labels ``[R, E, T]`` bool for every cached row."""
+    from tqdm import tqdm
+
+    label = make_labeller(config, exit_config)
+    rows, e, t, _ = cache.hidden.shape
+    out = np.zeros((rows, e, t), bool)
+    if not exit_config.has_adapter:
+        adapters = {"unused": jnp.zeros((e,), jnp.float32)}  # lax.map needs a leading [E] axis
+    for start in tqdm(range(0, rows, batch_size), desc="labels", disable=not progress, file=sys.stderr):
+        h = jnp.asarray(np.asarray(cache.hidden[start:start + batch_size], np.float32).transpose(1, 0, 2, 3))
+        out[start:start + batch_size] = np.asarray(label(params, adapters, h, jnp.asarray(
+            cache.topk[start:start + batch_size]))).transpose(1, 0, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. classifiers
+
+
+def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettings, cache: Cache,
+                     labels: np.ndarray, train_rows: np.ndarray, epochs: int, progress: bool = True):
+    """Classifier params (no adapters) trained on ``train_rows`` of the cache for ``epochs``
+    passes in a seeded order; returns ``(params, last metrics, seconds)``."""
+    from tqdm import tqdm
+
+    ec = dataclasses.replace(exit_config, adapter="none")
+    b = settings.batch_size
+    steps_per_epoch = len(train_rows) // b
+    if steps_per_epoch < 1:
+        raise DistillError(f"the cache has {len(train_rows)} training rows, fewer than --batch-size {b}")
+    settings = dataclasses.replace(settings, steps=epochs * steps_per_epoch)
+    tx = make_optimizer(settings)
+    params = ex.init_exits(config, ec, jax.random.key(settings.seed))
+    opt_state = tx.init(params)
+    step = jax.jit(make_classifier_step(config, ec, settings, tx), donate_argnums=(0, 1))
+    mask = jnp.ones((b, cache.hidden.shape[2]), jnp.float32)
+    rng = np.random.default_rng(settings.seed)
+    started, metrics = time.time(), {}
+    with tqdm(total=settings.steps, desc=f"train {ec.kind}", disable=not progress, file=sys.stderr) as bar:
+        for _ in range(epochs):
+            order = rng.permutation(train_rows)
+            for i in range(steps_per_epoch):
+                idx = np.sort(order[i * b:(i + 1) * b])
+                h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
+                y = jnp.asarray(labels[idx].transpose(1, 0, 2))
+                params, opt_state, metrics = step(params, opt_state, h, y, mask)
+                bar.update(1)
+    return jax.device_get(params), jax.device_get(metrics), time.time() - started
+
+
+def heldout_scores(config, exit_config: ex.ExitConfig, params, cache: Cache, labels: np.ndarray,
+                   rows: np.ndarray, thresholds: Sequence[float], batch_size: int) -> list[dict]:
+    """Per exit and threshold on held-out ``rows``: precision and exit rate (p(exit) >= t)."""
+    ec = dataclasses.replace(exit_config, adapter="none")
+    probs = jax.jit(lambda p, h: jax.nn.softmax(ex.exit_logits(config, ec, p, h), axis=-1)[..., 1])
+    e = cache.hidden.shape[1]
+    tp = np.zeros((e, len(thresholds)))
+    pred = np.zeros((e, len(thresholds)))
+    pos = np.zeros(e)
+    tokens = 0
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
+        h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
+        p = np.asarray(probs(params, h))  # [E, B, T]
+        y = labels[idx].transpose(1, 0, 2)
+        for j, t in enumerate(thresholds):
+            tp[:, j] += ((p >= t) & y).sum(axis=(1, 2))
+            pred[:, j] += (p >= t).sum(axis=(1, 2))
+        pos += y.sum(axis=(1, 2))
+        tokens += y[0].size
+    return [{"layer": int(layer), "label_rate": pos[i] / max(tokens, 1),
+             "thresholds": {f"{t:g}": {"precision": tp[i, j] / pred[i, j] if pred[i, j] else None,
+                                       "exit_rate": pred[i, j] / max(tokens, 1)} for j, t in enumerate(thresholds)}}
+            for i, layer in enumerate(exit_config.layers)]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DistillSettings()
+    p = argparse.ArgumentParser(prog="python -m train.cached", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, type=parse_sources,
+                   help="PATH=TOKENS[,PATH=TOKENS...]: local .jsonl/.json/.parquet/.txt files or directories "
+                        "(e.g. train.answers output and train/prose) and how many tokens of each to cache")
+    p.add_argument("--text-field", default=d.text_field)
+    p.add_argument("--exit-layers", type=_int_list, default=None,
+                   help="comma-separated 1-based layers (default: 4 over the latter half)")
+    p.add_argument("--kinds", default="calm", help="comma-separated classifier kinds to train on the cache, "
+                   f"among {', '.join(ex.KINDS)}")
+    p.add_argument("--adapter", default="affine", choices=ADAPTERS,
+                   help="affine: a least-squares linear shortcut per exit predicts the token (and sets the "
+                        "labels); none: the plain logit lens")
+    p.add_argument("--ridge", type=float, default=1e-3, help="adapter ridge penalty, relative to the mean "
+                   "squared hidden activation")
+    p.add_argument("--topk", type=int, default=d.topk, help="positive when the exit token is in the final top-k")
+    p.add_argument("--ffn-expand", type=int, default=d.ffn_expand,
+                   help="hidden width of the ffn classifier in units of the model's hidden size")
+    p.add_argument("--epochs", type=int, default=2, help="passes of each classifier over the cache")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step (cache and training)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--exit-weights", default=d.exit_weights, help="position | uniform | comma list")
+    p.add_argument("--class-weight", default="none", choices=("balanced", "none"),
+                   help="none: p(exit) estimates the probability that the exit agrees, so one threshold asks "
+                        "the same precision of every exit; balanced (train.distill's default) shifts each "
+                        "exit's odds by its label rate, which makes late exits (high rates) leave rarely")
+    p.add_argument("--val-percent", type=float, default=5.0, help="cache rows held out for the summary's scores")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
+    p.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
+                   help="storage of the cached hidden states (float16: half the disk)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="backbone weights")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", required=True, help="run directory: cache/, exits-<kind>/, summary.json")
+    p.add_argument("--cache", default=None, help="cache directory to build or reuse (default: OUT/cache); runs "
+                   "that differ only in the classifiers' settings can share one")
+    p.add_argument("--overwrite", action="store_true", help="write exits-<kind>/ into a directory that holds other files too (heads alone are replaced)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_debug_flag(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dynamax_jax.api import load_pretrained, load_tokenizer
+    from train import data as D
+
+    args = build_parser().parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    settings = DistillSettings(model=args.model, text_field=args.text_field, exit_kind=kinds[0] if kinds else "",
+                               exit_layers=args.exit_layers, topk=args.topk, ffn_expand=args.ffn_expand,
+                               batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                               weight_decay=args.weight_decay, clip_norm=args.clip_norm, exit_weights=args.exit_weights,
+                               class_weight=args.class_weight, seed=args.seed, dtype=args.dtype, out=args.out)
+    for kind in kinds or [""]:
+        dataclasses.replace(settings, exit_kind=kind).check()
+    for name in ("epochs",):
+        if getattr(args, name) < 1:
+            raise DistillError(f"--{name} must be >= 1")
+    if not 0 <= args.val_percent < 100 or not args.ridge >= 0 or not 0 <= args.threshold:
+        raise DistillError("--val-percent must be in [0, 100), --ridge >= 0 and --threshold >= 0")
+    for source in args.data:
+        D.read_documents(source.path, args.text_field)  # fails now, naming the file, if unreadable
+    out = Path(args.out)
+    for kind in kinds:  # refuse before any work
+        check_destination(out / f"exits-{kind}", ex.EXIT_FILES, args.overwrite)
+    model_path = args.model
+    if model_path is None:
+        from dynamax_jax.default_model import smollm2_gguf_path
+        model_path = str(smollm2_gguf_path())
+    config, params = load_pretrained(model_path, dtype=parse_dtype(args.dtype))
+    exit_config = settings.exit_config().resolve(config)
+    exit_config = dataclasses.replace(exit_config, adapter=args.adapter, threshold=args.threshold)
+    tokenizer = load_tokenizer(model_path)
+    encode, eos_id = D.encoder_from_tokenizer(tokenizer)
+    identity = {"model": str(Path(model_path).resolve()), "dtype": args.dtype, "seed": args.seed,
+                "text_field": args.text_field, "batch_size": args.batch_size,
+                "data": [dataclasses.asdict(s) for s in args.data]}
+    cache_dir = Path(args.cache) if args.cache else out / "cache"
+    meta = None
+    if (cache_dir / "meta.json").is_file():
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        same = {k: meta.get(k) for k in identity} == identity and meta.get("exit_layers") == list(
+            exit_config.layers) and meta.get("seq_len") == args.seq_len and meta.get("topk") == args.topk \
+            and meta.get("cache_dtype") == args.cache_dtype
+        if not same:
+            raise DistillError(f"{cache_dir} holds a cache of other settings; use another --out")
+        print(f"train.cached: reusing {cache_dir}", file=sys.stderr)
+    else:
+        meta = build_cache(config, params, args.data, encode=encode, eos_id=eos_id, exit_layers=exit_config.layers,
+                           topk=args.topk, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                           dtype=np.dtype(args.cache_dtype), out=cache_dir, progress=args.progress,
+                           identity=identity)
+    cache = Cache.open(cache_dir)
+    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "kinds": {}}
+    started = time.time()
+    adapters = fit_affine_adapters(cache.gram, cache.cross, args.ridge) if args.adapter == "affine" else {}
+    summary["adapter_seconds"] = time.time() - started
+    started = time.time()
+    # labels depend on the adapters: kept in the cache per (adapter, ridge), for reruns of other kinds
+    labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "") + ".npy")
+    if labels_file.is_file():
+        labels = np.load(labels_file)
+    else:
+        labels = cache_labels(config, params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()}, cache,
+                              args.batch_size, args.progress)
+        with atomic_file(labels_file) as tmp:
+            np.save(tmp, labels)
+    summary["label_seconds"] = time.time() - started
+    rows = cache.hidden.shape[0]
+    held = int(round(rows * args.val_percent / 100))
+    order = np.random.default_rng(args.seed).permutation(rows)  # (rows are stored source by source)
+    train_rows, val_rows = np.sort(order[held:]), np.sort(order[:held])
+    summary["label_rate"] = {int(l): float(labels[:, i].mean()) for i, l in enumerate(exit_config.layers)}
+    print("train.cached: label rate per exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()),
+          file=sys.stderr, flush=True)
+    for kind in kinds:
+        kind_settings = dataclasses.replace(settings, exit_kind=kind)
+        ec = dataclasses.replace(exit_config, kind=kind)
+        params_k, metrics, seconds = train_classifier(config, ec, kind_settings, cache, labels, train_rows,
+                                                      args.epochs, args.progress)
+        scores = heldout_scores(config, ec, params_k, cache, labels, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95),
+                                args.batch_size) if held else []
+        ex.save_exits(ec, {**params_k, **adapters}, out / f"exits-{kind}", overwrite=args.overwrite)
+        summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),
+                                  "tokens_seen": int(args.epochs * (len(train_rows) // args.batch_size)
+                                                     * args.batch_size * args.seq_len),
+                                  "heldout": scores}
+        print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
+    write_json_atomic(out / "summary.json", summary)
+    print(json.dumps({"out": str(out), "label_rate": summary["label_rate"],
+                      "kinds": {k: v["final_loss"] for k, v in summary["kinds"].items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="python -m train.cached"))

@@ -1,5 +1,5 @@
 """Compile time of the decode engine: ``prefill`` and ``decode_chunk`` on SmolLM2-135M (30
-layers; full depth, the shipped mamba heads, static pruning), and the time to lower a
+layers; full depth, the shipped exit heads, static pruning), and the time to lower a
 64-layer Codestral-Mamba-shaped decode with exits (abstract weights, nothing allocated).
 
     python benchmarks/compile_time.py [--chunk 8]
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     print("\n| program | lower prefill (s) | compile prefill (s) | lower decode (s) | compile decode (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, ec, ep, kw in [("SmolLM2 full depth", None, None, {}),
-                             ("SmolLM2 mamba heads", heads, head_params, {}),
+                             ("SmolLM2 shipped heads", heads, head_params, {}),
                              ("SmolLM2 static pruning", None, None, dict(static_exit_layer=15))]:
         r = lower_and_compile(config, params, ec, ep, args.chunk, **kw)
         _, t_pre = _timed(lambda: r["compile"][0].compile())

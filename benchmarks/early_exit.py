@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired timed runs per setting; minima kept")
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--exits", default=None,
-                    help="exit-head directory (default: the shipped SmolLM2 mamba heads)")
+                    help="exit-head directory (default: the shipped SmolLM2 heads)")
     ap.add_argument("--thresholds", default="0.5,0.7,0.9", help="exit thresholds to time with the heads")
     ap.add_argument("--static-layers", default="10,15,20,25", help="static exit layers (the baseline)")
     args = ap.parse_args(argv)

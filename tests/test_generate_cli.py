@@ -19,8 +19,8 @@ def test_cli_streams_text_and_prints_savings(capsys):
                    "--chunk", "3", "The function returns"]) == 0
     out = capsys.readouterr()
     assert out.out.strip()  # the generated text
-    # threshold 0: every token leaves at the first exit (layer 5 of 8)
-    assert "average layers 5.00 of 8" in out.err and "% of full depth" in out.err
+    # threshold 0: every token leaves at the first exit (layer 2 of 8)
+    assert "average layers 2.00 of 8" in out.err and "% of full depth" in out.err
 
     assert G.main(["--model", model, "--max-new-tokens", "4", "The function returns"]) == 0
     assert "average layers 8.00 of 8" in capsys.readouterr().err  # another model: full depth by default

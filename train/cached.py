@@ -186,6 +186,20 @@ class Cache:
                    np.load(path / "gram.npy"), np.load(path / "cross.npy"))
 
 
+@dataclasses.dataclass
+class Labelled:
+    """The cached ``rows`` (sorted) that have ``labels [len(rows), E, T]``."""
+
+    cache: Cache
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def batch(self, positions: np.ndarray) -> tuple[jax.Array, np.ndarray]:
+        """``(hidden [E, B, T, D] float32, labels [E, B, T])`` of ``positions`` into ``rows``."""
+        hidden = np.asarray(self.cache.hidden[self.rows[positions]], np.float32)
+        return jnp.asarray(hidden.transpose(1, 0, 2, 3)), self.labels[positions].transpose(1, 0, 2)
+
+
 # ----------------------------------------------------------------------------- 2. adapters
 
 
@@ -225,29 +239,31 @@ def make_labeller(config, exit_config: ex.ExitConfig):
 
 
 def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Cache, batch_size: int,
-                 progress: bool = True) -> np.ndarray:
-    """Labels ``[R, E, T]`` bool for every cached row."""
+                 rows: np.ndarray, progress: bool = True) -> np.ndarray:
+    """Labels ``[len(rows), E, T]`` bool of the cached ``rows`` (sorted indices)."""
     from tqdm import tqdm
 
     label = make_labeller(config, exit_config)
-    rows, e, t, _ = cache.hidden.shape
-    out = np.zeros((rows, e, t), bool)
+    _, e, t, _ = cache.hidden.shape
+    out = np.zeros((len(rows), e, t), bool)
     if not exit_config.has_adapter:
         adapters = {"unused": jnp.zeros((e,), jnp.float32)}  # lax.map needs a leading [E] axis
-    for start in tqdm(range(0, rows, batch_size), desc="labels", disable=not progress, file=sys.stderr):
-        h = jnp.asarray(np.asarray(cache.hidden[start:start + batch_size], np.float32).transpose(1, 0, 2, 3))
-        out[start:start + batch_size] = np.asarray(label(params, adapters, h, jnp.asarray(
-            cache.topk[start:start + batch_size]))).transpose(1, 0, 2)
+    for start in tqdm(range(0, len(rows), batch_size), desc="labels", disable=not progress, file=sys.stderr):
+        idx = rows[start:start + batch_size]
+        h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
+        out[start:start + len(idx)] = np.asarray(label(params, adapters, h, jnp.asarray(
+            cache.topk[idx]))).transpose(1, 0, 2)
     return out
 
 
 # ----------------------------------------------------------------------------- 4. classifiers
 
 
-def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettings, cache: Cache,
-                     labels: np.ndarray, train_rows: np.ndarray, epochs: int, progress: bool = True):
-    """Classifier params (no adapters) trained on ``train_rows`` of the cache for ``epochs``
-    passes in a seeded order; returns ``(params, last metrics, seconds)``."""
+def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettings, data: Labelled,
+                     train_rows: np.ndarray, epochs: int, progress: bool = True):
+    """Classifier params (no adapters) trained on ``train_rows`` (positions into
+    ``data.rows``) for ``epochs`` passes in a seeded order; returns ``(params, last
+    metrics, seconds)``."""
     from tqdm import tqdm
 
     ec = dataclasses.replace(exit_config, adapter="none")
@@ -260,7 +276,7 @@ def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettin
     params = ex.init_exits(config, ec, jax.random.key(settings.seed))
     opt_state = tx.init(params)
     step = jax.jit(make_classifier_step(config, ec, settings, tx), donate_argnums=(0, 1))
-    mask = jnp.ones((b, cache.hidden.shape[2]), jnp.float32)
+    mask = jnp.ones((b, data.labels.shape[2]), jnp.float32)
     rng = np.random.default_rng(settings.seed)
     started, metrics = time.time(), {}
     with tqdm(total=settings.steps, desc=f"train {ec.kind}", disable=not progress, file=sys.stderr) as bar:
@@ -268,28 +284,27 @@ def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettin
             order = rng.permutation(train_rows)
             for i in range(steps_per_epoch):
                 idx = np.sort(order[i * b:(i + 1) * b])
-                h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
-                y = jnp.asarray(labels[idx].transpose(1, 0, 2))
-                params, opt_state, metrics = step(params, opt_state, h, y, mask)
+                h, y = data.batch(idx)
+                params, opt_state, metrics = step(params, opt_state, h, jnp.asarray(y), mask)
                 bar.update(1)
     return jax.device_get(params), jax.device_get(metrics), time.time() - started
 
 
-def heldout_scores(config, exit_config: ex.ExitConfig, params, cache: Cache, labels: np.ndarray,
-                   rows: np.ndarray, thresholds: Sequence[float], batch_size: int) -> list[dict]:
-    """Per exit and threshold on held-out ``rows``: precision and exit rate (p(exit) >= t)."""
+def heldout_scores(config, exit_config: ex.ExitConfig, params, data: Labelled, rows: np.ndarray,
+                   thresholds: Sequence[float], batch_size: int) -> list[dict]:
+    """Per exit and threshold on held-out ``rows`` (positions into ``data.rows``): precision
+    and exit rate (p(exit) >= t)."""
     ec = dataclasses.replace(exit_config, adapter="none")
     probs = jax.jit(lambda p, h: jax.nn.softmax(ex.exit_logits(config, ec, p, h), axis=-1)[..., 1])
-    e = cache.hidden.shape[1]
+    e = data.labels.shape[1]
     tp = np.zeros((e, len(thresholds)))
     pred = np.zeros((e, len(thresholds)))
     pos = np.zeros(e)
     tokens = 0
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
+        h, y = data.batch(idx)
         p = np.asarray(probs(params, h))  # [E, B, T]
-        y = labels[idx].transpose(1, 0, 2)
         for j, t in enumerate(thresholds):
             tp[:, j] += ((p >= t) & y).sum(axis=(1, 2))
             pred[:, j] += (p >= t).sum(axis=(1, 2))
@@ -343,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: p(exit) estimates the probability that the exit agrees, so one threshold asks "
                         "the same precision of every exit; balanced (train.distill's default) shifts each "
                         "exit's odds by its label rate, which makes late exits (high rates) leave rarely")
-    p.add_argument("--val-percent", type=float, default=5.0, help="cache rows held out for the summary's scores")
+    p.add_argument("--label-percent", type=float, default=100.0,
+                   help="share of the cached rows (drawn with the seed) that get labels and train the "
+                        "classifiers; the adapters are fitted on all of them. Labels cost one LM head per "
+                        "exit and token, more than the backbone when there are many exits")
+    p.add_argument("--val-percent", type=float, default=5.0,
+                   help="share of the labelled rows held out for the summary's scores")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
     p.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
                    help="storage of the cached hidden states (float16: half the disk)")
@@ -374,8 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("epochs",):
         if getattr(args, name) < 1:
             raise DistillError(f"--{name} must be >= 1")
-    if not 0 <= args.val_percent < 100 or not args.ridge >= 0 or not 0 <= args.threshold:
-        raise DistillError("--val-percent must be in [0, 100), --ridge >= 0 and --threshold >= 0")
+    if not 0 < args.label_percent <= 100 or not 0 <= args.val_percent < 100 or not args.ridge >= 0 or not 0 <= args.threshold:
+        raise DistillError("--label-percent must be in (0, 100], --val-percent in [0, 100), --ridge >= 0 and "
+                          "--threshold >= 0")
     for source in args.data:
         D.read_documents(source.path, args.text_field)  # fails now, naming the file, if unreadable
     out = Path(args.out)
@@ -414,29 +435,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapters = fit_affine_adapters(cache.gram, cache.cross, args.ridge) if args.adapter == "affine" else {}
     summary["adapter_seconds"] = time.time() - started
     started = time.time()
-    # labels depend on the adapters: kept in the cache per (adapter, ridge), for reruns of other kinds
-    labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "") + ".npy")
+    # The classifiers use a seeded share of the rows (--label-percent; rows are stored source by
+    # source, so the share is drawn at random), of which --val-percent is held out.
+    rows = cache.hidden.shape[0]
+    order = np.random.default_rng(args.seed).permutation(rows)
+    used = order[:max(1, int(round(rows * args.label_percent / 100)))]
+    held = int(round(len(used) * args.val_percent / 100))
+    labelled = np.sort(used)
+    # labels depend on the adapters: kept in the cache per (adapter, ridge, rows), for reruns
+    labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "")
+                               + f"-rows{len(used)}-seed{args.seed}.npy")
     if labels_file.is_file():
         labels = np.load(labels_file)
     else:
         labels = cache_labels(config, params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()}, cache,
-                              args.batch_size, args.progress)
+                              args.batch_size, labelled, args.progress)
         with atomic_file(labels_file) as tmp:
             np.save(tmp, labels)
     summary["label_seconds"] = time.time() - started
-    rows = cache.hidden.shape[0]
-    held = int(round(rows * args.val_percent / 100))
-    order = np.random.default_rng(args.seed).permutation(rows)  # (rows are stored source by source)
-    train_rows, val_rows = np.sort(order[held:]), np.sort(order[:held])
+    summary["labelled_rows"] = len(used)
+    data = Labelled(cache, labelled, labels)
+    positions = np.searchsorted(labelled, used)
+    val_rows, train_rows = np.sort(positions[:held]), np.sort(positions[held:])
     summary["label_rate"] = {int(l): float(labels[:, i].mean()) for i, l in enumerate(exit_config.layers)}
     print("train.cached: label rate per exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()),
           file=sys.stderr, flush=True)
     for kind in kinds:
         kind_settings = dataclasses.replace(settings, exit_kind=kind)
         ec = dataclasses.replace(exit_config, kind=kind)
-        params_k, metrics, seconds = train_classifier(config, ec, kind_settings, cache, labels, train_rows,
-                                                      args.epochs, args.progress)
-        scores = heldout_scores(config, ec, params_k, cache, labels, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95),
+        params_k, metrics, seconds = train_classifier(config, ec, kind_settings, data, train_rows, args.epochs,
+                                                      args.progress)
+        scores = heldout_scores(config, ec, params_k, data, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
                                 args.batch_size) if held else []
         ex.save_exits(ec, {**params_k, **adapters}, out / f"exits-{kind}", overwrite=args.overwrite)
         summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),

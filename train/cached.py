@@ -21,13 +21,15 @@ of a step. Here it runs once:
    backward pass, the cost of the KL-trained tuned lens of ``train.distill``. ``none``: the
    plain logit lens.
 3. **Labels** ``[R, E, T]``: positive where the exit's predicted token (the backbone's final
-   norm and LM head after the adapter) is among the final layer's top-``--topk``.
+   norm and LM head after the adapter) is among the final layer's top-``--topk``; for a
+   seeded ``--label-percent`` share of the rows (each costs one LM head per exit and token),
+   kept in the cache directory per adapter setting so that reruns skip them.
 4. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
    ``train.distill.make_classifier_step`` (the objective and optimizer of ``train.distill``),
    for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of
    the rows (drawn with the seed) are held out and scored at each threshold.
 
-``--out`` receives ``cache/``, ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
+``--out`` receives ``cache/`` (unless ``--cache`` names another), ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
 ``summary.json`` (timings, tokens/s, per-exit label rates, held-out precision/recall).
 """
 
@@ -50,7 +52,7 @@ from dynamax_jax import exits as ex
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import DataError, atomic_directory, atomic_file, check_destination, parse_dtype, write_json_atomic
 from dynamax_jax.models import module_for
-from train.distill import DistillError, DistillSettings, make_classifier_step, make_optimizer
+from train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
 
 CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
 ADAPTERS = ("affine", "none")
@@ -319,13 +321,6 @@ def heldout_scores(config, exit_config: ex.ExitConfig, params, data: Labelled, r
 # ----------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DistillSettings()
     p = argparse.ArgumentParser(prog="python -m train.cached", description=__doc__.split("\n\n")[0],
@@ -335,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PATH=TOKENS[,PATH=TOKENS...]: local .jsonl/.json/.parquet/.txt files or directories "
                         "(e.g. train.answers output and train/prose) and how many tokens of each to cache")
     p.add_argument("--text-field", default=d.text_field)
-    p.add_argument("--exit-layers", type=_int_list, default=None,
+    p.add_argument("--exit-layers", type=int_list, default=None,
                    help="comma-separated 1-based layers (default: 4 over the latter half)")
     p.add_argument("--kinds", default="calm", help="comma-separated classifier kinds to train on the cache, "
                    f"among {', '.join(ex.KINDS)}")

@@ -574,7 +574,8 @@ def _fetch(tree):
 # ----------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers (``--exit-layers``)."""
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -590,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Face dataset id to stream (e.g. HuggingFaceFW/fineweb-edu); default: embedded corpus")
     p.add_argument("--text-field", default=d.text_field)
     p.add_argument("--exit-kind", default=d.exit_kind, choices=ex.KINDS)
-    p.add_argument("--exit-layers", type=_int_list, default=None,
+    p.add_argument("--exit-layers", type=int_list, default=None,
                    help="comma-separated 1-based layers, e.g. 18,21,24,27 (default: 4 over the latter half)")
     p.add_argument("--topk", type=int, default=d.topk, help="positive when the exit token is in the final top-k")
     p.add_argument("--adapter", default=d.adapter, choices=ex.ADAPTERS,

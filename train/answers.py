@@ -15,6 +15,7 @@ The file is written atomically, with the settings and counts in ``<out>.meta.jso
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,10 @@ def answer_rows(backbone, examples, *, task: str, max_new_tokens: int, batch_siz
     generations, timing = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        pad_multiple=pad_multiple, desc=f"answers {task}")
     rows, mismatched = [], 0
-    encode = getattr(backbone.tokenizer, "encode")
     for e, p, g in zip(examples, prompts, generations):
         ids = p + g.tokens
         text = backbone.tokenizer.decode(ids, skip_special_tokens=False)
-        again = encode(text, add_special_tokens=False)
+        again = backbone.tokenizer.encode(text, add_special_tokens=False)
         again = again.ids if hasattr(again, "ids") else list(again)
         mismatched += list(again) != ids
         rows.append({"id": e.id, "task": task, "text": text})
@@ -77,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              batch_size=args.batch_size, pad_multiple=args.pad_multiple)
         rows += task_rows
         print(f"{name}: {stats[name]}", file=sys.stderr, flush=True)
-    import json
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_json_atomic(out.with_suffix(".meta.json"), {

@@ -386,9 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                class_weight=args.class_weight, seed=args.seed, dtype=args.dtype, out=args.out)
     for kind in kinds or [""]:
         dataclasses.replace(settings, exit_kind=kind).check()
-    for name in ("epochs",):
-        if getattr(args, name) < 1:
-            raise DistillError(f"--{name} must be >= 1")
+    if args.epochs < 1:
+        raise DistillError(f"--epochs must be >= 1, got {args.epochs}")
     if not 0 < args.label_percent <= 100 or not 0 <= args.val_percent < 100 or not args.ridge >= 0 or not 0 <= args.threshold:
         raise DistillError("--label-percent must be in (0, 100], --val-percent in [0, 100), --ridge >= 0 and "
                           "--threshold >= 0")

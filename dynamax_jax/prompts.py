@@ -16,6 +16,20 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def reply_marker(tokenizer) -> list[int] | None:
+    """Token ids the chat template puts before the assistant's reply (its generation prompt,
+    e.g. ``<|im_start|>assistant\n``); None when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turn = [{"role": "user", "content": "Q"}]
+    with_prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    without = tokenizer.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
+    if not with_prompt.startswith(without) or with_prompt == without:
+        return None
+    ids = tokenizer.encode(with_prompt[len(without):], add_special_tokens=False)
+    return [int(i) for i in (ids.ids if hasattr(ids, "ids") else ids)] or None
+
+
 def stop_ids(config, tokenizer) -> list[int]:
     """The model's end-of-sequence ids (from its config and its tokenizer)."""
     ids = set()

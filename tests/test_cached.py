@@ -109,6 +109,55 @@ def test_affine_fit_recovers_an_exact_linear_map():
     assert np.linalg.norm(shrunk["adapter_w"][0]) < np.linalg.norm(fit["adapter_w"][0])
 
 
+def test_reply_mask_marks_the_positions_that_predict_a_reply():
+    marker, eos = [7, 8], 0
+    tokens = np.array([[5, 7, 8, 3, 4, 0, 6, 7, 8, 9],    # prompt, marker, reply 3 4, EOS; next document's reply
+                       [3, 4, 0, 5, 5, 5, 5, 5, 5, 5],    # a reply under way at the row's start is left out
+                       [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]])   # no chat turn
+    want = np.array([[0, 0, 1, 1, 1, 0, 0, 0, 1, 1],
+                     [0] * 10, [0] * 10], bool)
+    np.testing.assert_array_equal(C.reply_mask(tokens, marker, eos), want)
+    assert C.reply_mask(tokens, None, eos).all()
+
+
+def test_training_mask_keeps_prose_sources_whole():
+    tokens = np.array([[5, 7, 8, 3, 0, 5], [7, 8, 4, 4, 0, 5], [1, 2, 3, 4, 5, 6]], np.int32)
+    cache = C.Cache(meta={"sources": [{"path": "answers", "rows": 2}, {"path": "prose", "rows": 1}]},
+                    hidden=None, topk=None, gram=None, cross=None, tokens=tokens)
+    mask = C.training_mask(cache, [7, 8], 0, "replies")
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [1] * 6])
+    assert C.training_mask(cache, [7, 8], 0, "all").all()
+
+
+def test_masked_labels_equal_the_labels_of_every_position():
+    """Labels computed only at masked positions (padded, batched) equal the full labeller's."""
+    config, params = _model("mistral")
+    tokens = jax.random.randint(jax.random.key(5), (5, 16), 0, config.vocab_size)
+    hidden, topk_ids, _, _ = C.make_backbone_pass(config, (2, 3), 2)(params, tokens)
+    ec = ex.ExitConfig(layers=(2, 3))
+    want = np.asarray(C.make_labeller(config, ec)(params, {"unused": jnp.zeros((2,))}, hidden, topk_ids))
+    cache = C.Cache(meta={}, hidden=np.asarray(hidden).transpose(1, 0, 2, 3), topk=np.asarray(topk_ids),
+                    gram=None, cross=None)
+    rows = np.array([0, 2, 3, 4])
+    mask = np.random.default_rng(0).random((4, 16)) < 0.4
+    got = C.cache_labels(config, params, ec, {}, cache, 3, rows, mask, progress=False)  # [4, E, T]
+    np.testing.assert_array_equal(got, np.where(mask[:, None], want.transpose(1, 0, 2)[rows], False))
+
+
+def test_reply_marker_is_the_generation_prompt(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dynamax_jax.prompts import reply_marker
+    model = write_tiny_model(tmp_path / "tiny")
+    assert reply_marker(AutoTokenizer.from_pretrained(model)) is None  # no chat template
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
+                               "{% if add_generation_prompt %}<a>{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert reply_marker(tokenizer) == tokenizer.encode("<a>", add_special_tokens=False)
+
+
 @pytest.mark.parametrize("text, message", [
     ("a.jsonl", "expected PATH=TOKENS"), ("a.jsonl=0", "expected PATH=TOKENS"), ("a.jsonl=x", "expected PATH=TOKENS"),
     (",", "no source given")])
@@ -138,14 +187,19 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
         assert ec.kind == kind and ec.layers == (2, 3) and ec.adapter == "affine"
         assert params["adapter_w"].shape == (2, 64, 64)
         assert summary["kinds"][kind]["tokens_seen"] == 2 * 9 * 4 * 32  # 38 training rows, 2 held out
+    tokens = np.load(out / "cache" / C.TOKENS_FILE)  # the input ids, as the pipeline rebuilds them
+    assert tokens.shape == (40, 32) and summary["top1_is_next_token"] is not None
+    assert summary["train_on"] == "replies" and summary["labelled_tokens"] == 40 * 32  # no chat template: all
     labels = np.load(out / "cache" / "labels-affine-ridge0.001-rows40-seed0.npy")  # [rows, E, T]
     assert labels.shape == (40, 2, 32)
     assert [summary["label_rate"][k] for k in ("2", "3")] == pytest.approx(labels.mean(axis=(0, 2)).tolist())
     cache_mtime = (out / "cache" / "hidden.npy").stat().st_mtime
+    (out / "cache" / C.TOKENS_FILE).unlink()  # a cache written before the tokens were kept
     again = subprocess.run(cmd + ["--kinds", "calm", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                            text=True)
     assert again.returncode == 0, again.stderr
     assert "reusing" in again.stderr and (out / "cache" / "hidden.npy").stat().st_mtime == cache_mtime
+    np.testing.assert_array_equal(np.load(out / "cache" / C.TOKENS_FILE), tokens)
     other = subprocess.run(cmd + ["--seq-len", "16", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                            text=True)
     assert other.returncode == 2 and "cache of other settings" in other.stderr

@@ -55,7 +55,9 @@ from dynamax_jax.models import module_for
 from train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
 
 CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
+TOKENS_FILE = "tokens.npy"  # [R, T] input ids; caches written before it was kept get it rebuilt
 ADAPTERS = ("affine", "none")
+TRAIN_ON = ("replies", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,50 @@ def source_batches(source: Source, *, encode, eos_id: int, seq_len: int, batch_s
         yield next(iterator)["tokens"]
 
 
+def source_tokens(sources: Sequence[Source], *, encode, eos_id: int, seq_len: int, batch_size: int,
+                  seed: int) -> np.ndarray:
+    """The input ids ``[R, T]`` of the cache's rows, in cache order (the pipeline is seeded, so
+    this rebuilds the tokens of a cache written before they were kept)."""
+    return np.concatenate([np.asarray(tokens, np.int32) for source in sources for tokens in source_batches(
+        source, encode=encode, eos_id=eos_id, seq_len=seq_len, batch_size=batch_size, seed=seed)])
+
+
+def reply_mask(tokens: np.ndarray, marker: Sequence[int] | None, eos_id: int) -> np.ndarray:
+    """Positions ``[R, T]`` bool whose next token belongs to an assistant reply: from the last
+    token of ``marker`` (the chat template's generation prompt) up to the token before the
+    document's EOS, which ends the reply. These are the positions where decoding runs the
+    exits. Everything counts when ``marker`` is None; a reply already under way at a row's
+    start is left out."""
+    if marker is None:
+        return np.ones(tokens.shape, bool)
+    m = len(marker)
+    marker = np.asarray(marker)
+    mask = np.zeros(tokens.shape, bool)
+    for r, row in enumerate(tokens):
+        ends = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(row, m) == marker, axis=-1)) + m - 1
+        eos = np.flatnonzero(row == eos_id)
+        for start in ends:
+            after = eos[eos > start]
+            stop = after[0] if len(after) else len(row)  # the EOS position itself predicts the next document
+            mask[r, start:stop] = True
+    return mask
+
+
+def training_mask(cache: "Cache", marker: Sequence[int] | None, eos_id: int, train_on: str) -> np.ndarray:
+    """Where the classifiers learn, ``[R, T]`` bool. ``all``: every position. ``replies``: in a
+    source that holds chat turns (``marker`` occurs in its rows) only the replies
+    (``reply_mask``); a source without any (prose) counts whole."""
+    if train_on == "all":
+        return np.ones(cache.tokens.shape, bool)
+    masks, row = [], 0
+    for source in cache.meta["sources"]:
+        tokens = cache.tokens[row:row + source["rows"]]
+        mask = reply_mask(tokens, marker, eos_id)
+        masks.append(mask if mask.any() else np.ones(tokens.shape, bool))
+        row += source["rows"]
+    return np.concatenate(masks)
+
+
 def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: int, exit_layers: Sequence[int],
                 topk: int, seq_len: int, batch_size: int, seed: int, dtype, out, progress: bool = True,
                 identity: dict | None = None) -> dict:
@@ -134,9 +180,10 @@ def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: in
     rows = batch_size * sum(batches_per_source)
     e, d = len(exit_layers), config.hidden_size
     started, forward_seconds = time.time(), 0.0
-    with atomic_directory(out, owned=CACHE_FILES) as tmp:
+    with atomic_directory(out, owned=CACHE_FILES + (TOKENS_FILE,)) as tmp:
         hidden = np.lib.format.open_memmap(tmp / "hidden.npy", "w+", np.dtype(dtype), (rows, e, seq_len, d))
         top = np.lib.format.open_memmap(tmp / "topk.npy", "w+", np.int32, (rows, seq_len, topk))
+        inputs = np.zeros((rows, seq_len), np.int32)
         gram = np.zeros((e, d + 1, d + 1), np.float64)
         cross = np.zeros((e, d + 1, d), np.float64)
         row = 0
@@ -149,6 +196,7 @@ def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: in
                     forward_seconds += time.perf_counter() - t0
                     hidden[row:row + batch_size] = h.transpose(1, 0, 2, 3).astype(dtype)
                     top[row:row + batch_size] = ids
+                    inputs[row:row + batch_size] = tokens
                     gram += g
                     cross += c
                     row += batch_size
@@ -157,6 +205,7 @@ def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: in
         top.flush()
         np.save(tmp / "gram.npy", gram)
         np.save(tmp / "cross.npy", cross)
+        np.save(tmp / TOKENS_FILE, inputs)
         del hidden, top
         meta = {**(identity or {}), "rows": rows, "exit_layers": list(exit_layers), "seq_len": seq_len,
                 "topk": topk, "cache_dtype": np.dtype(dtype).name,
@@ -176,6 +225,7 @@ class Cache:
     topk: np.ndarray  # [R, T, K]
     gram: np.ndarray  # [E, D+1, D+1] float64
     cross: np.ndarray  # [E, D+1, D] float64
+    tokens: np.ndarray | None = None  # [R, T] int32 (None: a cache written before they were kept)
 
     @classmethod
     def open(cls, path) -> "Cache":
@@ -184,22 +234,27 @@ class Cache:
         if missing:
             raise DataError(f"{path} is not a complete cache: missing {', '.join(missing)}")
         meta = json.loads((path / "meta.json").read_text())
+        tokens = np.load(path / TOKENS_FILE) if (path / TOKENS_FILE).is_file() else None
         return cls(meta, np.load(path / "hidden.npy", mmap_mode="r"), np.load(path / "topk.npy", mmap_mode="r"),
-                   np.load(path / "gram.npy"), np.load(path / "cross.npy"))
+                   np.load(path / "gram.npy"), np.load(path / "cross.npy"), tokens)
 
 
 @dataclasses.dataclass
 class Labelled:
-    """The cached ``rows`` (sorted) that have ``labels [len(rows), E, T]``."""
+    """The cached ``rows`` (sorted) that have ``labels [len(rows), E, T]``, and where they
+    count: ``mask [len(rows), T]`` (labels outside it are not computed: False)."""
 
     cache: Cache
     rows: np.ndarray
     labels: np.ndarray
+    mask: np.ndarray
 
-    def batch(self, positions: np.ndarray) -> tuple[jax.Array, np.ndarray]:
-        """``(hidden [E, B, T, D] float32, labels [E, B, T])`` of ``positions`` into ``rows``."""
+    def batch(self, positions: np.ndarray) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+        """``(hidden [E, B, T, D] float32, labels [E, B, T], mask [B, T])`` of ``positions``
+        into ``rows``."""
         hidden = np.asarray(self.cache.hidden[self.rows[positions]], np.float32)
-        return jnp.asarray(hidden.transpose(1, 0, 2, 3)), self.labels[positions].transpose(1, 0, 2)
+        return (jnp.asarray(hidden.transpose(1, 0, 2, 3)), self.labels[positions].transpose(1, 0, 2),
+                self.mask[positions])
 
 
 # ----------------------------------------------------------------------------- 2. adapters
@@ -241,8 +296,10 @@ def make_labeller(config, exit_config: ex.ExitConfig):
 
 
 def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Cache, batch_size: int,
-                 rows: np.ndarray, progress: bool = True) -> np.ndarray:
-    """Labels ``[len(rows), E, T]`` bool of the cached ``rows`` (sorted indices)."""
+                 rows: np.ndarray, mask: np.ndarray, progress: bool = True) -> np.ndarray:
+    """Labels ``[len(rows), E, T]`` bool of the cached ``rows`` (sorted indices), computed
+    where ``mask [len(rows), T]`` is set (False elsewhere): the masked tokens of ``batch_size``
+    rows go through the LM head together, padded to a multiple of the row length."""
     from tqdm import tqdm
 
     label = make_labeller(config, exit_config)
@@ -252,9 +309,18 @@ def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Ca
         adapters = {"unused": jnp.zeros((e,), jnp.float32)}  # lax.map needs a leading [E] axis
     for start in tqdm(range(0, len(rows), batch_size), desc="labels", disable=not progress, file=sys.stderr):
         idx = rows[start:start + batch_size]
-        h = jnp.asarray(np.asarray(cache.hidden[idx], np.float32).transpose(1, 0, 2, 3))
-        out[start:start + len(idx)] = np.asarray(label(params, adapters, h, jnp.asarray(
-            cache.topk[idx]))).transpose(1, 0, 2)
+        where = np.nonzero(mask[start:start + len(idx)])  # (row in batch, position)
+        n = len(where[0])
+        if n == 0:
+            continue
+        hidden = np.asarray(cache.hidden[idx], np.float32)[where[0], :, where[1]]  # [N, E, D]
+        top = np.asarray(cache.topk[idx])[where]  # [N, K]
+        pad = -n % t  # a few padded shapes: one compile each
+        hidden = np.pad(hidden, ((0, pad), (0, 0), (0, 0)))
+        top = np.pad(top, ((0, pad), (0, 0)))
+        got = np.asarray(label(params, adapters, jnp.asarray(hidden.transpose(1, 0, 2)[:, None]),
+                               jnp.asarray(top[None])))[:, 0, :n]  # [E, N]
+        out[start + where[0], :, where[1]] = got.T
     return out
 
 
@@ -265,7 +331,7 @@ def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettin
                      train_rows: np.ndarray, epochs: int, progress: bool = True):
     """Classifier params (no adapters) trained on ``train_rows`` (positions into
     ``data.rows``) for ``epochs`` passes in a seeded order; returns ``(params, last
-    metrics, seconds)``."""
+    metrics, seconds, masked tokens seen)``."""
     from tqdm import tqdm
 
     ec = dataclasses.replace(exit_config, adapter="none")
@@ -278,24 +344,24 @@ def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettin
     params = ex.init_exits(config, ec, jax.random.key(settings.seed))
     opt_state = tx.init(params)
     step = jax.jit(make_classifier_step(config, ec, settings, tx), donate_argnums=(0, 1))
-    mask = jnp.ones((b, data.labels.shape[2]), jnp.float32)
     rng = np.random.default_rng(settings.seed)
-    started, metrics = time.time(), {}
+    started, metrics, seen = time.time(), {}, 0
     with tqdm(total=settings.steps, desc=f"train {ec.kind}", disable=not progress, file=sys.stderr) as bar:
         for _ in range(epochs):
             order = rng.permutation(train_rows)
             for i in range(steps_per_epoch):
                 idx = np.sort(order[i * b:(i + 1) * b])
-                h, y = data.batch(idx)
-                params, opt_state, metrics = step(params, opt_state, h, jnp.asarray(y), mask)
+                h, y, m = data.batch(idx)
+                params, opt_state, metrics = step(params, opt_state, h, jnp.asarray(y), jnp.asarray(m, jnp.float32))
+                seen += int(m.sum())
                 bar.update(1)
-    return jax.device_get(params), jax.device_get(metrics), time.time() - started
+    return jax.device_get(params), jax.device_get(metrics), time.time() - started, seen
 
 
 def heldout_scores(config, exit_config: ex.ExitConfig, params, data: Labelled, rows: np.ndarray,
                    thresholds: Sequence[float], batch_size: int) -> list[dict]:
-    """Per exit and threshold on held-out ``rows`` (positions into ``data.rows``): precision
-    and exit rate (p(exit) >= t)."""
+    """Per exit and threshold on held-out ``rows`` (positions into ``data.rows``), over their
+    masked tokens: precision and exit rate (p(exit) >= t)."""
     ec = dataclasses.replace(exit_config, adapter="none")
     probs = jax.jit(lambda p, h: jax.nn.softmax(ex.exit_logits(config, ec, p, h), axis=-1)[..., 1])
     e = data.labels.shape[1]
@@ -305,13 +371,14 @@ def heldout_scores(config, exit_config: ex.ExitConfig, params, data: Labelled, r
     tokens = 0
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        h, y = data.batch(idx)
+        h, y, m = data.batch(idx)
         p = np.asarray(probs(params, h))  # [E, B, T]
         for j, t in enumerate(thresholds):
-            tp[:, j] += ((p >= t) & y).sum(axis=(1, 2))
-            pred[:, j] += (p >= t).sum(axis=(1, 2))
-        pos += y.sum(axis=(1, 2))
-        tokens += y[0].size
+            fire = (p >= t) & m
+            tp[:, j] += (fire & y).sum(axis=(1, 2))
+            pred[:, j] += fire.sum(axis=(1, 2))
+        pos += (y & m).sum(axis=(1, 2))
+        tokens += int(m.sum())
     return [{"layer": int(layer), "label_rate": pos[i] / max(tokens, 1),
              "thresholds": {f"{t:g}": {"precision": tp[i, j] / pred[i, j] if pred[i, j] else None,
                                        "exit_rate": pred[i, j] / max(tokens, 1)} for j, t in enumerate(thresholds)}}
@@ -357,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the cached rows (drawn with the seed) that get labels and train the "
                         "classifiers; the adapters are fitted on all of them. Labels cost one LM head per "
                         "exit and token, more than the backbone when there are many exits")
+    p.add_argument("--train-on", default="replies", choices=TRAIN_ON,
+                   help="replies: in chat-formatted sources (train.answers output) the classifiers learn only at "
+                        "the assistant's reply, where decoding runs them (the template and question tokens are "
+                        "left out); sources without chat turns (prose) count whole. all: every token")
     p.add_argument("--val-percent", type=float, default=5.0,
                    help="share of the labelled rows held out for the summary's scores")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
@@ -424,47 +495,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                            dtype=np.dtype(args.cache_dtype), out=cache_dir, progress=args.progress,
                            identity=identity)
     cache = Cache.open(cache_dir)
-    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "kinds": {}}
+    if cache.tokens is None:  # a cache written before the input ids were kept: rebuild them
+        tokens = source_tokens(args.data, encode=encode, eos_id=eos_id, seq_len=args.seq_len,
+                               batch_size=args.batch_size, seed=args.seed)
+        if tokens.shape != cache.topk.shape[:2]:
+            raise DistillError(f"{cache_dir}: the sources give {tokens.shape[0]} rows of {tokens.shape[1]} tokens, "
+                               f"the cache holds {cache.topk.shape[0]} of {cache.topk.shape[1]}")
+        with atomic_file(cache_dir / TOKENS_FILE) as tmp:
+            np.save(tmp, tokens)
+        cache.tokens = tokens
+    from dynamax_jax.prompts import reply_marker
+    mask = training_mask(cache, reply_marker(tokenizer), eos_id, args.train_on)
+    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "train_on": args.train_on, "kinds": {}}
+    # alignment check: where the next input token is the model's own greedy answer, the
+    # cached final top-1 predicts it
+    nxt = cache.tokens[:, 1:] == np.asarray(cache.topk[:, :-1, 0])
+    summary["top1_is_next_token"] = float(nxt[mask[:, :-1]].mean()) if mask[:, :-1].any() else None
     started = time.time()
     adapters = fit_affine_adapters(cache.gram, cache.cross, args.ridge) if args.adapter == "affine" else {}
     summary["adapter_seconds"] = time.time() - started
     started = time.time()
     # The classifiers use a seeded share of the rows (--label-percent; rows are stored source by
-    # source, so the share is drawn at random), of which --val-percent is held out.
-    rows = cache.hidden.shape[0]
-    order = np.random.default_rng(args.seed).permutation(rows)
-    used = order[:max(1, int(round(rows * args.label_percent / 100)))]
+    # source, so the share is drawn at random) that hold training positions, of which
+    # --val-percent is held out.
+    candidates = np.flatnonzero(mask.any(axis=1))
+    order = np.random.default_rng(args.seed).permutation(candidates)
+    used = order[:max(1, int(round(len(candidates) * args.label_percent / 100)))]
     held = int(round(len(used) * args.val_percent / 100))
     labelled = np.sort(used)
-    # labels depend on the adapters: kept in the cache per (adapter, ridge, rows), for reruns
+    # labels depend on the adapters: kept in the cache per (adapter, ridge, rows, mask), for reruns
     labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "")
-                               + f"-rows{len(used)}-seed{args.seed}.npy")
+                               + f"-rows{len(used)}-seed{args.seed}"
+                               + ("" if mask.all() else "-replies") + ".npy")
     if labels_file.is_file():
         labels = np.load(labels_file)
     else:
         labels = cache_labels(config, params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()}, cache,
-                              args.batch_size, labelled, args.progress)
+                              args.batch_size, labelled, mask[labelled], args.progress)
         with atomic_file(labels_file) as tmp:
             np.save(tmp, labels)
     summary["label_seconds"] = time.time() - started
     summary["labelled_rows"] = len(used)
-    data = Labelled(cache, labelled, labels)
+    data = Labelled(cache, labelled, labels, mask[labelled])
+    summary["labelled_tokens"] = int(data.mask.sum())
     positions = np.searchsorted(labelled, used)
     val_rows, train_rows = np.sort(positions[:held]), np.sort(positions[held:])
-    summary["label_rate"] = {int(l): float(labels[:, i].mean()) for i, l in enumerate(exit_config.layers)}
-    print("train.cached: label rate per exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()),
-          file=sys.stderr, flush=True)
+    counted = data.mask.sum()
+    summary["label_rate"] = {int(l): float(labels[:, i][data.mask].sum() / max(counted, 1))
+                             for i, l in enumerate(exit_config.layers)}
+    print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(used)} rows; label rate per exit "
+          + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
     for kind in kinds:
         kind_settings = dataclasses.replace(settings, exit_kind=kind)
         ec = dataclasses.replace(exit_config, kind=kind)
-        params_k, metrics, seconds = train_classifier(config, ec, kind_settings, data, train_rows, args.epochs,
+        params_k, metrics, seconds, seen = train_classifier(config, ec, kind_settings, data, train_rows, args.epochs,
                                                       args.progress)
         scores = heldout_scores(config, ec, params_k, data, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
                                 args.batch_size) if held else []
         ex.save_exits(ec, {**params_k, **adapters}, out / f"exits-{kind}", overwrite=args.overwrite)
         summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),
-                                  "tokens_seen": int(args.epochs * (len(train_rows) // args.batch_size)
-                                                     * args.batch_size * args.seq_len),
+                                  "tokens_seen": seen,
                                   "heldout": scores}
         print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
     write_json_atomic(out / "summary.json", summary)

@@ -154,6 +154,22 @@ def token_disagreement(early: list[int], full: list[int]) -> float:
     return 1.0 - same / n
 
 
+def first_divergence(tokens: list[int], exit_layers: list[int], full_tokens: list[int],
+                     num_layers: int) -> dict[str, float]:
+    """Where a generation first leaves the full-depth one, token by token: ``diverged_at_exit``
+    is 1.0 when the first differing token left early (the exit predicted another token), and
+    ``diverged_after_exit`` when it ran every layer: every token before it was the full
+    model's, so the change came through the cache entries that earlier exits approximated
+    (``propagate`` / ``copy``). Both 0.0 for identical generations."""
+    n = min(len(tokens), len(full_tokens))
+    first = next((i for i in range(n) if tokens[i] != full_tokens[i]),
+                 None if len(tokens) == len(full_tokens) else n)
+    if first is None:
+        return {"diverged_at_exit": 0.0, "diverged_after_exit": 0.0}
+    early = bool(tokens) and exit_layers[min(first, len(tokens) - 1)] < num_layers
+    return {"diverged_at_exit": float(early), "diverged_after_exit": float(not early)}
+
+
 def rouge_inconsistency(early_text: str, full_text: str) -> float:
     """1 - ROUGE-L F1 of the early-exit answer against the full-depth answer, in [0, 1]; 0 for
     identical texts (ROUGE scores two empty texts 0)."""

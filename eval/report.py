@@ -118,10 +118,13 @@ def markdown(runs: list[dict]) -> str:
                   f"{len(first['examples'])} examples, {spec['max_new_tokens']} new tokens, greedy. "
                   "Compute = FLOPs relative to full depth (classifiers counted; the oracle has none). "
                   "Wall time: generation only, compilation excluded (the oracle's: its teacher-forced "
-                  "pass, compilation included).", ""]
+                  "pass, compilation included). Changed at / after exit: share of answers whose first "
+                  "token that differs from full depth's left early (a wrong exit) / ran every layer (the "
+                  "change came through cache entries that earlier exits approximated).", ""]
         metric_cols = TASK_COLUMNS.get(task, (first["primary"],))
         header = (["run", "exits", "avg layers", "compute", "FLOPs saved"] + list(metric_cols)
-                  + ["consist. EM", "consist. R-L", "repetition", "wall s", "tok/s"])
+                  + ["consist. EM", "consist. R-L", "changed at exit", "changed after exit", "repetition",
+                     "wall s", "tok/s"])
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for run in group:
@@ -130,6 +133,7 @@ def markdown(runs: list[dict]) -> str:
                    f"{100 * c['flops_saved']:.1f}%"]
             row += [fmt(m.get(col)) for col in metric_cols]
             row += [fmt(m.get("consistency_em")), fmt(m.get("consistency_rougeL")),
+                    fmt(m.get("diverged_at_exit")), fmt(m.get("diverged_after_exit")),
                     fmt(m.get("repetition_rate")), fmt(c.get("wall_time_s")),
                     fmt(c.get("tokens_per_s"))]
             lines.append("| " + " | ".join(row) + " |")

@@ -253,6 +253,12 @@ class Sweep:
         records, means = score_examples(task, examples, texts, full_answers)
         for rec, g in zip(records, gens):
             rec["tokens"], rec["exit_layers"] = g.tokens, g.exit_layers
+        if full is not None:  # where each answer first leaves the full-depth one (token ids)
+            for rec, f in zip(records, full["examples"]):
+                rec["scores"].update(metrics.first_divergence(rec["tokens"], rec["exit_layers"], f["tokens"],
+                                                              self.num_layers))
+            for name in ("diverged_at_exit", "diverged_after_exit"):
+                means[name] = float(np.mean([r["scores"][name] for r in records]))
         # generate prunes statically with the family's cheap mode (copy / skip) when given no exits
         static_mode = MODES[self.backbone.config.family][0] if static_layer is not None else None
         compute = compute_summary(self.backbone.config, exit_config, gens, [len(p) for p in prompts],

@@ -96,3 +96,17 @@ def test_consistency():
     direct = rouge_scorer.RougeScorer(["rougeL"]).score("Paris is the capital", "the capital is Paris")
     assert got["consistency_em"] == 0.0
     assert got["consistency_rougeL"] == pytest.approx(100 * direct["rougeL"].fmeasure)
+
+
+def test_first_divergence_names_the_token_that_changed_the_answer():
+    full = [5, 6, 7, 8, 2]
+    same = metrics.first_divergence([5, 6, 7, 8, 2], [30, 12, 30, 30, 30], full, num_layers=30)
+    assert same == {"diverged_at_exit": 0.0, "diverged_after_exit": 0.0}
+    # the exit at token 2 predicted another token
+    assert metrics.first_divergence([5, 6, 9, 8], [30, 30, 12, 30], full, 30) == {
+        "diverged_at_exit": 1.0, "diverged_after_exit": 0.0}
+    # token 1 left early but was right; token 3 ran every layer and still changed
+    assert metrics.first_divergence([5, 6, 7, 9], [30, 12, 30, 30], full, 30) == {
+        "diverged_at_exit": 0.0, "diverged_after_exit": 1.0}
+    # a generation that stops early (the stop token itself differs) counts at that token
+    assert metrics.first_divergence([5, 2], [30, 20], full, 30)["diverged_at_exit"] == 1.0

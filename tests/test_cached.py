@@ -203,3 +203,34 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     other = subprocess.run(cmd + ["--seq-len", "16", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                            text=True)
     assert other.returncode == 2 and "cache of other settings" in other.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
+    """--reply-marker: in a source of question-answer documents the classifiers learn at the
+    answers only (labels elsewhere are not computed); a source without the marker counts whole."""
+    model = write_tiny_model(tmp_path / "tiny")
+    answers, prose = tmp_path / "answers.jsonl", tmp_path / "prose.jsonl"
+    answers.write_text("".join(json.dumps({"text": f"Q: where is the fox {i}?\nA: over the lazy dog"}) + "\n"
+                               for i in range(30)))
+    prose.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(30)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.cached", "--model", str(model), "--data", f"{answers}=512,{prose}=256",
+           "--exit-layers", "2,3", "--kinds", "calm", "--batch-size", "4", "--seq-len", "32", "--epochs", "1",
+           "--reply-marker", "\\nA:", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    tokens = np.load(out / "cache" / C.TOKENS_FILE)
+    from transformers import AutoTokenizer
+    from train import data as D
+    encode, eos = D.encoder_from_tokenizer(AutoTokenizer.from_pretrained(model))
+    assert summary["reply_marker"] == encode("\nA:")
+    mask = C.training_mask(C.Cache(summary["cache"], None, None, None, None, tokens), summary["reply_marker"], eos,
+                           "replies")
+    assert mask[:16].any() and not mask[:16].all() and mask[16:].all()  # answers: 16 rows; prose: 8, whole
+    assert summary["labelled_tokens"] == mask.sum()
+    labels = np.load(next((out / "cache").glob("labels-*-replies.npy")))  # [labelled rows, E, T]
+    rows = np.flatnonzero(mask.any(axis=1))
+    assert labels.shape == (len(rows), 2, 32)
+    assert not labels[~np.broadcast_to(mask[rows][:, None], labels.shape)].any()

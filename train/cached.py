@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replies: in chat-formatted sources (train.answers output) the classifiers learn only at "
                         "the assistant's reply, where decoding runs them (the template and question tokens are "
                         "left out); sources without chat turns (prose) count whole. all: every token")
+    p.add_argument("--reply-marker", default=None,
+                   help="text that opens a reply in the sources, for --train-on replies (default: the chat "
+                        "template's generation prompt, e.g. '<|im_start|>assistant\\n'; for a model without "
+                        "one, e.g. the prompts' '\\nA:')")
     p.add_argument("--val-percent", type=float, default=5.0,
                    help="share of the labelled rows held out for the summary's scores")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
@@ -505,8 +509,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             np.save(tmp, tokens)
         cache.tokens = tokens
     from dynamax_jax.prompts import reply_marker
-    mask = training_mask(cache, reply_marker(tokenizer), eos_id, args.train_on)
-    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "train_on": args.train_on, "kinds": {}}
+    marker = (encode(args.reply_marker.replace("\\n", "\n").replace("\\t", "\t")) if args.reply_marker
+              else reply_marker(tokenizer))  # a typed '\n' is a newline
+    if args.train_on == "replies" and args.reply_marker and not marker:
+        raise DistillError(f"--reply-marker {args.reply_marker!r} encodes to no tokens")
+    mask = training_mask(cache, marker, eos_id, args.train_on)
+    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "train_on": args.train_on,
+                               "reply_marker": marker, "kinds": {}}
     # alignment check: where the next input token is the model's own greedy answer, the
     # cached final top-1 predicts it
     nxt = cache.tokens[:, 1:] == np.asarray(cache.topk[:, :-1, 0])

@@ -253,10 +253,12 @@ class Sweep:
         records, means = score_examples(task, examples, texts, full_answers)
         for rec, g in zip(records, gens):
             rec["tokens"], rec["exit_layers"] = g.tokens, g.exit_layers
-        if full is not None:  # where each answer first leaves the full-depth one (token ids)
+        if full is not None:  # for each changed answer, the token where its generation first left full depth's
             for rec, f in zip(records, full["examples"]):
+                changed = rec["scores"]["consistency_em"] < 1.0
                 rec["scores"].update(metrics.first_divergence(rec["tokens"], rec["exit_layers"], f["tokens"],
-                                                              self.num_layers))
+                                                              self.num_layers) if changed
+                                     else {"diverged_at_exit": 0.0, "diverged_after_exit": 0.0})
             for name in ("diverged_at_exit", "diverged_after_exit"):
                 means[name] = float(np.mean([r["scores"][name] for r in records]))
         # generate prunes statically with the family's cheap mode (copy / skip) when given no exits

@@ -15,8 +15,10 @@ pruning: one layer each; full depth: one segment). A ``lax.while_loop`` over seg
 end. Rows whose confidence reaches their threshold leave (their hidden state freezes); the
 loop ends when every row has left or the last segment ran, so layers after that cost
 nothing. Layers a row skipped get, at its position, what ``settings.mode`` says: ``copy`` (the
-exit layer's K/V), ``propagate`` (their state update run on the exit hidden state) or
-``skip`` (state unchanged); each backbone lists the modes it allows. The next token comes
+exit layer's K/V), ``propagate`` (their state update run on the exit hidden state),
+``skip`` (state unchanged) or ``recompute`` (a diagnostic: the row keeps running its layers,
+so the cache is the full model's and only the early token differs; no compute is saved and
+the loop always runs to the last layer); each backbone lists the modes it allows. The next token comes
 from the final norm and LM head on the exit hidden state (after the exit's adapter, when the
 heads have one). An exit whose threshold is above 1 for every row cannot fire: its
 classifier does not run (a ``mamba`` head's state then does not advance), unless the budget
@@ -173,6 +175,8 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
         if mode not in modes:
             raise GenerateError(f"mode {mode!r} is not available for a {config.family} backbone; "
                                 f"supported: {', '.join(modes)}")
+        if mode == "recompute":
+            raise GenerateError("mode 'recompute' needs exits: static pruning would run every layer")
         ec = None
     else:
         ec = check_exits(config, exit_config, exit_params) if exit_config is not None else None
@@ -365,7 +369,7 @@ def _exit_check(config, settings: DecodeSettings, params, exit_params, threshold
     leave = loop.active & (confidence >= threshold)
     if ec.confidence in ("softmax", "margin"):
         changes["exit_logits"] = jnp.where(leave[:, None], logits, loop.exit_logits)
-    elif ec.has_adapter:  # adapt only when some row leaves (counted once per token)
+    elif ec.has_adapter or settings.mode == "recompute":  # adapt only when some row leaves (once per token)
         changes["predicted_hidden"] = jax.lax.cond(
             jnp.any(leave), lambda: jnp.where(leave[:, None], adapt(ec, p, h), loop.predicted_hidden),
             lambda: loop.predicted_hidden)
@@ -388,6 +392,7 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     b = x.shape[0]
     exit_at_end = {layer: e for e, layer in enumerate(ec.layers)} if dynamic else {}
     stop_layer = static_layer if settings.static else n_layers
+    recompute = settings.mode == "recompute"  # rows that left keep running their layers
     caches = state.caches  # read by the layer loop; written once it is over
 
     def run_segment(index):
@@ -403,7 +408,10 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
                     entry = _row_where(loop.active, entry, model.read_entry(caches[layer], positions))
                 # rows that left keep their exit hidden state; under "propagate" the layers they
                 # skip thereby take their entries from it, under "copy" these are replaced later
-                hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
+                if recompute:  # the exit hidden state is kept in predicted_hidden / exit_logits
+                    hidden = new_hidden.astype(hidden.dtype)
+                else:
+                    hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
                 entries = _set_entry(entries, layer, entry)
             loop = dataclasses.replace(loop, segment=loop.segment + 1, hidden=hidden, entries=entries)
             if end in exit_at_end:
@@ -417,7 +425,7 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     ends = jnp.asarray([0] + [end for _, end in segments], jnp.int32)
 
     def cond(loop):
-        return (loop.segment < len(segments)) & (starts[loop.segment] < stop_layer) & jnp.any(loop.active)
+        return (loop.segment < len(segments)) & (starts[loop.segment] < stop_layer) & (jnp.any(loop.active) | recompute)
 
     def body(loop):
         return jax.lax.switch(loop.segment, branches, loop)
@@ -430,7 +438,7 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
             loop.saturation_reference = x
         if ec.confidence in ("softmax", "margin"):
             loop.exit_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
-        elif ec.has_adapter:
+        elif ec.has_adapter or recompute:
             loop.predicted_hidden = x[:, 0]
     loop = jax.lax.while_loop(cond, body, loop)
     end_layer = ends[loop.segment]  # layers the loop ran
@@ -477,7 +485,7 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
                               lambda: jnp.where(ran_to_end[:, None], model.head(config, params, x[:, 0]),
                                                 loop.exit_logits),
                               lambda: loop.exit_logits)
-    elif dynamic and ec.has_adapter:  # rows that left predict from their adapted state
+    elif dynamic and (ec.has_adapter or recompute):  # rows that left predict from their (adapted) exit state
         logits = model.head(config, params, jnp.where(loop.active[:, None], x[:, 0], loop.predicted_hidden))
     else:
         logits = model.head(config, params, x[:, 0])

@@ -70,8 +70,10 @@ Params = dict[str, Any]
 KINDS = ("calm", "ffn", "mamba")
 CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
 ADAPTERS = ("none", "affine", "lowrank")
-TRANSFORMER_MODES = ("copy", "propagate")
-MAMBA_MODES = ("skip", "propagate")
+# "recompute" (a diagnostic): skipped layers still run, so the cache is full depth's and
+# only the early token differs; it saves no compute
+TRANSFORMER_MODES = ("copy", "propagate", "recompute")
+MAMBA_MODES = ("skip", "propagate", "recompute")
 _EPS = 1e-5
 CONFIG_FILE = "exit_config.json"
 PARAMS_FILE = "exit_params.safetensors"
@@ -146,8 +148,8 @@ class ExitConfig:
         if self.confidence not in CONFIDENCES:
             raise ExitError(f"unknown confidence {self.confidence!r}; supported: {', '.join(CONFIDENCES)}")
         if self.mode is not None and self.mode not in TRANSFORMER_MODES + MAMBA_MODES:
-            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate (Transformers), "
-                            "skip|propagate (Mamba2)")
+            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate|recompute (Transformers), "
+                            "skip|propagate|recompute (Mamba2)")
         if self.num_exits < 1:
             raise ExitError(f"num_exits must be >= 1, got {self.num_exits}")
         thr = self.threshold

@@ -49,11 +49,14 @@ def head_flops(config) -> float:
     return float(2 * config.hidden_size * config.vocab_size)
 
 
-def skipped_layer_flops(config, mode: str) -> float:
+def skipped_layer_flops(config, mode: str, context=1):
     """Work done for one layer a token skipped: 0 for ``copy`` / ``skip``; the K/V projections
-    (Transformer) or the state update (Mamba2) for ``propagate``."""
+    (Transformer) or the state update (Mamba2) for ``propagate``; the whole layer (over
+    ``context`` keys) for ``recompute``."""
     if mode in ("copy", "skip"):
         return 0.0
+    if mode == "recompute":
+        return layer_flops(config, context)
     if config.family == "transformer":
         return float(2 * config.hidden_size * 2 * config.num_kv_heads * config.head_dim)
     return mamba2_layer_flops(config, state_update_only=True)
@@ -105,7 +108,7 @@ def token_flops(config, exit_config: ExitConfig | None, exit_layer: np.ndarray, 
         return (total + skipped * skipped_layer_flops(config, static_mode)).astype(np.float64)
     if exit_config is None:
         return total.astype(np.float64)
-    total = total + skipped * skipped_layer_flops(config, exit_config.mode)
+    total = total + skipped * skipped_layer_flops(config, exit_config.mode, context)
     exits = np.asarray(exit_config.layers)
     running = np.ones(len(exits), bool) if running_exits is None else np.asarray(running_exits, bool)
     reached_exits = exits[None, :] <= exit_layer.reshape(-1, 1)  # [tokens, E]

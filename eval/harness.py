@@ -29,8 +29,10 @@ from dynamax_jax.io import parse_dtype
 from dynamax_jax.models import mamba2, mistral
 from eval import tasks
 
-# Skipped-layer handling per backbone family; the first is the cheap one static pruning uses.
-MODES = {"transformer": mistral.SKIPPED_LAYER_MODES, "mamba2": mamba2.SKIPPED_LAYER_MODES}
+# Skipped-layer handling swept by default per backbone family; the first is the cheap one
+# static pruning uses. "recompute" (a diagnostic that saves nothing) runs only when asked.
+MODES = {family: tuple(m for m in modes if m != "recompute")
+         for family, modes in (("transformer", mistral.SKIPPED_LAYER_MODES), ("mamba2", mamba2.SKIPPED_LAYER_MODES))}
 
 
 # ----------------------------------------------------------------------------- model + text

@@ -335,3 +335,26 @@ def test_bad_input_errors():
         dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, static_exit_layer=5)
     with pytest.raises(dx.GenerateError, match="top_p"):
         dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
+def test_recompute_keeps_the_full_cache_and_takes_the_exit_token(backbone):
+    """``recompute``: every token leaves at the first exit (threshold 0), yet the skipped
+    layers still run, so the cache is the full model's: each token is the exit's logit lens
+    on a full forward over the prompt and the tokens generated before it. No compute is
+    saved: full depth's FLOPs plus the classifiers'."""
+    config, params = MODELS[backbone]
+    module = module_for(config)
+    ec, p = _sharp_exits("calm", backbone, threshold=0.0, mode="recompute")
+    r = _gen(backbone, PROMPTS, exit_config=ec, exit_params=p)
+    assert (r.exit_layers == 2).all() and r.flops_relative > 1.0
+    forward = jax.jit(lambda prm, t: module.forward(config, prm, t, return_hidden=True)[1])
+    for i, prompt in enumerate(PROMPTS):
+        buf = np.zeros((1, len(prompt) + N), np.int32)
+        buf[0, :len(prompt)], buf[0, len(prompt):] = prompt, r.tokens[i]
+        at_exit = forward(params, jnp.asarray(buf))[1][0, len(prompt) - 1:len(prompt) - 1 + N]  # layer 2's output
+        logits = np.asarray(module.head(config, params, at_exit))
+        np.testing.assert_array_equal(r.tokens[i], logits.argmax(-1))
+        np.testing.assert_allclose(r.logits[i], logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(dx.GenerateError, match="recompute"):
+        _gen(backbone, PROMPTS, exit_config=dx.ExitConfig(mode="recompute"), static_exit_layer=2)

@@ -12,7 +12,7 @@ of a step. Here it runs once:
 1. **Cache** (``out/cache``): rows of ``--seq-len`` tokens from each ``--data`` source up to
    its token quota (the ``train.data`` pipeline: documents shuffled with the seed, packed);
    one forward pass per batch stores the exit hidden states ``hidden [R, E, T, D]`` (in
-   ``--cache-dtype``), the final layer's top-k token ids ``topk [R, T, K]``, and the
+   ``--cache-dtype``), the input ids ``tokens [R, T]``, the final layer's top-k token ids ``topk [R, T, K]``, and the
    normal equations of the adapters' least-squares fit. A cache whose settings match is
    reused.
 2. **Adapters** (``--adapter affine``): each exit's ``h + h W + b`` is the ridge-regression
@@ -24,6 +24,10 @@ of a step. Here it runs once:
    norm and LM head after the adapter) is among the final layer's top-``--topk``; for a
    seeded ``--label-percent`` share of the rows (each costs one LM head per exit and token),
    kept in the cache directory per adapter setting so that reruns skip them.
+   With ``--train-on replies`` (default) only the positions where decoding runs the exits
+   are labelled and trained on: those predicting an assistant reply in chat-formatted
+   sources (after the template's generation prompt, or ``--reply-marker``), every position
+   of a source without replies (prose).
 4. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
    ``train.distill.make_classifier_step`` (the objective and optimizer of ``train.distill``),
    for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of

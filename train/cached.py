@@ -12,7 +12,8 @@ of a step. Here it runs once:
 1. **Cache** (``out/cache``): rows of ``--seq-len`` tokens from each ``--data`` source up to
    its token quota (the ``train.data`` pipeline: documents shuffled with the seed, packed);
    one forward pass per batch stores the exit hidden states ``hidden [R, E, T, D]`` (in
-   ``--cache-dtype``), the input ids ``tokens [R, T]``, the final layer's top-k token ids ``topk [R, T, K]``, and the
+   ``--cache-dtype``), the input ids ``tokens [R, T]``, the final layer's top-k token ids
+   ``topk [R, T, K]``, and the
    normal equations of the adapters' least-squares fit. A cache whose settings match is
    reused.
 2. **Adapters** (``--adapter affine``): each exit's ``h + h W + b`` is the ridge-regression

@@ -18,8 +18,8 @@ nothing. Layers a row skipped get, at its position, what ``settings.mode`` says:
 exit layer's K/V), ``propagate`` (their state update run on the exit hidden state),
 ``skip`` (state unchanged) or ``recompute`` (a diagnostic: the row keeps running its layers,
 so the cache is the full model's and only the early token differs; no compute is saved and
-the loop always runs to the last layer); each backbone lists the modes it allows. The next token comes
-from the final norm and LM head on the exit hidden state (after the exit's adapter, when the
+the loop always runs to the last layer); each backbone lists the modes it allows. The next
+token comes from the final norm and LM head on the exit hidden state (after the exit's adapter, when the
 heads have one). An exit whose threshold is above 1 for every row cannot fire: its
 classifier does not run (a ``mamba`` head's state then does not advance), unless the budget
 controller may lower the threshold again.
@@ -425,7 +425,8 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     ends = jnp.asarray([0] + [end for _, end in segments], jnp.int32)
 
     def cond(loop):
-        return (loop.segment < len(segments)) & (starts[loop.segment] < stop_layer) & (jnp.any(loop.active) | recompute)
+        more = (loop.segment < len(segments)) & (starts[loop.segment] < stop_layer)
+        return more if recompute else more & jnp.any(loop.active)
 
     def body(loop):
         return jax.lax.switch(loop.segment, branches, loop)

@@ -118,9 +118,10 @@ def markdown(runs: list[dict]) -> str:
                   f"{len(first['examples'])} examples, {spec['max_new_tokens']} new tokens, greedy. "
                   "Compute = FLOPs relative to full depth (classifiers counted; the oracle has none). "
                   "Wall time: generation only, compilation excluded (the oracle's: its teacher-forced "
-                  "pass, compilation included). Changed at / after exit: share of answers that differ from full depth's "
-                  "whose generation first differs at a token that left early (a wrong exit) / that ran "
-                  "every layer (the change came through cache entries that earlier exits approximated).", ""]
+                  "pass, compilation included). Changed at / after exit: share of answers that differ "
+                  "from full depth's whose generation first differs at a token that left early (a wrong "
+                  "exit) / that ran every layer (the change came through cache entries that earlier exits "
+                  "approximated).", ""]
         metric_cols = TASK_COLUMNS.get(task, (first["primary"],))
         header = (["run", "exits", "avg layers", "compute", "FLOPs saved"] + list(metric_cols)
                   + ["consist. EM", "consist. R-L", "changed at exit", "changed after exit", "repetition",

@@ -57,6 +57,7 @@ from dynamax_jax import exits as ex
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import DataError, atomic_directory, atomic_file, check_destination, parse_dtype, write_json_atomic
 from dynamax_jax.models import module_for
+from dynamax_jax.prompts import reply_marker
 from train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
 
 CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
@@ -513,7 +514,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with atomic_file(cache_dir / TOKENS_FILE) as tmp:
             np.save(tmp, tokens)
         cache.tokens = tokens
-    from dynamax_jax.prompts import reply_marker
     marker = (encode(args.reply_marker.replace("\\n", "\n").replace("\\t", "\t")) if args.reply_marker
               else reply_marker(tokenizer))  # a typed '\n' is a newline
     if args.train_on == "replies" and args.reply_marker and not marker:

@@ -254,23 +254,21 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerLoopState:
-    """What the layer loop of one token carries (fields a setting does not use stay None).
+    """What passes from segment to segment in the layer loop of one token (fields a setting
+    does not use stay None).
 
-    segment: the next segment to run; hidden ``[B, 1, D]``: the residual stream (frozen for
-    rows that left); active ``[B]``: rows still going; exit_layer ``[B]``: layers run by rows
-    that left; entries: what each layer will write into its cache once the loop is over (the
-    backbone's ``read_entry`` / ``write_entry``); exit_state: as in ``DecodeState``;
-    saturation_reference ``[B, 1, D]``:
-    the hidden state at the previous exit (``saturation``); exit_logits ``[B, V]``: the head's
-    logits where rows left (``softmax`` / ``margin``); predicted_hidden ``[B, D]``: the adapted
-    hidden state of rows that left (adapters)."""
+    segment: segments run so far; hidden ``[B, 1, D]``: the residual stream (frozen for rows
+    that left); active ``[B]``: rows still going; exit_layer ``[B]``: layers run by rows that
+    left; saturation_reference ``[B, 1, D]``: the hidden state at the previous exit
+    (``saturation``); exit_logits ``[B, V]``: the head's logits where rows left (``softmax`` /
+    ``margin``); predicted_hidden ``[B, D]``: the adapted hidden state of rows that left
+    (adapters). The exits' recurrent states and the layers' cache entries are kept apart:
+    each segment's branch takes and returns only its own (see ``_token_step``)."""
 
     segment: jax.Array
     hidden: jax.Array
     active: jax.Array
     exit_layer: jax.Array
-    entries: tuple
-    exit_state: tuple | None = None
     saturation_reference: jax.Array | None = None
     exit_logits: jax.Array | None = None
     predicted_hidden: jax.Array | None = None
@@ -294,19 +292,13 @@ def _row_where(mask: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-# The layer loop's entries are stacked on a leading [L] axis: a few buffers, not one per layer,
-# pass through each segment's branch (XLA copies what a conditional passes through).
-
 def _stack(trees):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def _entry(entries, layer: int):
-    return jax.tree.map(lambda a: a[layer], entries)
-
-
-def _set_entry(entries, layer: int, entry):
-    return jax.tree.map(lambda a, e: a.at[layer].set(e.astype(a.dtype)), entries, entry)
+def _cast_like(entry, cache):
+    """A layer's entry in its cache's dtypes (the two are the same pytree)."""
+    return jax.tree.map(lambda e, c: e.astype(c.dtype), entry, cache)
 
 
 def _copy_exit_entries(entries, exit_layer: jax.Array):
@@ -329,9 +321,11 @@ def _copy_exit_entries(entries, exit_layer: jax.Array):
 # --------------------------------------------------------------------------------------------
 
 def _exit_check(config, settings: DecodeSettings, params, exit_params, thresholds, loop: LayerLoopState,
-                exit_index: int, layer_input: jax.Array) -> LayerLoopState:
+                exit_index: int, layer_input: jax.Array, exit_state):
     """The confidence of exit ``exit_index`` (static) on ``loop.hidden``; rows reaching their
-    threshold leave. ``layer_input [B, 1, D]``: the hidden state entering the exit layer."""
+    threshold leave. ``layer_input [B, 1, D]``: the hidden state entering the exit layer;
+    ``exit_state``: this exit's recurrent state (``mamba`` heads) or None. Returns
+    ``(loop, exit_state)``."""
     ec = settings.exit_config
     model = module_for(config)
     layer = ec.layers[exit_index]
@@ -343,17 +337,12 @@ def _exit_check(config, settings: DecodeSettings, params, exit_params, threshold
     never = jnp.zeros((b,), jnp.float32)
     changes = {}
     if ec.confidence == "classifier":
-        state = loop.exit_state[exit_index] if ec.stateful else None
-
         def run():
-            logits2, new_state = classifier_step(ec, p, h, state)
+            logits2, new_state = classifier_step(ec, p, h, exit_state)
             return classifier_confidence(logits2), new_state
 
-        confidence, state = jax.lax.cond(can_fire, run, lambda: (never, state))
-        if ec.stateful:  # rows that left earlier step on their exit hidden state (frozen)
-            exit_state = list(loop.exit_state)
-            exit_state[exit_index] = state
-            changes["exit_state"] = tuple(exit_state)
+        # rows that left earlier step on their exit hidden state (frozen)
+        confidence, exit_state = jax.lax.cond(can_fire, run, lambda: (never, exit_state))
     elif ec.confidence in ("softmax", "margin"):
         measure = softmax_confidence if ec.confidence == "softmax" else margin_confidence
 
@@ -373,112 +362,110 @@ def _exit_check(config, settings: DecodeSettings, params, exit_params, threshold
         changes["predicted_hidden"] = jax.lax.cond(
             jnp.any(leave), lambda: jnp.where(leave[:, None], adapt(ec, p, h), loop.predicted_hidden),
             lambda: loop.predicted_hidden)
-    return dataclasses.replace(loop, exit_layer=jnp.where(leave, layer, loop.exit_layer),
+    loop = dataclasses.replace(loop, exit_layer=jnp.where(leave, layer, loop.exit_layer),
                                active=loop.active & ~leave, **changes)
+    return loop, exit_state
 
 
 def _token_step(config, settings: DecodeSettings, params, exit_params, state: DecodeState, thresholds,
                 static_layer):
     """Run the input tokens of ``state`` through the layers with exits; ``thresholds [B, E]``.
-    Returns ``(logits [B, V] float32, exit_layer [B] int32, caches, exit_state)``."""
+    Returns ``(logits [B, V] float32, exit_layer [B] int32, caches, exit_state)``.
+
+    Straight-line code over the segments: the first runs; each later one is a ``lax.cond``
+    on "some row is still going" (and, under static pruning, "the segment starts before the
+    static layer"). A branch takes the loop state, reads the caches and returns the loop
+    state, the entries of its own layers and the state of the exit at its end, nothing else:
+    XLA:CPU copies every buffer that a conditional passes through or updates in place, and a
+    loop that carried all layers' entries (a Mamba2 layer's whole state) through a
+    ``lax.switch`` per segment ran at half the speed of full depth."""
     model = module_for(config)
     layers = params["layers"]
     n_layers = config.num_layers
     ec = settings.exit_config
     dynamic = settings.dynamic
-    segments = settings.segments
+    stateful = dynamic and ec.stateful
     positions = state.positions
     x = model.embed(config, params, state.tokens[:, None])  # [B, 1, D]
     b = x.shape[0]
     exit_at_end = {layer: e for e, layer in enumerate(ec.layers)} if dynamic else {}
     stop_layer = static_layer if settings.static else n_layers
     recompute = settings.mode == "recompute"  # rows that left keep running their layers
-    caches = state.caches  # read by the layer loop; written once it is over
+    caches = state.caches  # read by the segments; written once they are over
+    exit_state = list(state.exit_state) if stateful else None
 
-    def run_segment(index):
-        start, end = segments[index]
-
-        def branch(loop: LayerLoopState) -> LayerLoopState:
-            hidden, entries = loop.hidden, loop.entries
+    def run_segment(index, loop, exit_state_e):
+        """The segment's layers for the rows still going (rows that left keep their exit hidden
+        state: under "propagate" the layers they skip take their entries from it, under "copy"
+        these are replaced later), then the exit at its end."""
+        start, end = settings.segments[index]
+        hidden = layer_input = loop.hidden
+        entries = []
+        for layer in range(start, end):
             layer_input = hidden
-            for layer in range(start, end):
-                layer_input = hidden
-                new_hidden, entry = model.decode_layer(config, layers[layer], hidden, caches[layer], positions)
-                if settings.mode == "skip":
-                    entry = _row_where(loop.active, entry, model.read_entry(caches[layer], positions))
-                # rows that left keep their exit hidden state; under "propagate" the layers they
-                # skip thereby take their entries from it, under "copy" these are replaced later
-                if recompute:  # the exit hidden state is kept in predicted_hidden / exit_logits
-                    hidden = new_hidden.astype(hidden.dtype)
-                else:
-                    hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
-                entries = _set_entry(entries, layer, entry)
-            loop = dataclasses.replace(loop, segment=loop.segment + 1, hidden=hidden, entries=entries)
-            if end in exit_at_end:
-                loop = _exit_check(config, settings, params, exit_params, thresholds, loop, exit_at_end[end],
-                                   layer_input)
-            return loop
-        return branch
+            new_hidden, entry = model.decode_layer(config, layers[layer], hidden, caches[layer], positions)
+            if settings.mode == "skip":
+                entry = _row_where(loop.active, entry, model.read_entry(caches[layer], positions))
+            if recompute:  # the exit hidden state is kept in predicted_hidden
+                hidden = new_hidden.astype(hidden.dtype)
+            else:
+                hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
+            entries.append(_cast_like(entry, caches[layer]))
+        loop = dataclasses.replace(loop, segment=jnp.int32(index + 1), hidden=hidden)
+        if end in exit_at_end:
+            loop, exit_state_e = _exit_check(config, settings, params, exit_params, thresholds, loop,
+                                             exit_at_end[end], layer_input, exit_state_e)
+        return loop, entries, exit_state_e
 
-    branches = [run_segment(i) for i in range(len(segments))]
-    starts = jnp.asarray([start for start, _ in segments] + [n_layers], jnp.int32)
-    ends = jnp.asarray([0] + [end for _, end in segments], jnp.int32)
+    def skip_segment(index, loop, exit_state_e):
+        """A segment no row reached: what its layers store (``propagate``: their entries from
+        the exit hidden state; ``skip``: unchanged; ``copy``: replaced below), and the exit at
+        its end steps on the exit hidden state (see exits.py)."""
+        start, end = settings.segments[index]
+        if settings.mode == "propagate":
+            entries = [_cast_like(model.propagate_layer(config, layers[layer], loop.hidden, caches[layer], positions),
+                                  caches[layer]) for layer in range(start, end)]
+        else:
+            entries = [model.read_entry(caches[layer], positions) for layer in range(start, end)]
+        if stateful and end in exit_at_end:
+            e = exit_at_end[end]
+            runs = jnp.any(~state.done & (thresholds[:, e] <= 1.0)) if settings.skip_unfireable else True
+            exit_state_e = jax.lax.cond(
+                runs, lambda: classifier_step(ec, exit_params[e], loop.hidden[:, 0], exit_state_e)[1],
+                lambda: exit_state_e)
+        return loop, entries, exit_state_e
 
-    def cond(loop):
-        more = (loop.segment < len(segments)) & (starts[loop.segment] < stop_layer)
-        return more if recompute else more & jnp.any(loop.active)
-
-    def body(loop):
-        return jax.lax.switch(loop.segment, branches, loop)
-
-    loop = LayerLoopState(segment=jnp.int32(0), hidden=x, active=~state.done, exit_layer=jnp.zeros((b,), jnp.int32),
-                          entries=_stack([model.read_entry(cache, positions) for cache in caches]))
+    loop = LayerLoopState(segment=jnp.int32(0), hidden=x, active=~state.done, exit_layer=jnp.zeros((b,), jnp.int32))
     if dynamic:
-        loop.exit_state = state.exit_state
         if ec.confidence == "saturation":
             loop.saturation_reference = x
         if ec.confidence in ("softmax", "margin"):
             loop.exit_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
         elif ec.has_adapter or recompute:
             loop.predicted_hidden = x[:, 0]
-    loop = jax.lax.while_loop(cond, body, loop)
-    end_layer = ends[loop.segment]  # layers the loop ran
+    entries = []
+    for index, (start, end) in enumerate(settings.segments):
+        e = exit_at_end.get(end)
+        exit_state_e = exit_state[e] if stateful and e is not None else None
+        with jax.named_scope(f"segment{index}"):  # (tests find the segments by it)
+            if index == 0 or recompute:  # the token loop runs only while some row is going
+                loop, segment_entries, exit_state_e = run_segment(index, loop, exit_state_e)
+            else:
+                reached = jnp.any(loop.active) & (start < stop_layer)
+                loop, segment_entries, exit_state_e = jax.lax.cond(
+                    reached, functools.partial(run_segment, index), functools.partial(skip_segment, index),
+                    loop, exit_state_e)
+        entries += segment_entries
+        if exit_state_e is not None:
+            exit_state[e] = exit_state_e
+    ends = jnp.asarray([0] + [end for _, end in settings.segments], jnp.int32)
+    exit_layer = jnp.where(loop.active, ends[loop.segment], loop.exit_layer)  # done rows stay 0
     x = loop.hidden
-    exit_layer = jnp.where(loop.active, end_layer, loop.exit_layer)  # done rows stay 0
-    entries = loop.entries
 
-    # layers a row skipped ("skip": their entries stay what the caches hold)
-    if settings.mode == "copy":
-        entries = _copy_exit_entries(entries, jnp.where(state.done, n_layers, exit_layer))
-    elif settings.mode == "propagate":  # the loop did the layers some row ran; now the rest
-        def propagate_segment(index):
-            start, end = segments[index]
-
-            def branch(carry):
-                segment, entries = carry
-                for layer in range(start, end):
-                    entry = model.propagate_layer(config, layers[layer], x, caches[layer], positions)
-                    entries = _set_entry(entries, layer, entry)
-                return segment + 1, entries
-            return branch
-
-        propagate = [propagate_segment(i) for i in range(len(segments))]
-        entries = jax.lax.while_loop(lambda c: c[0] < len(segments),
-                                     lambda c: jax.lax.switch(c[0], propagate, c), (loop.segment, entries))[1]
-    caches = tuple(model.write_entry(cache, _entry(entries, layer), positions) for layer, cache in enumerate(caches))
-
-    exit_state = loop.exit_state
-    if dynamic and ec.stateful:
-        # exits after the loop's last layer step on the exit hidden state (see exits.py)
-        exit_state = list(exit_state)
-        for e, layer in enumerate(ec.layers):
-            runs = end_layer < layer
-            if settings.skip_unfireable:
-                runs &= jnp.any(~state.done & (thresholds[:, e] <= 1.0))
-            exit_state[e] = jax.lax.cond(
-                runs, lambda e=e: classifier_step(ec, exit_params[e], x[:, 0], exit_state[e])[1],
-                lambda e=e: exit_state[e])
-        exit_state = tuple(exit_state)
+    if settings.mode == "copy":  # layers a row skipped take its exit layer's entry
+        copied = _copy_exit_entries(_stack(entries), jnp.where(state.done, n_layers, exit_layer))
+        entries = [jax.tree.map(lambda a, layer=layer: a[layer], copied) for layer in range(n_layers)]
+    caches = tuple(model.write_entry(cache, entry, positions) for cache, entry in zip(caches, entries))
 
     if dynamic and ec.confidence in ("softmax", "margin"):
         ran_to_end = loop.active
@@ -490,7 +477,7 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
         logits = model.head(config, params, jnp.where(loop.active[:, None], x[:, 0], loop.predicted_hidden))
     else:
         logits = model.head(config, params, x[:, 0])
-    return logits, exit_layer, caches, exit_state
+    return logits, exit_layer, caches, tuple(exit_state) if stateful else state.exit_state
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ def test_skipped_layer_states_mamba2(mode):
             np.testing.assert_allclose(getattr(state, name)[layer], getattr(want, name), rtol=1e-5, atol=1e-6)
 
 
-def _layer_loop_branches(backbone, exit_layers, **kw):
-    """The branches of the layer loop's ``lax.switch`` in the decode program, as jaxprs."""
+def _segments(backbone, exit_layers, **kw):
+    """The layer loop of the decode program, segment by segment: the first segment's equations
+    (it runs unconditionally) and, for each later one, its ``lax.cond`` equation."""
     config, params = MODELS[backbone]
     params = dx.decode_params(params)
     ec = dx.ExitConfig(kind="calm", layers=exit_layers) if exit_layers else None
@@ -212,41 +213,63 @@ def _layer_loop_branches(backbone, exit_layers, **kw):
 
     program = next(e for e in jaxpr.jaxpr.eqns if "jaxpr" in e.params).params["jaxpr"].jaxpr  # the jit
     token_loop = next(e for e in program.eqns if e.primitive.name == "while")
-    layer_loop = next(e for e in token_loop.params["body_jaxpr"].jaxpr.eqns if e.primitive.name == "while")
-    body = layer_loop.params["body_jaxpr"].jaxpr
-    switches = [e for e in body.eqns if e.primitive.name == "cond"]
-    # one segment: lax.switch calls its only branch directly
-    return [b.jaxpr for b in switches[0].params["branches"]] if switches else [body]
+    body = token_loop.params["body_jaxpr"].jaxpr
+
+    def in_segment(eqn, index):
+        return f"segment{index}" in str(eqn.source_info.name_stack).split("/")
+
+    first = [e for e in body.eqns if in_segment(e, 0)]
+    later = [[e for e in body.eqns if in_segment(e, i) and e.primitive.name == "cond"]
+             for i in range(1, len(settings.segments))]
+    assert all(len(c) == 1 for c in later), "one conditional per later segment"
+    return config, state, first, [c[0] for c in later]
 
 
-def _count(jaxpr, primitive: str) -> int:
+def _count(eqns, primitive: str) -> int:
     n = 0
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         n += eqn.primitive.name == primitive
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    n += _count(sub.jaxpr, primitive)
+                    n += _count(sub.jaxpr.eqns, primitive)
                 elif hasattr(sub, "eqns"):
-                    n += _count(sub, primitive)
+                    n += _count(sub.eqns, primitive)
     return n
 
 
 @pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
-def test_each_segment_is_one_branch_of_its_own_layers(backbone):
-    """The layer loop switches into one branch per segment (layers up to and including an
-    exit), and a branch holds the matmuls of its own layers only: a segment that no row
-    reaches runs none of them. Static pruning cuts after any layer: one layer a branch."""
-    per_layer = _count(_layer_loop_branches(backbone, ())[0], "dot_general") // 4  # full depth: one branch
+def test_each_segment_is_one_conditional_of_its_own_layers(backbone):
+    """The layer loop is straight-line code over segments (layers up to and including an
+    exit): the first runs, each later one is a conditional whose taken branch holds the
+    matmuls of its own layers only and whose other branch (no row reached it) none of them.
+    Static pruning cuts after any layer: one layer a segment. A conditional returns its own
+    layers' entries and the small loop state, never every layer's (XLA:CPU copies what a
+    conditional passes through: the Mamba2 states of all layers made each segment cost a
+    copy of the whole model's state)."""
+    _, _, first, later = _segments(backbone, ())  # full depth: one segment
+    assert later == []
+    per_layer = _count(first, "dot_general") // 4
     assert per_layer > 0
-    branches = _layer_loop_branches(backbone, (2, 3))  # segments: layers 1-2, 3, 4
-    assert len(branches) == 3
-    classifier = _count(branches[0], "dot_general") - 2 * per_layer
+    config, state, first, later = _segments(backbone, (2, 3))  # segments: layers 1-2, 3, 4
+    assert len(later) == 2
+    classifier = _count(first, "dot_general") - 2 * per_layer
     assert 0 < classifier < per_layer
-    assert [_count(b, "dot_general") for b in branches] == [2 * per_layer + classifier, per_layer + classifier,
-                                                            per_layer]
-    static = _layer_loop_branches(backbone, (), static_exit_layer=1)
-    assert [_count(b, "dot_general") for b in static] == [per_layer] * 4
+
+    def branches(cond):  # lax.cond: branches[1] runs when the predicate holds
+        skipped, run = cond.params["branches"]
+        return _count(run.jaxpr.eqns, "dot_general"), _count(skipped.jaxpr.eqns, "dot_general")
+
+    assert [branches(c) for c in later] == [(per_layer + classifier, 0), (per_layer, 0)]
+    entry = module_for(config).read_entry(state.caches[0], state.positions)
+    entry_size = sum(a.size for a in jax.tree.leaves(entry))
+    b = state.positions.shape[0]
+    loop_state = b * config.hidden_size + 2 * b + 1  # hidden, active, exit layer, segment
+    for cond in later:  # one layer each
+        assert sum(int(np.prod(v.aval.shape)) for v in cond.outvars) <= entry_size + loop_state
+    _, _, first, later = _segments(backbone, (), static_exit_layer=1)
+    assert _count(first, "dot_general") == per_layer
+    assert [branches(c) for c in later] == [(per_layer, 0)] * 3
 
 
 def test_compiled_once_per_shape_and_setting():

@@ -16,7 +16,9 @@ end. Rows whose confidence reaches their threshold leave (their hidden state fre
 loop ends when every row has left or the last segment ran, so layers after that cost
 nothing. Layers a row skipped get, at its position, what ``settings.mode`` says: ``copy`` (the
 exit layer's K/V), ``propagate`` (their state update run on the exit hidden state),
-``skip`` (state unchanged) or ``recompute`` (a diagnostic: the row keeps running its layers,
+``skip`` (state unchanged), ``shift`` (``propagate`` from the exit hidden state moved by
+the average update of the layers in between, the heads' ``fill_shift``) or ``recompute``
+(a diagnostic: the row keeps running its layers,
 so the cache is the full model's and only the early token differs; no compute is saved and
 the loop always runs to the last layer); each backbone lists the modes it allows. The next
 token comes from the final norm and LM head on the exit hidden state (after the exit's adapter, when the
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax import flops as flops_lib
-from dynamax_jax.exits import (ExitConfig, adapt, check_exits, classifier_confidence, classifier_sequence,
+from dynamax_jax.exits import (FILL_SHIFT, ExitConfig, adapt, check_exits, classifier_confidence, classifier_sequence,
                                classifier_step, init_exit_state, margin_confidence, saturation_confidence,
                                softmax_confidence)
 from dynamax_jax.models import module_for
@@ -177,6 +179,8 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
                                 f"supported: {', '.join(modes)}")
         if mode == "recompute":
             raise GenerateError("mode 'recompute' needs exits: static pruning would run every layer")
+        if mode == "shift":
+            raise GenerateError("mode 'shift' needs exit heads (their fill_shift): use propagate with static pruning")
         ec = None
     else:
         ec = check_exits(config, exit_config, exit_params) if exit_config is not None else None
@@ -393,17 +397,32 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     recompute = settings.mode == "recompute"  # rows that left keep running their layers
     caches = state.caches  # read by the segments; written once they are over
     exit_state = list(state.exit_state) if stateful else None
+    if settings.mode == "shift":
+        # per layer, each exit's fill_shift and a zero row for rows that did not leave
+        row_of_exit = np.full(n_layers + 1, len(ec.layers), np.int32)
+        row_of_exit[list(ec.layers)] = np.arange(len(ec.layers))
+        zero = jnp.zeros((1, config.hidden_size), exit_params[0][FILL_SHIFT].dtype)
+
+    def skipped_layer_input(loop, layer):
+        """What a row that left gives a layer it skips: its exit hidden state, moved under
+        ``shift`` by its exit's average update up to that layer (rows still going: unchanged)."""
+        if settings.mode != "shift" or layer < ec.layers[0]:  # (no row has left before the first exit)
+            return loop.hidden
+        table = jnp.concatenate([p[FILL_SHIFT][layer][None] for p in exit_params] + [zero])  # [E + 1, D]
+        shift = table[jnp.asarray(row_of_exit)[loop.exit_layer]]  # [B, D]
+        return (loop.hidden + shift[:, None].astype(loop.hidden.dtype))
 
     def run_segment(index, loop, exit_state_e):
         """The segment's layers for the rows still going (rows that left keep their exit hidden
-        state: under "propagate" the layers they skip take their entries from it, under "copy"
-        these are replaced later), then the exit at its end."""
+        state: under "propagate" / "shift" the layers they skip take their entries from it,
+        shifted under "shift"; under "copy" these are replaced later), then the exit at its end."""
         start, end = settings.segments[index]
         hidden = layer_input = loop.hidden
         entries = []
         for layer in range(start, end):
             layer_input = hidden
-            new_hidden, entry = model.decode_layer(config, layers[layer], hidden, caches[layer], positions)
+            x_in = skipped_layer_input(dataclasses.replace(loop, hidden=hidden), layer)
+            new_hidden, entry = model.decode_layer(config, layers[layer], x_in, caches[layer], positions)
             if settings.mode == "skip":
                 entry = _row_where(loop.active, entry, model.read_entry(caches[layer], positions))
             if recompute:  # the exit hidden state is kept in predicted_hidden
@@ -418,13 +437,15 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
         return loop, entries, exit_state_e
 
     def skip_segment(index, loop, exit_state_e):
-        """A segment no row reached: what its layers store (``propagate``: their entries from
-        the exit hidden state; ``skip``: unchanged; ``copy``: replaced below), and the exit at
+        """A segment no row reached: what its layers store (``propagate`` / ``shift``: their
+        entries from the (shifted) exit hidden state; ``skip``: unchanged; ``copy``: replaced
+        below), and the exit at
         its end steps on the exit hidden state (see exits.py)."""
         start, end = settings.segments[index]
-        if settings.mode == "propagate":
-            entries = [_cast_like(model.propagate_layer(config, layers[layer], loop.hidden, caches[layer], positions),
-                                  caches[layer]) for layer in range(start, end)]
+        if settings.mode in ("propagate", "shift"):
+            entries = [_cast_like(model.propagate_layer(config, layers[layer], skipped_layer_input(loop, layer),
+                                                        caches[layer], positions), caches[layer])
+                       for layer in range(start, end)]
         else:
             entries = [model.read_entry(caches[layer], positions) for layer in range(start, end)]
         if stateful and end in exit_at_end:

@@ -70,10 +70,12 @@ Params = dict[str, Any]
 KINDS = ("calm", "ffn", "mamba")
 CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
 ADAPTERS = ("none", "affine", "lowrank")
-# "recompute" (a diagnostic): skipped layers still run, so the cache is full depth's and
-# only the early token differs; it saves no compute
-TRANSFORMER_MODES = ("copy", "propagate", "recompute")
-MAMBA_MODES = ("skip", "propagate", "recompute")
+# "shift": "propagate" from the exit hidden state plus the mean update of the layers in
+# between (the heads' fill_shift). "recompute" (a diagnostic): skipped layers still run, so
+# the cache is full depth's and only the early token differs; it saves no compute
+TRANSFORMER_MODES = ("copy", "propagate", "shift", "recompute")
+MAMBA_MODES = ("skip", "propagate", "shift", "recompute")
+FILL_SHIFT = "fill_shift"  # [E, L, D]: exit e's estimate of layer l's input is h_e + fill_shift[e, l]
 _EPS = 1e-5
 CONFIG_FILE = "exit_config.json"
 PARAMS_FILE = "exit_params.safetensors"
@@ -100,7 +102,9 @@ class ExitConfig:
         (DYNAMAX: the exit layer's K/V copied into the skipped layers) or ``propagate``
         (CALM: the skipped layers' K/V projected from the exit hidden state). Mamba2:
         ``skip`` (skipped layers' states unchanged) or ``propagate`` (their state update run
-        on the exit hidden state). ``None``: ``copy`` / ``skip``, the cheap DYNAMAX defaults.
+        on the exit hidden state). Both: ``shift`` (``propagate`` from the exit hidden state
+        plus the average update of the layers in between, ``fill_shift`` in the exit params,
+        measured by ``train.cached``). ``None``: ``copy`` / ``skip``, the cheap DYNAMAX defaults.
     confidence: ``classifier`` (the trained head's p(exit)) or a training-free measure:
         ``softmax`` (max probability of the exit's LM-head distribution), ``margin`` (top-1
         minus top-2 probability) or ``saturation`` (cosine similarity of the exit hidden
@@ -148,8 +152,8 @@ class ExitConfig:
         if self.confidence not in CONFIDENCES:
             raise ExitError(f"unknown confidence {self.confidence!r}; supported: {', '.join(CONFIDENCES)}")
         if self.mode is not None and self.mode not in TRANSFORMER_MODES + MAMBA_MODES:
-            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate|recompute (Transformers), "
-                            "skip|propagate|recompute (Mamba2)")
+            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate|shift|recompute (Transformers), "
+                            "skip|propagate|shift|recompute (Mamba2)")
         if self.num_exits < 1:
             raise ExitError(f"num_exits must be >= 1, got {self.num_exits}")
         thr = self.threshold
@@ -202,7 +206,7 @@ class ExitConfig:
 
     @property
     def needs_params(self) -> bool:
-        return self.confidence == "classifier" or self.has_adapter
+        return self.confidence == "classifier" or self.has_adapter or self.mode == "shift"
 
     @property
     def has_adapter(self) -> bool:
@@ -416,9 +420,12 @@ def _adapter_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...
 
 
 def _param_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
-    """Per-exit shapes (without the leading ``[E]``): the classifier's, then the adapter's."""
+    """Per-exit shapes (without the leading ``[E]``): the classifier's, then the adapter's
+    (and ``fill_shift`` under mode ``shift``)."""
     d = config.hidden_size
     adapter = _adapter_shapes(config, exit_config)
+    if exit_config.mode == "shift":
+        adapter[FILL_SHIFT] = (config.num_layers, d)
     if exit_config.kind == "calm":
         return {"norm": (d,), "w": (d, 2), "b": (2,), **adapter}
     if exit_config.kind == "ffn":
@@ -446,7 +453,7 @@ def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float3
         k = keys[name]
         if name in ("norm", "gate_norm", "D"):
             v = jnp.ones(full, jnp.float32)
-        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias", "adapter_b", "adapter_w", "adapter_up"):
+        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias", "adapter_b", "adapter_w", "adapter_up", FILL_SHIFT):
             v = jnp.zeros(full, jnp.float32)
         elif name == "A_log":
             v = jnp.log(jax.random.uniform(k, full, jnp.float32, 1.0, 16.0))
@@ -469,13 +476,18 @@ def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> 
     if not ec.needs_params:
         return ec
     if exit_params is None:
-        need = "confidence='classifier'" if ec.confidence == "classifier" else f"adapter={ec.adapter!r}"
+        need = ("confidence='classifier'" if ec.confidence == "classifier" else
+                f"adapter={ec.adapter!r}" if ec.has_adapter else "mode='shift'")
         raise ExitError(f"{need} needs exit_params (from init_exits or load_exits) for kind={ec.kind!r}")
     shapes = _param_shapes(config, ec)
+    if FILL_SHIFT in exit_params:  # optional under other modes (the same heads run every mode)
+        shapes.setdefault(FILL_SHIFT, (config.num_layers, config.hidden_size))
     missing = sorted(set(shapes) - set(exit_params))
     if missing:
+        hint = (f" (mode 'shift' needs the {FILL_SHIFT} that train.cached measures: add it with "
+                "exits.with_fill_shift)" if missing == [FILL_SHIFT] else "")
         raise ExitError(f"exit_params for kind={ec.kind!r} are missing tensors {missing} "
-                        f"(found {sorted(exit_params)})")
+                        f"(found {sorted(exit_params)}){hint}")
     extra = sorted(set(exit_params) - set(shapes))
     if extra:
         raise ExitError(f"exit_params have tensors {extra} that a kind={ec.kind!r} classifier does not use")
@@ -547,6 +559,26 @@ def load_exits(path) -> tuple[ExitConfig, Params | None]:
     return exit_config, params
 
 
+def with_fill_shift(config, exit_config: ExitConfig, exit_params: Params, layer_means) -> Params:
+    """``exit_params`` with ``fill_shift [E, L, D]`` for mode ``shift``, from ``layer_means
+    [L, D]``: the average output of each layer (``hidden[l]``, after layer ``l + 1``) over the
+    tokens the heads are trained on. Exit ``e`` after layer ``k`` estimates the input of a
+    layer ``j > k`` (0-based ``j``: the output of layer ``j``) as ``h_e + means[j - 1] -
+    means[k - 1]``, the exit state moved by the average update of the layers in between (the
+    least-squares estimate of that input given the exit state with a fixed offset); rows for
+    layers up to the exit are zero. Kept in the dtype of the other params."""
+    ec = exit_config.resolve(config)
+    means = np.asarray(layer_means, np.float64)
+    if means.shape != (config.num_layers, config.hidden_size):
+        raise ExitError(f"layer_means has shape {means.shape}, expected ({config.num_layers}, {config.hidden_size}) "
+                        "(one mean hidden state per layer)")
+    shift = np.zeros((ec.num_exits, config.num_layers, config.hidden_size), np.float64)
+    for e, k in enumerate(ec.layers):
+        shift[e, k:] = means[k - 1:-1] - means[k - 1]
+    dtype = next(iter(exit_params.values())).dtype if exit_params else jnp.float32
+    return {**exit_params, FILL_SHIFT: jnp.asarray(shift, dtype)}
+
+
 def num_classifier_params(config, exit_config: ExitConfig) -> int:
     """Parameters of all exit classifiers and their adapters."""
     ec = exit_config.resolve(config)
@@ -576,5 +608,5 @@ __all__: Sequence[str] = (
     "write_exits", "EXIT_FILES",
     "check_exits", "classifier_step", "classifier_sequence", "exit_logits", "init_exit_state",
     "classifier_confidence", "softmax_confidence", "margin_confidence", "saturation_confidence",
-    "default_exit_layers", "num_classifier_params",
+    "default_exit_layers", "num_classifier_params", "with_fill_shift", "FILL_SHIFT",
 )

@@ -51,15 +51,16 @@ def head_flops(config) -> float:
 
 def skipped_layer_flops(config, mode: str, context=1):
     """Work done for one layer a token skipped: 0 for ``copy`` / ``skip``; the K/V projections
-    (Transformer) or the state update (Mamba2) for ``propagate``; the whole layer (over
-    ``context`` keys) for ``recompute``."""
+    (Transformer) or the state update (Mamba2) for ``propagate``, plus adding the fill shift
+    for ``shift``; the whole layer (over ``context`` keys) for ``recompute``."""
     if mode in ("copy", "skip"):
         return 0.0
     if mode == "recompute":
         return layer_flops(config, context)
+    shift = config.hidden_size if mode == "shift" else 0
     if config.family == "transformer":
-        return float(2 * config.hidden_size * 2 * config.num_kv_heads * config.head_dim)
-    return mamba2_layer_flops(config, state_update_only=True)
+        return float(2 * config.hidden_size * 2 * config.num_kv_heads * config.head_dim + shift)
+    return mamba2_layer_flops(config, state_update_only=True) + shift
 
 
 def classifier_flops(config, exit_config: ExitConfig) -> float:

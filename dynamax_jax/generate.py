@@ -43,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                         "FLOPs on real questions)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when p(exit) >= this; overrides the saved threshold (> 1: never exit)")
-    p.add_argument("--mode", default=None, choices=["copy", "propagate", "skip", "recompute"],
-                   help="skipped layers: copy|propagate (Transformer), skip|propagate (Mamba2); recompute "
-                        "(either; a diagnostic): they still run, the cache stays full depth's")
+    p.add_argument("--mode", default=None, choices=["copy", "propagate", "skip", "shift", "recompute"],
+                   help="skipped layers: copy|propagate (Transformer), skip|propagate (Mamba2); shift (either; "
+                        "heads with a fill_shift): propagate from the exit state moved by the average update of "
+                        "the skipped layers; recompute (either; a diagnostic): they still run, the cache stays "
+                        "full depth's")
     p.add_argument("--confidence", default=None, choices=["classifier", "softmax", "margin", "saturation"],
                    help="training-free confidence instead of the exit classifiers (needs no --exits; "
                         "exits placed at the default layers)")

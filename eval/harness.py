@@ -31,7 +31,7 @@ from eval import tasks
 
 # Skipped-layer handling swept by default per backbone family; the first is the cheap one
 # static pruning uses. "recompute" (a diagnostic that saves nothing) runs only when asked.
-MODES = {family: tuple(m for m in modes if m != "recompute")
+MODES = {family: tuple(m for m in modes if m not in ("shift", "recompute"))
          for family, modes in (("transformer", mistral.SKIPPED_LAYER_MODES), ("mamba2", mamba2.SKIPPED_LAYER_MODES))}
 
 

@@ -379,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated thresholds to sweep (default: each checkpoint's own)")
     p.add_argument("--modes", type=csv_list(str), default=None,
                    help="skipped-layer handling to sweep (default: copy,propagate for Transformers, "
-                        "skip,propagate for Mamba2); 'recompute' is a diagnostic: skipped layers still run, "
-                        "so the cache is full depth's and only wrong exits change answers (no compute saved)")
+                        "skip,propagate for Mamba2); 'shift' (heads with a fill_shift) propagates from the exit "
+                        "state moved by the skipped layers' average update; 'recompute' is a diagnostic: skipped "
+                        "layers still run, so the cache is full depth's and only wrong exits change answers (no "
+                        "compute saved)")
     p.add_argument("--static-layers", type=_static_layers, default="auto",
                    help="static layer pruning baseline: 'auto' (the exit runs' average depths, rounded), "
                         "'none', or comma-separated layer counts")

@@ -173,3 +173,29 @@ def test_save_load_roundtrip(tmp_path, dtype):
                   tmp_path / "calm")
     ec3, p3 = ex.load_exits(tmp_path / "calm")
     assert ec3.layers is None and ex.check_exits(CFG, ec3, p3).layers == (2, 3)
+
+
+def test_fill_shift_from_layer_means():
+    """``with_fill_shift``: exit after layer k moves its hidden state into a skipped layer j
+    (0-based; its input is layer j's output ``means[j - 1]``) by ``means[j - 1] - means[k - 1]``;
+    layers up to the exit get zero. Mode ``shift`` needs it; the other modes accept it."""
+    ec = ex.ExitConfig(kind="calm", layers=(1, 3))
+    p = ex.init_exits(CFG, ec, jax.random.key(0))
+    means = np.random.default_rng(0).normal(size=(CFG.num_layers, CFG.hidden_size))
+    shifted = ex.with_fill_shift(CFG, ec, p, means)
+    shift = np.asarray(shifted["fill_shift"])
+    assert shift.shape == (2, CFG.num_layers, CFG.hidden_size) and shift.dtype == np.float32
+    np.testing.assert_allclose(shift[0, :2], 0.0)  # exit 1: layer 1 (index 1) takes h_1 itself
+    np.testing.assert_allclose(shift[0, 2], means[1] - means[0], rtol=1e-6)
+    np.testing.assert_allclose(shift[0, 3], means[2] - means[0], rtol=1e-6)
+    np.testing.assert_allclose(shift[1, :4], 0.0)  # exit 3: only layer 4 (index 3) is skipped, input h_3
+    ex.check_exits(CFG, dataclasses.replace(ec, mode="propagate"), shifted)  # optional elsewhere
+    ex.check_exits(CFG, dataclasses.replace(ec, mode="shift"), shifted)
+    with pytest.raises(ex.ExitError, match=r"missing tensors \['fill_shift'\].*with_fill_shift"):
+        ex.check_exits(CFG, dataclasses.replace(ec, mode="shift"), p)
+    with pytest.raises(ex.ExitError, match=r"exit_params\['fill_shift'\] has shape"):
+        ex.check_exits(CFG, dataclasses.replace(ec, mode="shift"), {**p, "fill_shift": shift[:, :2]})
+    with pytest.raises(ex.ExitError, match=r"layer_means has shape \(3, 64\), expected \(4, 64\)"):
+        ex.with_fill_shift(CFG, ec, p, means[:3])
+    with pytest.raises(ex.ExitError, match="mode='shift' needs exit_params"):
+        ex.check_exits(CFG, ex.ExitConfig(confidence="softmax", mode="shift"), None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from dynamax_jax import decoding
+from dynamax_jax import decoding, flops
 from dynamax_jax import exits as ex
 from dynamax_jax.models import mamba2, mistral, module_for
 from dynamax_jax.sampling import apply_repetition_penalty, sample_token
@@ -44,6 +44,8 @@ def _sharp_exits(kind="mamba", backbone="mistral", **kw):
     p = dx.init_exits(MODELS[backbone][0], ec, jax.random.key(1))
     out = "out_proj" if kind == "mamba" else ("w" if kind == "calm" else "w_out")
     p[out] = p[out] * 40.0
+    if ec.mode == "shift":  # init_exits makes it zero (= propagate): give it something to do
+        p["fill_shift"] = jax.random.normal(jax.random.key(2), p["fill_shift"].shape)
     return ec, p
 
 
@@ -121,8 +123,9 @@ def test_static_pruning_equals_truncated_model(backbone):
 
 
 @pytest.mark.parametrize("backbone, mode", [
-    ("mistral", "copy"), ("mistral", "propagate"),
-    pytest.param("mamba2", "skip", marks=pytest.mark.slow), ("mamba2", "propagate")])
+    ("mistral", "copy"), ("mistral", "propagate"), ("mistral", "shift"),
+    pytest.param("mamba2", "skip", marks=pytest.mark.slow), ("mamba2", "propagate"),
+    pytest.param("mamba2", "shift", marks=pytest.mark.slow)])
 def test_batch_rows_match_single_prompts(backbone, mode):
     ec, p = _sharp_exits("mamba", backbone, threshold=0.5, mode=mode)
     batch = _gen(backbone, PROMPTS, exit_config=ec, exit_params=p)
@@ -145,17 +148,22 @@ def _one_exiting_step(backbone, mode, prompt):
     state = dx.prefill(config, settings, params, p, jnp.asarray([prompt]), jnp.asarray([t]), cache_len=t + 1)
     chunk, state = dx.decode_chunk(config, settings, 1, params, p, state, controls, jax.random.key(0))
     assert int(chunk.exit_layers[0, 0]) == 2
-    return jax.tree.map(lambda *layers: np.stack(layers), *state.caches)
+    return jax.tree.map(lambda *layers: np.stack(layers), *state.caches), p
 
 
-@pytest.mark.parametrize("mode", ["copy", "propagate"])
+def _skipped_layer_input(p, mode, exit_hidden, layer):
+    """What a token that left at the first exit gives a skipped layer (0-based ``layer``)."""
+    return exit_hidden + p[0]["fill_shift"][layer] if mode == "shift" else exit_hidden
+
+
+@pytest.mark.parametrize("mode", ["copy", "propagate", "shift"])
 def test_skipped_layer_caches_transformer(mode):
     """Layers 1-2 hold their own K/V at the new position; layers 3-4 hold layer 2's K/V
-    (copy) or their K/V projected from the exit hidden state (propagate); earlier positions
-    are the full model's."""
+    (copy) or their K/V projected from the exit hidden state (propagate), moved by the exit's
+    fill shift for that layer (shift); earlier positions are the full model's."""
     prompt = PROMPTS[0]
     t = len(prompt)
-    cache = _one_exiting_step("mistral", mode, prompt)
+    cache, p = _one_exiting_step("mistral", mode, prompt)
     k, v = cache.k, cache.v  # [L, 1, K, S, H]
     _, full, hidden = mistral.apply(CFG, PARAMS, jnp.asarray([prompt]), mistral.KVCache.init(CFG, 1, t),
                                     jnp.zeros((1,), jnp.int32), return_hidden=True)
@@ -168,20 +176,21 @@ def test_skipped_layer_caches_transformer(mode):
             want_k, want_v = fk[1, ..., t - 1, :], fv[1, ..., t - 1, :]
         else:
             lp = jax.tree.map(lambda a: a[layer], PARAMS["layers"])
-            wk, wv = mistral.kv_projection(CFG, lp, hidden[1][:, t - 1:t], jnp.asarray([t - 1]))
+            x = _skipped_layer_input(p, mode, hidden[1][:, t - 1:t], layer)
+            wk, wv = mistral.kv_projection(CFG, lp, x, jnp.asarray([t - 1]))
             want_k, want_v = np.asarray(wk[:, 0]), np.asarray(wv[:, 0])
         np.testing.assert_allclose(k[layer, ..., t - 1, :], want_k, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v[layer, ..., t - 1, :], want_v, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["skip", "propagate"])
+@pytest.mark.parametrize("mode", ["skip", "propagate", "shift"])
 def test_skipped_layer_states_mamba2(mode):
     """Layers 1-2 hold the full model's state after the whole prompt; layers 3-4 keep the
     state before the last token (skip) or take their update from the exit hidden state
-    (propagate)."""
+    (propagate), moved by the exit's fill shift for that layer (shift)."""
     prompt = PROMPTS[0]
     t = len(prompt)
-    state = _one_exiting_step("mamba2", mode, prompt)
+    state, p = _one_exiting_step("mamba2", mode, prompt)
     zero = mamba2.init_state(MCFG, 1)
     _, full, _ = mamba2.apply(MCFG, MPARAMS, jnp.asarray([prompt]), zero)
     _, before, _ = mamba2.apply(MCFG, MPARAMS, jnp.asarray([prompt[:-1]]), zero)
@@ -194,7 +203,7 @@ def test_skipped_layer_states_mamba2(mode):
             want = prev
         else:
             lp = jax.tree.map(lambda a: a[layer], MPARAMS["layers"])
-            want = mamba2.decode_layer(MCFG, lp, hidden[1][:, t - 1:t], prev)[1]
+            want = mamba2.decode_layer(MCFG, lp, _skipped_layer_input(p, mode, hidden[1][:, t - 1:t], layer), prev)[1]
         for name in ("conv", "ssm"):
             np.testing.assert_allclose(getattr(state, name)[layer], getattr(want, name), rtol=1e-5, atol=1e-6)
 
@@ -381,3 +390,11 @@ def test_recompute_keeps_the_full_cache_and_takes_the_exit_token(backbone):
         np.testing.assert_allclose(r.logits[i], logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(dx.GenerateError, match="recompute"):
         _gen(backbone, PROMPTS, exit_config=dx.ExitConfig(mode="recompute"), static_exit_layer=2)
+
+
+def test_shift_needs_exit_heads_and_costs_one_add_more():
+    with pytest.raises(dx.GenerateError, match="mode 'shift' needs exit heads"):
+        _gen("mistral", PROMPTS, exit_config=dx.ExitConfig(mode="shift"), static_exit_layer=2)
+    for config in (CFG, MCFG):
+        assert flops.skipped_layer_flops(config, "shift") == flops.skipped_layer_flops(config, "propagate") + \
+            config.hidden_size

@@ -29,7 +29,10 @@ of a step. Here it runs once:
    are labelled and trained on: those predicting an assistant reply in chat-formatted
    sources (after the template's generation prompt, or ``--reply-marker``), every position
    of a source without replies (prose).
-4. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
+4. **Fill shift** (for ``--mode shift``): each layer's average output over the training
+   positions of ``--fill-rows`` training rows (one more forward pass over them); saved with
+   every head as ``fill_shift`` (``exits.with_fill_shift``).
+5. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
    ``train.distill.make_classifier_step`` (the objective and optimizer of ``train.distill``),
    for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of
    the rows (drawn with the seed) are held out and scored at each threshold.
@@ -330,7 +333,38 @@ def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Ca
     return out
 
 
-# ----------------------------------------------------------------------------- 4. classifiers
+# ----------------------------------------------------------------------------- 4. fill shift
+
+
+def layer_means(config, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
+                progress: bool = True) -> np.ndarray:
+    """The average output of every layer ``[L, D]`` (float64) over the positions where ``mask
+    [R, T]`` is set, from a forward pass over ``tokens [R, T]`` in batches of ``batch_size``
+    rows (the last one padded, masked out). ``exits.with_fill_shift`` turns them into the
+    ``fill_shift`` of mode ``shift``."""
+    from tqdm import tqdm
+
+    module = module_for(config)
+
+    @jax.jit
+    def masked_sum(params, tokens, mask):
+        hidden = module.forward(config, params, tokens, return_hidden=True)[1]  # [L, B, T, D]
+        return jnp.einsum("lbtd,bt->ld", hidden.astype(jnp.float32), mask.astype(jnp.float32),
+                          precision="highest")
+
+    total = np.zeros((config.num_layers, config.hidden_size), np.float64)
+    for start in tqdm(range(0, len(tokens), batch_size), desc="layer means", disable=not progress, file=sys.stderr):
+        t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
+        pad = batch_size - len(t)
+        t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+        total += np.asarray(masked_sum(params, jnp.asarray(t), jnp.asarray(m)), np.float64)
+    count = int(mask.sum())
+    if count == 0:
+        raise DistillError("no training position to measure the layers' average output on")
+    return total / count
+
+
+# ----------------------------------------------------------------------------- 5. classifiers
 
 
 def train_classifier(config, exit_config: ex.ExitConfig, settings: DistillSettings, data: Labelled,
@@ -440,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one, e.g. the prompts' '\\nA:')")
     p.add_argument("--val-percent", type=float, default=5.0,
                    help="share of the labelled rows held out for the summary's scores")
+    p.add_argument("--fill-rows", type=int, default=256,
+                   help="training rows whose forward pass measures each layer's average output (the heads' "
+                        "fill_shift for --mode shift)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
     p.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
                    help="storage of the cached hidden states (float16: half the disk)")
@@ -472,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.label_percent <= 100 or not 0 <= args.val_percent < 100 or not args.ridge >= 0 or not 0 <= args.threshold:
         raise DistillError("--label-percent must be in (0, 100], --val-percent in [0, 100), --ridge >= 0 and "
                           "--threshold >= 0")
+    if args.fill_rows < 1:
+        raise DistillError(f"--fill-rows must be >= 1, got {args.fill_rows}")
     for source in args.data:
         D.read_documents(source.path, args.text_field)  # fails now, naming the file, if unreadable
     out = Path(args.out)
@@ -557,6 +596,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     counted = data.mask.sum()
     summary["label_rate"] = {int(l): float(labels[:, i][data.mask].sum() / max(counted, 1))
                              for i, l in enumerate(exit_config.layers)}
+    # the fill shift of mode "shift": layer means over a seeded share of the training rows
+    started = time.time()
+    fill_rows = np.sort(np.random.default_rng(args.seed + 1).permutation(labelled[train_rows])[:args.fill_rows])
+    means_file = cache_dir / (f"layer-means-rows{len(fill_rows)}-seed{args.seed}"
+                              + ("" if mask.all() else "-replies") + ".npy")
+    if means_file.is_file():
+        means = np.load(means_file)
+    else:
+        means = layer_means(config, params, cache.tokens[fill_rows], mask[fill_rows], args.batch_size, args.progress)
+        with atomic_file(means_file) as tmp:
+            np.save(tmp, means)
+    summary["layer_means_seconds"] = time.time() - started
+    summary["layer_means_rows"] = len(fill_rows)
     print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(used)} rows; label rate per exit "
           + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
     for kind in kinds:
@@ -566,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       args.progress)
         scores = heldout_scores(config, ec, params_k, data, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
                                 args.batch_size) if held else []
-        ex.save_exits(ec, {**params_k, **adapters}, out / f"exits-{kind}", overwrite=args.overwrite)
+        heads = ex.with_fill_shift(config, ec, {**params_k, **adapters}, means)
+        ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
         summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),
                                   "tokens_seen": seen,
                                   "heldout": scores}

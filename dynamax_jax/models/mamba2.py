@@ -320,7 +320,7 @@ def apply(config: Mamba2Config, params: Params, tokens: jax.Array, state: Mamba2
 # One layer at a time on per-layer buffers (``dynamax_jax.decoding``); Mistral implements the same.
 # A layer's *entry* (what a decode step writes) is its whole new state.
 
-SKIPPED_LAYER_MODES = ("skip", "propagate", "recompute")  # the first is the default
+SKIPPED_LAYER_MODES = ("skip", "propagate", "shift", "recompute")  # the first is the default
 
 
 def init_cache(config: Mamba2Config, batch: int, cache_len: int = 0, dtype=jnp.float32) -> tuple[Mamba2State, ...]:

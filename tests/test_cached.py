@@ -89,6 +89,21 @@ def test_normal_equations_are_those_of_the_hidden_states():
         np.testing.assert_allclose(cross[e], x1.T @ y, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["mistral", "mamba2"])
+def test_layer_means_are_the_masked_means_of_the_hidden_states(family):
+    """The fill shift's layer means: every layer's output averaged over the masked positions
+    only, batches padded (5 rows in batches of 2)."""
+    config, params = _model(family)
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (5, 9), 0, config.vocab_size))
+    mask = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.4, (5, 9)))
+    _, hidden = module_for(config).forward(config, params, jnp.asarray(tokens), return_hidden=True)
+    want = np.asarray(hidden, np.float64)[:, mask].mean(axis=1)  # [L, D]
+    got = C.layer_means(config, params, tokens, mask, batch_size=2, progress=False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(T.DistillError, match="no training position"):
+        C.layer_means(config, params, tokens, np.zeros_like(mask), batch_size=2, progress=False)
+
+
 def test_affine_fit_recovers_an_exact_linear_map():
     rng = np.random.default_rng(0)
     d, n = 6, 200
@@ -185,7 +200,8 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     for kind in ("calm", "ffn"):
         ec, params = ex.load_exits(out / f"exits-{kind}")
         assert ec.kind == kind and ec.layers == (2, 3) and ec.adapter == "affine"
-        assert params["adapter_w"].shape == (2, 64, 64)
+        assert params["adapter_w"].shape == (2, 64, 64) and params["fill_shift"].shape == (2, 4, 64)
+        np.testing.assert_array_equal(params["fill_shift"][:, :2], 0.0)  # layers up to the first exit
         assert summary["kinds"][kind]["tokens_seen"] == 2 * 9 * 4 * 32  # 38 training rows, 2 held out
     tokens = np.load(out / "cache" / C.TOKENS_FILE)  # the input ids, as the pipeline rebuilds them
     assert tokens.shape == (40, 32) and summary["top1_is_next_token"] is not None
@@ -193,6 +209,10 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     labels = np.load(out / "cache" / "labels-affine-ridge0.001-rows40-seed0.npy")  # [rows, E, T]
     assert labels.shape == (40, 2, 32)
     assert [summary["label_rate"][k] for k in ("2", "3")] == pytest.approx(labels.mean(axis=(0, 2)).tolist())
+    means = np.load(out / "cache" / "layer-means-rows38-seed0.npy")  # the 38 training rows (fewer than 256)
+    assert summary["layer_means_rows"] == 38 and means.shape == (4, 64)
+    np.testing.assert_allclose(ex.load_exits(out / "exits-calm")[1]["fill_shift"][0, 3], means[2] - means[1],
+                               rtol=1e-5, atol=1e-6)
     cache_mtime = (out / "cache" / "hidden.npy").stat().st_mtime
     (out / "cache" / C.TOKENS_FILE).unlink()  # a cache written before the tokens were kept
     again = subprocess.run(cmd + ["--kinds", "calm", "--overwrite"], cwd=ROOT, env=env, capture_output=True,

@@ -1,8 +1,10 @@
 """Early exit: realized speed-up over full-depth decoding against the ideal speed-up, on
-SmolLM2-135M-Instruct with the shipped exit heads at several thresholds and with static
-exits at several layers, at batch 1 and 8.
+SmolLM2-135M-Instruct (or ``--model``) with the shipped exit heads at several thresholds and
+with static exits at several layers, at batch 1 and 8.
 
     python benchmarks/early_exit.py [--new-tokens 64] [--batch-sizes 1,8] [--thresholds 0.5,0.7,0.9]
+    python benchmarks/early_exit.py --model dynamax_jax/assets/mamba2-small \
+        --exits dynamax_jax/assets/exits/mamba2-small-mamba --thresholds 0.97 --static-layers 2,4,6
 
 ideal speed-up = full-depth FLOPs / early-exit FLOPs per token (``dynamax_jax.flops``: layers
 saved, classifiers and LM head counted; at batch 1 decoding is memory bound and FLOPs track
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="paired timed runs per setting; minima kept")
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument("--model", default=None, help="checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--exits", default=None,
                     help="exit-head directory (default: the shipped SmolLM2 heads)")
     ap.add_argument("--thresholds", default="0.5,0.7,0.9", help="exit thresholds to time with the heads")
@@ -72,15 +76,15 @@ def main(argv=None) -> None:
     from dynamax_jax.prompts import encode_prompt
 
     print(f"load before: {os.getloadavg()[0]:.2f}")
-    path = smollm2_gguf_path()
+    path = args.model or smollm2_gguf_path()
     config, params = dx.load_pretrained(path)
     params = dx.decode_params(params, donate=True)
     tokenizer = dx.load_tokenizer(path)
-    prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS]
+    prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS]  # (plain text without a template)
     exit_config, exit_params = dx.load_exits(args.exits or DEFAULT_EXITS_PATH)
     n = args.new_tokens
-    print(f"SmolLM2-135M (float32), exits {exit_config.resolve(config).layers} kind={exit_config.kind} "
-          f"mode={exit_config.mode}, {n} new tokens")
+    print(f"{Path(path).name} ({params['embed'].dtype}), exits {exit_config.resolve(config).layers} "
+          f"kind={exit_config.kind} mode={exit_config.mode}, {n} new tokens")
 
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         rows = [prompts[i % len(prompts)] for i in range(batch)]

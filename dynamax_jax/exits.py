@@ -561,20 +561,22 @@ def load_exits(path) -> tuple[ExitConfig, Params | None]:
 
 def with_fill_shift(config, exit_config: ExitConfig, exit_params: Params, layer_means) -> Params:
     """``exit_params`` with ``fill_shift [E, L, D]`` for mode ``shift``, from ``layer_means
-    [L, D]``: the average output of each layer (``hidden[l]``, after layer ``l + 1``) over the
-    tokens the heads are trained on. Exit ``e`` after layer ``k`` estimates the input of a
-    layer ``j > k`` (0-based ``j``: the output of layer ``j``) as ``h_e + means[j - 1] -
-    means[k - 1]``, the exit state moved by the average update of the layers in between (the
-    least-squares estimate of that input given the exit state with a fixed offset); rows for
-    layers up to the exit are zero. Kept in the dtype of the other params."""
+    [L, D]`` (or ``[E, L, D]``, one set per exit): the average output of each layer
+    (``hidden[l]``, after layer ``l + 1``) over the tokens that leave at the exit. Exit ``e``
+    after layer ``k`` estimates the input of a skipped layer ``j >= k`` (0-based ``j``: the
+    output of layer ``j``) as ``h_e + means[j - 1] - means[k - 1]``, the exit state moved by
+    the average update of the layers in between (the least-squares offset between the two);
+    rows for layers before the exit are zero. Kept in the dtype of the other params."""
     ec = exit_config.resolve(config)
     means = np.asarray(layer_means, np.float64)
-    if means.shape != (config.num_layers, config.hidden_size):
-        raise ExitError(f"layer_means has shape {means.shape}, expected ({config.num_layers}, {config.hidden_size}) "
-                        "(one mean hidden state per layer)")
-    shift = np.zeros((ec.num_exits, config.num_layers, config.hidden_size), np.float64)
+    shape = (config.num_layers, config.hidden_size)
+    if means.shape not in (shape, (ec.num_exits,) + shape):
+        raise ExitError(f"layer_means has shape {means.shape}, expected {shape} or {(ec.num_exits,) + shape} "
+                        "(the mean output of each layer, shared or per exit)")
+    means = np.broadcast_to(means, (ec.num_exits,) + shape)
+    shift = np.zeros((ec.num_exits,) + shape, np.float64)
     for e, k in enumerate(ec.layers):
-        shift[e, k:] = means[k - 1:-1] - means[k - 1]
+        shift[e, k:] = means[e, k - 1:-1] - means[e, k - 1]
     dtype = next(iter(exit_params.values())).dtype if exit_params else jnp.float32
     return {**exit_params, FILL_SHIFT: jnp.asarray(shift, dtype)}
 

@@ -90,18 +90,21 @@ def test_normal_equations_are_those_of_the_hidden_states():
 
 
 @pytest.mark.parametrize("family", ["mistral", "mamba2"])
-def test_layer_means_are_the_masked_means_of_the_hidden_states(family):
-    """The fill shift's layer means: every layer's output averaged over the masked positions
-    only, batches padded (5 rows in batches of 2)."""
+def test_layer_means_are_the_weighted_means_of_the_hidden_states(family):
+    """The fill shift's layer means: every layer's output averaged over the positions each
+    weighting selects, batches padded (5 rows in batches of 2); an empty weighting gives
+    zeros and a zero total."""
     config, params = _model(family)
     tokens = np.asarray(jax.random.randint(jax.random.key(4), (5, 9), 0, config.vocab_size))
     mask = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.4, (5, 9)))
+    weights = np.stack([mask, ~mask, np.zeros_like(mask)], axis=1)  # [R, 3, T]
     _, hidden = module_for(config).forward(config, params, jnp.asarray(tokens), return_hidden=True)
-    want = np.asarray(hidden, np.float64)[:, mask].mean(axis=1)  # [L, D]
-    got = C.layer_means(config, params, tokens, mask, batch_size=2, progress=False)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(T.DistillError, match="no training position"):
-        C.layer_means(config, params, tokens, np.zeros_like(mask), batch_size=2, progress=False)
+    hidden = np.asarray(hidden, np.float64)
+    means, totals = C.layer_means(config, params, tokens, weights, batch_size=2, progress=False)
+    np.testing.assert_allclose(means[0], hidden[:, mask].mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(means[1], hidden[:, ~mask].mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(means[2], 0.0)
+    np.testing.assert_array_equal(totals, [mask.sum(), (~mask).sum(), 0])
 
 
 def test_affine_fit_recovers_an_exact_linear_map():
@@ -209,9 +212,11 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     labels = np.load(out / "cache" / "labels-affine-ridge0.001-rows40-seed0.npy")  # [rows, E, T]
     assert labels.shape == (40, 2, 32)
     assert [summary["label_rate"][k] for k in ("2", "3")] == pytest.approx(labels.mean(axis=(0, 2)).tolist())
-    means = np.load(out / "cache" / "layer-means-rows38-seed0.npy")  # the 38 training rows (fewer than 256)
-    assert summary["layer_means_rows"] == 38 and means.shape == (4, 64)
-    np.testing.assert_allclose(ex.load_exits(out / "exits-calm")[1]["fill_shift"][0, 3], means[2] - means[1],
+    with np.load(out / "cache" / "layer-means-rows38-seed0.npz") as f:  # the 38 training rows (< 256)
+        means, totals = f["means"], f["totals"]  # all positions, then where each exit is right
+    assert means.shape == (3, 4, 64) and totals[0] == 38 * 32 and summary["fill_from"] == "exiting"
+    e = 1 if totals[1] > 0 else 0  # exit 2's own means (all positions if it is never right)
+    np.testing.assert_allclose(ex.load_exits(out / "exits-calm")[1]["fill_shift"][0, 3], means[e, 2] - means[e, 1],
                                rtol=1e-5, atol=1e-6)
     cache_mtime = (out / "cache" / "hidden.npy").stat().st_mtime
     (out / "cache" / C.TOKENS_FILE).unlink()  # a cache written before the tokens were kept

@@ -195,7 +195,11 @@ def test_fill_shift_from_layer_means():
         ex.check_exits(CFG, dataclasses.replace(ec, mode="shift"), p)
     with pytest.raises(ex.ExitError, match=r"exit_params\['fill_shift'\] has shape"):
         ex.check_exits(CFG, dataclasses.replace(ec, mode="shift"), {**p, "fill_shift": shift[:, :2]})
-    with pytest.raises(ex.ExitError, match=r"layer_means has shape \(3, 64\), expected \(4, 64\)"):
+    with pytest.raises(ex.ExitError, match=r"layer_means has shape \(3, 64\), expected \(4, 64\) or \(2, 4, 64\)"):
         ex.with_fill_shift(CFG, ec, p, means[:3])
+    per_exit = np.stack([means, 2 * means])  # one set of means per exit
+    shift = np.asarray(ex.with_fill_shift(CFG, ec, p, per_exit)["fill_shift"])
+    np.testing.assert_allclose(shift[0, 3], means[2] - means[0], rtol=1e-6)
+    np.testing.assert_allclose(shift[1, 3], 2 * (means[2] - means[2]), atol=1e-6)
     with pytest.raises(ex.ExitError, match="mode='shift' needs exit_params"):
         ex.check_exits(CFG, ex.ExitConfig(confidence="softmax", mode="shift"), None)

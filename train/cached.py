@@ -29,9 +29,11 @@ of a step. Here it runs once:
    are labelled and trained on: those predicting an assistant reply in chat-formatted
    sources (after the template's generation prompt, or ``--reply-marker``), every position
    of a source without replies (prose).
-4. **Fill shift** (for ``--mode shift``): each layer's average output over the training
-   positions of ``--fill-rows`` training rows (one more forward pass over them); saved with
-   every head as ``fill_shift`` (``exits.with_fill_shift``).
+4. **Fill shift** (for ``--mode shift``): each layer's average output over the positions of
+   ``--fill-rows`` training rows where each exit's token is right (``--fill-from exiting``:
+   the tokens a classifier lets leave there) or over all their training positions (one more
+   forward pass over them); saved with every head as ``fill_shift``
+   (``exits.with_fill_shift``).
 5. **Classifiers**: each of ``--kinds`` is trained on the cached hidden states and labels by
    ``train.distill.make_classifier_step`` (the objective and optimizer of ``train.distill``),
    for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of
@@ -336,32 +338,32 @@ def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Ca
 # ----------------------------------------------------------------------------- 4. fill shift
 
 
-def layer_means(config, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
-                progress: bool = True) -> np.ndarray:
-    """The average output of every layer ``[L, D]`` (float64) over the positions where ``mask
-    [R, T]`` is set, from a forward pass over ``tokens [R, T]`` in batches of ``batch_size``
-    rows (the last one padded, masked out). ``exits.with_fill_shift`` turns them into the
-    ``fill_shift`` of mode ``shift``."""
+def layer_means(config, params, tokens: np.ndarray, weights: np.ndarray, batch_size: int,
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted averages of every layer's output: ``weights [R, W, T]`` (0/1 or any
+    non-negative weights per position, W weightings) over a forward pass of ``tokens [R, T]``
+    in batches of ``batch_size`` rows (the last one padded with zero weight). Returns ``(means
+    [W, L, D] float64, totals [W])``; a weighting with zero total has zero means.
+    ``exits.with_fill_shift`` turns them into the ``fill_shift`` of mode ``shift``."""
     from tqdm import tqdm
 
     module = module_for(config)
 
     @jax.jit
-    def masked_sum(params, tokens, mask):
+    def weighted_sum(params, tokens, weights):
         hidden = module.forward(config, params, tokens, return_hidden=True)[1]  # [L, B, T, D]
-        return jnp.einsum("lbtd,bt->ld", hidden.astype(jnp.float32), mask.astype(jnp.float32),
+        return jnp.einsum("lbtd,bwt->wld", hidden.astype(jnp.float32), weights.astype(jnp.float32),
                           precision="highest")
 
-    total = np.zeros((config.num_layers, config.hidden_size), np.float64)
+    w = weights.shape[1]
+    total = np.zeros((w, config.num_layers, config.hidden_size), np.float64)
     for start in tqdm(range(0, len(tokens), batch_size), desc="layer means", disable=not progress, file=sys.stderr):
-        t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
+        t, m = tokens[start:start + batch_size], weights[start:start + batch_size]
         pad = batch_size - len(t)
-        t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
-        total += np.asarray(masked_sum(params, jnp.asarray(t), jnp.asarray(m)), np.float64)
-    count = int(mask.sum())
-    if count == 0:
-        raise DistillError("no training position to measure the layers' average output on")
-    return total / count
+        t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0), (0, 0)))
+        total += np.asarray(weighted_sum(params, jnp.asarray(t), jnp.asarray(m)), np.float64)
+    totals = weights.sum(axis=(0, 2)).astype(np.float64)
+    return total / np.maximum(totals, 1e-12)[:, None, None], totals
 
 
 # ----------------------------------------------------------------------------- 5. classifiers
@@ -477,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-rows", type=int, default=256,
                    help="training rows whose forward pass measures each layer's average output (the heads' "
                         "fill_shift for --mode shift)")
+    p.add_argument("--fill-from", default="exiting", choices=("exiting", "all"),
+                   help="the positions whose layer outputs give the fill shift: 'exiting' (those where the exit's "
+                        "token is right, per exit) or 'all' training positions")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold stored with the saved heads")
     p.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
                    help="storage of the cached hidden states (float16: half the disk)")
@@ -596,18 +601,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     counted = data.mask.sum()
     summary["label_rate"] = {int(l): float(labels[:, i][data.mask].sum() / max(counted, 1))
                              for i, l in enumerate(exit_config.layers)}
-    # the fill shift of mode "shift": layer means over a seeded share of the training rows
+    # the fill shift of mode "shift": layer means over a seeded share of the training rows, over
+    # all their training positions and over those where each exit's token is right (the
+    # tokens a classifier lets leave there)
     started = time.time()
     fill_rows = np.sort(np.random.default_rng(args.seed + 1).permutation(labelled[train_rows])[:args.fill_rows])
     means_file = cache_dir / (f"layer-means-rows{len(fill_rows)}-seed{args.seed}"
-                              + ("" if mask.all() else "-replies") + ".npy")
+                              + ("" if mask.all() else "-replies") + ".npz")
     if means_file.is_file():
-        means = np.load(means_file)
+        with np.load(means_file) as f:
+            means, totals = f["means"], f["totals"]
     else:
-        means = layer_means(config, params, cache.tokens[fill_rows], mask[fill_rows], args.batch_size, args.progress)
+        fill_labels = labels[np.searchsorted(labelled, fill_rows)]  # [R, E, T], False outside the mask
+        weights = np.concatenate([mask[fill_rows][:, None], fill_labels], axis=1)  # [R, 1 + E, T]
+        means, totals = layer_means(config, params, cache.tokens[fill_rows], weights, args.batch_size,
+                                    args.progress)
         with atomic_file(means_file) as tmp:
-            np.save(tmp, means)
+            np.savez(tmp, means=means, totals=totals)
+    if totals[0] == 0:
+        raise DistillError("no training position in the --fill-rows rows to measure the layers' average output on")
+    # exits that are never right (no positive label) fall back to the mean over every position
+    fill_means = means[0] if args.fill_from == "all" else np.where((totals[1:] > 0)[:, None, None], means[1:],
+                                                                   means[:1])
     summary["layer_means_seconds"] = time.time() - started
+    summary["fill_from"] = args.fill_from
     summary["layer_means_rows"] = len(fill_rows)
     print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(used)} rows; label rate per exit "
           + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
@@ -618,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       args.progress)
         scores = heldout_scores(config, ec, params_k, data, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
                                 args.batch_size) if held else []
-        heads = ex.with_fill_shift(config, ec, {**params_k, **adapters}, means)
+        heads = ex.with_fill_shift(config, ec, {**params_k, **adapters}, fill_means)
         ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
         summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),
                                   "tokens_seen": seen,

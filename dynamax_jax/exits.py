@@ -581,6 +581,27 @@ def with_fill_shift(config, exit_config: ExitConfig, exit_params: Params, layer_
     return {**exit_params, FILL_SHIFT: jnp.asarray(shift, dtype)}
 
 
+def select_exits(exit_config: ExitConfig, exit_params: Params | None, layers) -> tuple[ExitConfig, Params | None]:
+    """Keep only the exits at ``layers`` (some of ``exit_config.layers``, which must be set).
+    Every exit's classifier, adapter and fill shift are its own (params ``[E, ...]``), so the
+    kept exits decide as they did in the whole set; per-exit thresholds are kept with them."""
+    if exit_config.layers is None:
+        raise ExitError("select_exits needs an exit_config with explicit layers")
+    layers = tuple(int(l) for l in layers)
+    missing = sorted(set(layers) - set(exit_config.layers))
+    if not layers or missing or len(set(layers)) != len(layers):
+        raise ExitError(f"layers {list(layers)} must be distinct exits of {list(exit_config.layers)}"
+                        + (f" (not exits: {missing})" if missing else ""))
+    keep = np.array(sorted(exit_config.layers.index(l) for l in layers))
+    threshold = exit_config.threshold
+    if isinstance(threshold, tuple):
+        threshold = tuple(threshold[i] for i in keep)
+    config = dataclasses.replace(exit_config, layers=tuple(exit_config.layers[i] for i in keep),
+                                 num_exits=len(keep), threshold=threshold)
+    params = None if exit_params is None else {k: v[keep] for k, v in exit_params.items()}
+    return config, params
+
+
 def num_classifier_params(config, exit_config: ExitConfig) -> int:
     """Parameters of all exit classifiers and their adapters."""
     ec = exit_config.resolve(config)

@@ -203,3 +203,21 @@ def test_fill_shift_from_layer_means():
     np.testing.assert_allclose(shift[1, 3], 2 * (means[2] - means[2]), atol=1e-6)
     with pytest.raises(ex.ExitError, match="mode='shift' needs exit_params"):
         ex.check_exits(CFG, ex.ExitConfig(confidence="softmax", mode="shift"), None)
+
+
+def test_select_exits_keeps_each_exit_as_it_was():
+    """``select_exits``: the kept exits' params are theirs (sliced on the exit axis), layers and
+    per-exit thresholds follow them; an exit that is not in the set is named."""
+    ec = ex.ExitConfig(kind="ffn", layers=(1, 2, 3), threshold=(0.5, 0.6, 0.7))
+    p = ex.with_fill_shift(CFG, ec, ex.init_exits(CFG, ec, jax.random.key(0)),
+                           np.random.default_rng(0).normal(size=(CFG.num_layers, CFG.hidden_size)))
+    kept, kp = ex.select_exits(ec, p, [3, 1])
+    assert kept.layers == (1, 3) and kept.num_exits == 2 and kept.threshold == (0.5, 0.7)
+    assert set(kp) == set(p)
+    for k in p:
+        np.testing.assert_array_equal(np.asarray(kp[k]), np.asarray(p[k])[[0, 2]])
+    ex.check_exits(CFG, dataclasses.replace(kept, mode="shift"), kp)
+    with pytest.raises(ex.ExitError, match=r"not exits: \[4\]"):
+        ex.select_exits(ec, p, [1, 4])
+    with pytest.raises(ex.ExitError, match="distinct"):
+        ex.select_exits(ec, p, [2, 2])

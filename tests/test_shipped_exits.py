@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from dynamax_jax.exits import check_exits
+from dynamax_jax.exits import FILL_SHIFT, check_exits
 
 pytestmark = pytest.mark.slow  # loads the 135M model and compiles one decode loop per kind
 
 EXITS_DIR = Path(dx.__file__).resolve().parent / "assets" / "exits"
 KINDS = ("ffn",)
-EXIT_LAYERS = (26,)
+EXIT_LAYERS = (24, 26)
 NEW_TOKENS = 6
 PROMPT = "What is the capital of France?"
 
@@ -54,6 +54,7 @@ def test_shipped_head_loads_and_generates(smollm2, kind):
     assert exit_config.kind == kind
     assert exit_config.layers == EXIT_LAYERS
     resolved = check_exits(config, exit_config, exit_params)  # shapes fit SmolLM2
+    assert exit_config.mode == "shift" and FILL_SHIFT in exit_params  # its stored skipped-layer mode
     assert all(np.isfinite(np.asarray(v, np.float32)).all() for v in exit_params.values())
 
     # The saved threshold: every token leaves at a configured exit or runs all layers.

@@ -486,7 +486,8 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     if settings.mode == "copy":  # layers a row skipped take its exit layer's entry
         copied = _copy_exit_entries(_stack(entries), jnp.where(state.done, n_layers, exit_layer))
         entries = [jax.tree.map(lambda a, layer=layer: a[layer], copied) for layer in range(n_layers)]
-    caches = tuple(model.write_entry(cache, entry, positions) for cache, entry in zip(caches, entries))
+    # after x: every segment's reads of the caches come before these writes (in place)
+    caches = tuple(model.write_entry(cache, entry, positions, after=x) for cache, entry in zip(caches, entries))
 
     if dynamic and ec.confidence in ("softmax", "margin"):
         ran_to_end = loop.active

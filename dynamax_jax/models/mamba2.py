@@ -363,8 +363,9 @@ def read_entry(layer_state: Mamba2State, positions=None) -> Mamba2State:
     return layer_state
 
 
-def write_entry(layer_state: Mamba2State, entry: Mamba2State, positions=None) -> Mamba2State:
-    """The new state is the entry."""
+def write_entry(layer_state: Mamba2State, entry: Mamba2State, positions=None, after=None) -> Mamba2State:
+    """The new state is the entry (``after``, an ordering hint for partial writes, is not
+    needed: nothing is updated in place)."""
     return entry
 
 

@@ -10,10 +10,10 @@ dynamic, is copied before its matmul, which made every layer cost two to three t
 
 How a token is decoded (``_token_step``). The layers are cut into *segments* that end at the
 exit layers (exits at 18, 21, 24, 27 of 30: layers 1-18, 19-21, 22-24, 25-27, 28-30; static
-pruning: one layer each; full depth: one segment). A ``lax.while_loop`` over segments runs
-``lax.switch`` into that segment's unrolled layers, then the confidence of the exit at its
-end. Rows whose confidence reaches their threshold leave (their hidden state freezes); the
-loop ends when every row has left or the last segment ran, so layers after that cost
+pruning: one layer each; full depth: one segment). The first segment runs; each later one is
+a ``lax.cond`` on "some row is still going" around its unrolled layers and the confidence of
+the exit at its end. Rows whose confidence reaches their threshold leave
+(their hidden state freezes); once every row has left, the later segments' layers cost
 nothing. Layers a row skipped get, at its position, what ``settings.mode`` says: ``copy`` (the
 exit layer's K/V), ``propagate`` (their state update run on the exit hidden state),
 ``skip`` (state unchanged), ``shift`` (``propagate`` from the exit hidden state moved by

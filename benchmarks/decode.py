@@ -91,9 +91,9 @@ def main(argv=None) -> None:
     for name in args.dtypes.split(","):
         dtype = jnp.dtype(name)
         config, params = dx.load_pretrained(path, dtype=dtype)
-        params = dx.decode_params(params, donate=True)
-        if name == "float32":
+        if name == "float32":  # (the decode layout keeps wk and wv twice: not read per step)
             f32_bytes = weight_bytes(params)
+        params = dx.decode_params(params, donate=True)
         for b in batches:
             def run(b=b, config=config, params=params):
                 return dx.generate(config, params, [ids] * b, max_new_tokens=n)

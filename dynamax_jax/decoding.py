@@ -52,6 +52,7 @@ from dynamax_jax.exits import (FILL_SHIFT, ExitConfig, adapt, check_exits, class
                                softmax_confidence)
 from dynamax_jax.models import module_for
 from dynamax_jax.models.layers import unstack
+from dynamax_jax.models.mistral import fuse_decode_weights
 from dynamax_jax.sampling import apply_repetition_penalty, sample_token
 
 Params = dict[str, Any]
@@ -75,13 +76,18 @@ def is_decode_layout(params: Params) -> bool:
 
 
 def decode_params(params: Params, donate: bool = False) -> Params:
-    """``params`` with ``layers`` as a tuple of per-layer dicts (the decode layout); params
-    already in that layout are returned as they are. With ``donate`` each stacked leaf is
-    deleted once split (peak memory: the model plus one stacked leaf); the caller must then
-    drop ``params``. The stacked layout stays the storage, sharding and training layout."""
+    """``params`` with ``layers`` as a tuple of per-layer dicts (the decode layout: a Mistral
+    layer's q/k/v and gate/up projections each one matrix, ``mistral.fuse_decode_weights``);
+    params already in that layout are returned as they are. With ``donate`` each stacked leaf
+    is deleted once split (peak memory: the model plus one stacked leaf or one layer); the
+    caller must then drop ``params``. The stacked layout stays the storage, sharding and
+    training layout."""
     if is_decode_layout(params):
         return params
-    return {**params, "layers": unstack(params["layers"], donate=donate)}
+    layers = list(unstack(params["layers"], donate=donate))
+    for i, layer in enumerate(layers):
+        layers[i] = fuse_decode_weights(layer)  # the layer's separate matrices go
+    return {**params, "layers": tuple(layers)}
 
 
 def per_exit(exit_params: Params | None, dtype=None):

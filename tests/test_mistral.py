@@ -46,6 +46,11 @@ def test_parity_with_transformers(save_hf_model, case):
     forward = jax.jit(lambda p, t: mistral.forward(config, p, t, return_hidden=True))
     logits, hidden = forward(params, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    # the decode layout: one buffer per layer, q/k/v and gate/up each one matrix
+    layout = dx.decode_params(params)
+    assert {"w_qkv", "w_gate_up", "wk", "wv"} <= set(layout["layers"][0]) and "wq" not in layout["layers"][0]
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda p, t: mistral.forward(config, p, t))(layout, jnp.asarray(tokens))),
+                               expected, atol=1e-4, rtol=0)
 
     # hidden[i] is the output of layer i + 1 (1-based layer counts), as hidden_states[i + 1]
     # in transformers (whose last entry is after the final norm, so it is skipped).

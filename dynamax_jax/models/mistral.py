@@ -134,13 +134,40 @@ def block(cfg: MistralConfig, p: Params, x: jax.Array, cache: "KVCache", start: 
     return _mlp(cfg, p, _attention_out(p, x, out)), KVCache(k_cache, v_cache)
 
 
+def fuse_decode_weights(p: Params) -> Params:
+    """One layer's params in the decode layout: the projections that read the same input
+    as one matrix each, ``w_qkv [D, (N + 2K) H]`` (replacing ``wq``) and ``w_gate_up [D, 2F]``
+    (replacing ``w_gate`` and ``w_up``): four matmuls a layer per token instead of seven. At
+    batch 1 each matmul is a small matrix-vector product, and XLA:CPU streamed SmolLM2's at
+    about 16 GB/s against 24 GB/s for the LM head's single large one (the thread hand-off
+    per matmul; ``benchmarks/profile_decode.py``). ``wk`` and ``wv`` stay for
+    ``kv_projection`` (a slice of a weight is a copy on XLA:CPU). Params without ``wq`` (a
+    Mamba2 layer, or fused already) are returned as they are."""
+    if "wq" not in p:
+        return p
+    d = p["wq"].shape[0]
+    out = {k: v for k, v in p.items() if k not in ("wq", "w_gate", "w_up")}
+    out["w_qkv"] = jnp.concatenate([p["wq"].reshape(d, -1), p["wk"].reshape(d, -1), p["wv"].reshape(d, -1)], axis=1)
+    out["w_gate_up"] = jnp.concatenate([p["w_gate"], p["w_up"]], axis=1)
+    return out
+
+
 def _qkv(cfg: MistralConfig, p: Params, x: jax.Array, positions: jax.Array):
     """Queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` (RoPE applied) of ``x [B, T, D]``
     at ``positions [B, T]``."""
-    y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["wq"].dtype)
-    q = jnp.einsum("btd,dnh->btnh", y, p["wq"])
-    k = jnp.einsum("btd,dkh->btkh", y, p["wk"])
-    v = jnp.einsum("btd,dkh->btkh", y, p["wv"])
+    n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if "w_qkv" in p:  # the decode layout (fuse_decode_weights)
+        y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["w_qkv"].dtype)
+        z = y @ p["w_qkv"]
+        lead = z.shape[:-1]
+        q = z[..., :n * h].reshape(lead + (n, h))
+        k = z[..., n * h:(n + kh) * h].reshape(lead + (kh, h))
+        v = z[..., (n + kh) * h:].reshape(lead + (kh, h))
+    else:
+        y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["wq"].dtype)
+        q = jnp.einsum("btd,dnh->btnh", y, p["wq"])
+        k = jnp.einsum("btd,dkh->btkh", y, p["wk"])
+        v = jnp.einsum("btd,dkh->btkh", y, p["wv"])
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -154,8 +181,14 @@ def _attention_out(p: Params, x: jax.Array, out: jax.Array) -> jax.Array:
 
 def _mlp(cfg: MistralConfig, p: Params, x: jax.Array) -> jax.Array:
     """The gated MLP sublayer with its residual."""
-    y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_up"].dtype)
-    y = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])  # [B, T, F]
+    if "w_gate_up" in p:  # the decode layout (fuse_decode_weights)
+        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_gate_up"].dtype)
+        z = y @ p["w_gate_up"]  # [B, T, 2F]
+        f = z.shape[-1] // 2
+        y = jax.nn.silu(z[..., :f]) * z[..., f:]
+    else:
+        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_up"].dtype)
+        y = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])  # [B, T, F]
     return x + (y @ p["w_down"]).astype(x.dtype)
 
 

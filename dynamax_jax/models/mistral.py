@@ -139,8 +139,8 @@ def fuse_decode_weights(p: Params) -> Params:
     as one matrix each, ``w_qkv [D, (N + 2K) H]`` (replacing ``wq``) and ``w_gate_up [D, 2F]``
     (replacing ``w_gate`` and ``w_up``): four matmuls a layer per token instead of seven. At
     batch 1 each matmul is a small matrix-vector product, and XLA:CPU streamed SmolLM2's at
-    about 16 GB/s against 24 GB/s for the LM head's single large one (the thread hand-off
-    per matmul; ``benchmarks/profile_decode.py``). ``wk`` and ``wv`` stay for
+    10-16 GB/s against 24 GB/s for the LM head's single large one; fused, 18.5 GB/s
+    (``benchmarks/profile_decode.py``). ``wk`` and ``wv`` stay for
     ``kv_projection`` (a slice of a weight is a copy on XLA:CPU). Params without ``wq`` (a
     Mamba2 layer, or fused already) are returned as they are."""
     if "wq" not in p:

@@ -113,16 +113,17 @@ def main(argv=None) -> None:
         torch.set_num_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         model.eval()
-        for b in batches:
-            input_ids = torch.tensor([ids] * b)
 
-            def hf_run(input_ids=input_ids):
-                with torch.no_grad():  # no EOS: exactly n tokens (min_new_tokens would mask EOS)
-                    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                                          do_sample=False, eos_token_id=None, pad_token_id=0)
-            hf[b] = b * n / _best(hf_run, args.repeats)
+        def hf_generate(prompts, new_tokens):
+            input_ids = torch.tensor(prompts)
+            with torch.no_grad():  # no EOS: exactly new_tokens (min_new_tokens would mask EOS)
+                return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+
+        for b in batches:
+            hf[b] = b * n / _best(lambda b=b: hf_generate([ids] * b, n), args.repeats)
             if b == 1:
-                hf_tokens = hf_run()[0, len(ids):].numpy()
+                hf_tokens = hf_generate([ids], n)[0, len(ids):].numpy()
                 if len(hf_tokens) != n:
                     raise RuntimeError(f"transformers stopped after {len(hf_tokens)} tokens, expected {n}")
 
@@ -157,13 +158,7 @@ def main(argv=None) -> None:
             mine = n / _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=n), args.repeats)
             theirs = float("nan")
             if not args.skip_transformers:
-                input_ids = torch.tensor([prompt])
-
-                def hf_long(input_ids=input_ids):
-                    with torch.no_grad():
-                        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                                              do_sample=False, eos_token_id=None, pad_token_id=0)
-                theirs = n / _best(hf_long, args.repeats)
+                theirs = n / _best(lambda: hf_generate([prompt], n), args.repeats)
             print(f"| {t} | {theirs:.1f} | {mine:.1f} | {mine / theirs:.2f}x |")
     if lengths:
         print("\n| prompt tokens | transformers TTFT (s) | dynamax-jax TTFT (s) | ratio (transformers / ours) |")
@@ -173,13 +168,7 @@ def main(argv=None) -> None:
             mine = _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=1), args.repeats)
             theirs = float("nan")
             if not args.skip_transformers:
-                input_ids = torch.tensor([prompt])
-
-                def hf_first(input_ids=input_ids):
-                    with torch.no_grad():
-                        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1,
-                                              do_sample=False, eos_token_id=None, pad_token_id=0)
-                theirs = _best(hf_first, args.repeats)
+                theirs = _best(lambda: hf_generate([prompt], 1), args.repeats)
             print(f"| {t} | {theirs:.3f} | {mine:.3f} | {theirs / mine:.2f}x |")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
 

@@ -10,7 +10,7 @@ checkpoint without a tokenizer gets 32 fixed token ids). One untraced call compi
 traced call follows.
 
 Printed: per kind (a dot, or a fusion named by what it fuses, numbering dropped) the thread
-time per token summed over XLA's worker threads and how many run per token, then the
+time per token summed over XLA's threads and how many run per token, then the
 slowest dots with their output shapes and the bandwidth at which each streams its weight
 (the larger operand). Thread times of a ``cond`` or ``while`` include the operations inside
 them. The trace is read with ``jax._src.profiler.ProfileData`` (a private jax API, present in
@@ -61,6 +61,13 @@ def main(argv=None) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=decode_chunk")
 
+    try:
+        _profile(args, dump_dir)
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)
+
+
+def _profile(args, dump_dir: str) -> None:
     import dynamax_jax as dx
     from jax._src.profiler import ProfileData
     from dynamax_jax.default_model import smollm2_gguf_path
@@ -92,7 +99,7 @@ def main(argv=None) -> None:
     total, count = collections.Counter(), collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            if "XLAEigen" not in line.name:  # XLA:CPU's worker threads
+            if not line.name.startswith("tf_XLA"):  # XLA:CPU's threads (workers, and the caller's for small programs)
                 continue
             for event in line.events:
                 if event.name.startswith(("ThunkExecutor", "end: ", "SlinkyThreadPool")):
@@ -125,7 +132,6 @@ def main(argv=None) -> None:
         rate = f"{sizes[name] / per_run:.1f}" if name in sizes else "-"
         print(f"| {name} | {per_run / 1e6:.3f} | {count[name] / n:.1f} | {mb:.2f} | {rate} |")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
-    shutil.rmtree(dump_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,8 @@ def test_kv_caches_are_updated_in_place(exit_layers):
                   ).lower(state).compile().as_text()
     shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
     # every computation but the entry one (which copies the caches into the loop once per call)
-    loop = hlo.split("\nENTRY ")[0] + hlo.split("\nENTRY ")[1].partition("\n}\n")[2]
+    before, _, entry_and_after = hlo.partition("\nENTRY ")
+    loop = before + entry_and_after.partition("\n}\n")[2]
     assert "dynamic-update-slice" in loop
     assert [line for line in loop.splitlines() if " copy(" in line and f"= {shape}" in line] == []
 

@@ -71,6 +71,11 @@ def main(argv=None) -> None:
                     help="prompt lengths for decode speed after a long prompt, batch 1 ('' to skip)")
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--skip-transformers", action="store_true", help="time dynamax-jax only")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also time llama.cpp (llama-cpp-python, see benchmarks/llamacpp_ref.py) at batch 1 and after "
+                         "the long prompts, on a float32 rewrite of the GGUF")
+    ap.add_argument("--llama-cpp-gguf", default=None,
+                    help="the float32 GGUF for --llama-cpp (default: written once to ~/.cache/dynamax_jax)")
     args = ap.parse_args(argv)
 
     import dynamax_jax as dx
@@ -127,6 +132,16 @@ def main(argv=None) -> None:
                 if len(hf_tokens) != n:
                     raise RuntimeError(f"transformers stopped after {len(hf_tokens)} tokens, expected {n}")
 
+    llama, llama_tokens = None, None
+    if args.llama_cpp:
+        from llamacpp_ref import LlamaCpp, default_f32_path, f32_gguf
+
+        gguf_f32 = f32_gguf(path, args.llama_cpp_gguf or default_f32_path(path))
+        contexts_max = max([len(ids)] + [int(t) for t in args.context_lengths.split(",") if t])
+        llama = LlamaCpp(gguf_f32, threads, contexts_max + n)
+        llama_tps = n / _best(lambda: llama.generate(ids, n), args.repeats)
+        llama_tokens = llama.generate(ids, n)
+
     print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
           f"float32 weights {f32_bytes / 1e6:.0f} MB per step")
     print("\n| batch | implementation | tokens/s | vs transformers | limit (tokens/s) | of the limit |")
@@ -135,6 +150,10 @@ def main(argv=None) -> None:
         if b in hf:
             print(f"| {b} | transformers {torch.__version__.split('+')[0]} (float32, {threads} threads) | "
                   f"{hf[b]:.1f} | 1.00x | {limit[b]:.1f} | {hf[b] / limit[b]:.2f} |")
+        if b == 1 and llama is not None:
+            ratio = f"{llama_tps / hf[b]:.2f}x" if b in hf else "-"
+            print(f"| 1 | llama.cpp {llama.version} (float32, {threads} threads) | {llama_tps:.1f} | {ratio} | "
+                  f"{limit[b]:.1f} | {llama_tps / limit[b]:.2f} |")
         for name in args.dtypes.split(","):
             tps = ours[(name, b)]
             ratio = f"{tps / hf[b]:.2f}x" if b in hf else "-"
@@ -142,6 +161,9 @@ def main(argv=None) -> None:
     if hf_tokens is not None and ours_tokens is not None:
         same = int(np.argmin(np.append(ours_tokens == hf_tokens, False)))
         print(f"\ngreedy tokens identical to transformers for the first {same} of {n} (float32, batch 1)")
+    if llama_tokens is not None and ours_tokens is not None:
+        same = int(np.argmin(np.append(ours_tokens == llama_tokens, False)))
+        print(f"greedy tokens identical to llama.cpp for the first {same} of {n} (float32, batch 1)")
 
     lengths = [int(t) for t in args.prompt_lengths.split(",") if t]
     contexts = [int(t) for t in args.context_lengths.split(",") if t]
@@ -151,15 +173,17 @@ def main(argv=None) -> None:
         text = " ".join(["The history of the city begins with a small settlement by the river."] * 400)
         corpus = tokenizer.encode(text)
     if contexts:
-        print("\n| prompt tokens | transformers (tokens/s) | dynamax-jax (tokens/s) | ratio |")
-        print("|---:|---:|---:|---:|")
+        print("\n| prompt tokens | transformers (tokens/s) | llama.cpp (tokens/s) | dynamax-jax (tokens/s) | "
+              "vs transformers | vs llama.cpp |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for t in contexts:
             prompt = corpus[:t]
             mine = n / _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=n), args.repeats)
             theirs = float("nan")
             if not args.skip_transformers:
                 theirs = n / _best(lambda: hf_generate([prompt], n), args.repeats)
-            print(f"| {t} | {theirs:.1f} | {mine:.1f} | {mine / theirs:.2f}x |")
+            cpp = n / _best(lambda: llama.generate(prompt, n), args.repeats) if llama is not None else float("nan")
+            print(f"| {t} | {theirs:.1f} | {cpp:.1f} | {mine:.1f} | {mine / theirs:.2f}x | {mine / cpp:.2f}x |")
     if lengths:
         print("\n| prompt tokens | transformers TTFT (s) | dynamax-jax TTFT (s) | ratio (transformers / ours) |")
         print("|---:|---:|---:|---:|")
@@ -170,6 +194,8 @@ def main(argv=None) -> None:
             if not args.skip_transformers:
                 theirs = _best(lambda: hf_generate([prompt], 1), args.repeats)
             print(f"| {t} | {theirs:.3f} | {mine:.3f} | {theirs / mine:.2f}x |")
+    if llama is not None:
+        llama.close()
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
 
 

@@ -259,3 +259,15 @@ def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
     rows = np.flatnonzero(mask.any(axis=1))
     assert labels.shape == (len(rows), 2, 32)
     assert not labels[~np.broadcast_to(mask[rows][:, None], labels.shape)].any()
+
+
+def test_recall_at_precision_of_the_exit_features_study():
+    # benchmarks/exit_features.py: the share the top scores can take at a running precision >= p.
+    from benchmarks.exit_features import recall_at_precision
+
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    label = np.array([1, 1, 0, 1, 0])
+    assert recall_at_precision(score, label, 0.99) == pytest.approx(2 / 5)
+    assert recall_at_precision(score, label, 0.75) == pytest.approx(4 / 5)
+    assert recall_at_precision(score, label, 0.5) == pytest.approx(1.0)
+    assert recall_at_precision(-score, label, 0.99) == 0.0

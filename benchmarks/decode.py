@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     ids = encode_prompt(tokenizer, args.prompt, chat=True)
     n = args.new_tokens
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    lengths = [int(t) for t in args.prompt_lengths.split(",") if t]
+    contexts = [int(t) for t in args.context_lengths.split(",") if t]
     threads = os.cpu_count()
     print(f"model {path.name}, prompt {len(ids)} tokens, {n} new tokens, jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, {threads} cores")
@@ -145,8 +147,7 @@ def main(argv=None) -> None:
         from llamacpp_ref import LlamaCpp, default_f32_path, f32_gguf
 
         gguf_f32 = f32_gguf(path, args.llama_cpp_gguf or default_f32_path(path))
-        contexts_max = max([len(ids)] + [int(t) for t in args.context_lengths.split(",") if t])
-        llama = LlamaCpp(gguf_f32, threads, contexts_max + n)
+        llama = LlamaCpp(gguf_f32, threads, max([len(ids)] + contexts) + n)
         llama_tps = n / _best(lambda: llama.generate(ids, n), args.repeats)
         llama_tokens = llama.generate(ids, n)
 
@@ -173,8 +174,6 @@ def main(argv=None) -> None:
         same = int(np.argmin(np.append(ours_tokens == llama_tokens, False)))
         print(f"greedy tokens identical to llama.cpp for the first {same} of {n} (float32, batch 1)")
 
-    lengths = [int(t) for t in args.prompt_lengths.split(",") if t]
-    contexts = [int(t) for t in args.context_lengths.split(",") if t]
     if lengths or contexts:
         config, params = dx.load_pretrained(path, dtype=jnp.float32)
         params = dx.decode_params(params, donate=True)

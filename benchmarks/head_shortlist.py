@@ -63,19 +63,21 @@ def main(argv=None) -> None:
     by_count = np.argsort(-counts, kind="stable")
 
     from dynamax_jax.models import mistral
-    hidden = jax.jit(lambda p, t: mistral.forward(config, p, t, return_hidden=True)[1][-1])
+    from dynamax_jax.models.layers import rms_norm
 
-    def head_inputs(rows):  # x = final_norm(h) at the reply positions of ``rows``, and their top-1
+    # the LM head's input: the last layer's output after the final norm
+    head_input = jax.jit(lambda p, t: rms_norm(mistral.forward(config, p, t, return_hidden=True)[1][-1],
+                                               p["final_norm"], config.rms_norm_eps))
+
+    def head_inputs(rows):  # x at the reply positions of ``rows``, and their cached top-1
         xs, ys = [], []
         for i in range(0, len(rows), 8):
             block = rows[i:i + 8]
-            h = np.asarray(hidden(params, jnp.asarray(tokens[block])))
+            x = np.asarray(head_input(params, jnp.asarray(tokens[block])), np.float32)
             r, t = np.nonzero(replies[block])
-            xs.append(h[r, t])
+            xs.append(x[r, t])
             ys.append(top1[block][r, t])
-        h = np.concatenate(xs)
-        x = h / np.sqrt((h * h).mean(-1, keepdims=True) + config.rms_norm_eps) * np.asarray(params["final_norm"])
-        return x.astype(np.float32), np.concatenate(ys)
+        return np.concatenate(xs), np.concatenate(ys)
 
     x_fit, _ = head_inputs(train[:args.train_rows])
     x, y = head_inputs(held_out)

@@ -54,17 +54,13 @@ class LlamaCpp:
     (no stop token) after the prompt ``ids``, prefill included, like ``dx.generate``."""
 
     def __init__(self, gguf_path, threads: int, context: int):
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise SystemExit("--llama-cpp needs llama-cpp-python; see benchmarks/llamacpp_ref.py for the build "
-                             "that works on this machine") from e
+        from llama_cpp import Llama  # decode.py checks that it is installed before loading anything
+
         self.model = Llama(model_path=str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                            n_batch=512, verbose=False)
 
     def generate(self, ids: list[int], n: int) -> np.ndarray:
         out = []
-        self.model.reset()
         for token in self.model.generate(ids, top_k=1, temp=0.0, reset=True):
             out.append(token)
             if len(out) == n:
@@ -82,8 +78,8 @@ class LlamaCpp:
 
 
 def default_f32_path(src) -> Path:
-    """Where decode.py keeps the float32 rewrite of ``src``: next to nothing it does not own
-    (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    """Where decode.py keeps the float32 rewrite of ``src``: ``$XDG_CACHE_HOME/dynamax_jax``
+    (default ``~/.cache/dynamax_jax``)."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamax_jax"
     root.mkdir(parents=True, exist_ok=True)
     return root / (Path(src).stem + ".F32.gguf")

@@ -156,15 +156,14 @@ def _qkv(cfg: MistralConfig, p: Params, x: jax.Array, positions: jax.Array):
     """Queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` (RoPE applied) of ``x [B, T, D]``
     at ``positions [B, T]``."""
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["wk"].dtype)  # wk: in both layouts
     if "w_qkv" in p:  # the decode layout (fuse_decode_weights)
-        y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["w_qkv"].dtype)
         z = y @ p["w_qkv"]
         lead = z.shape[:-1]
         q = z[..., :n * h].reshape(lead + (n, h))
         k = z[..., n * h:(n + kh) * h].reshape(lead + (kh, h))
         v = z[..., (n + kh) * h:].reshape(lead + (kh, h))
     else:
-        y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(p["wq"].dtype)
         q = jnp.einsum("btd,dnh->btnh", y, p["wq"])
         k = jnp.einsum("btd,dkh->btkh", y, p["wk"])
         v = jnp.einsum("btd,dkh->btkh", y, p["wv"])
@@ -181,13 +180,12 @@ def _attention_out(p: Params, x: jax.Array, out: jax.Array) -> jax.Array:
 
 def _mlp(cfg: MistralConfig, p: Params, x: jax.Array) -> jax.Array:
     """The gated MLP sublayer with its residual."""
+    y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_down"].dtype)  # w_down: in both layouts
     if "w_gate_up" in p:  # the decode layout (fuse_decode_weights)
-        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_gate_up"].dtype)
         z = y @ p["w_gate_up"]  # [B, T, 2F]
         f = z.shape[-1] // 2
         y = jax.nn.silu(z[..., :f]) * z[..., f:]
     else:
-        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(p["w_up"].dtype)
         y = jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])  # [B, T, F]
     return x + (y @ p["w_down"]).astype(x.dtype)
 

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from convert import safetensors_io  # noqa: E402
+from dynamax_jax.convert import safetensors_io  # noqa: E402
 from dynamax_jax.config import MistralConfig  # noqa: E402
 
 

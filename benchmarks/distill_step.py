@@ -32,8 +32,8 @@ from dynamax_jax import exits as ex  # noqa: E402
 from dynamax_jax import sharding as S  # noqa: E402
 from dynamax_jax.config import MistralConfig  # noqa: E402
 from dynamax_jax.default_model import smollm2_gguf_path  # noqa: E402
-from train import distill as T  # noqa: E402
-from train import objective as O  # noqa: E402
+from dynamax_jax.train import distill as T  # noqa: E402
+from dynamax_jax.train import objective as O  # noqa: E402
 
 
 def load_model(name: str | None):

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from train.cached import Cache, training_mask
+    from dynamax_jax.train.cached import Cache, training_mask
 
     cache = Cache.open(args.cache)
     layers = list(json.loads((Path(args.cache) / "meta.json").read_text())["exit_layers"])

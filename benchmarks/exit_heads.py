@@ -38,7 +38,7 @@ def agreement(backbone, prompts, generations, layers, exit_config=None, exit_par
     """Per-exit agreement with the final layer and the oracle's average layers over the
     full-depth ``generations`` (``eval.harness.oracle_layers``; adapted when ``exit_config``
     has adapters)."""
-    from eval.harness import oracle_layers
+    from dynamax_jax.eval.harness import oracle_layers
     per_token, agree, _ = oracle_layers(backbone, tuple(layers), prompts, generations, batch_size, 16,
                                         exit_config, exit_params)
     oracle = np.concatenate([np.asarray(t, np.float64) for t in per_token])
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
-    from eval.harness import compute_summary, generate_all, load_backbone
-    from eval.tasks import get_task
+    from dynamax_jax.eval.harness import compute_summary, generate_all, load_backbone
+    from dynamax_jax.eval.tasks import get_task
 
     path = args.model or str(smollm2_gguf_path())
     backbone = load_backbone(path, "float32", use_chat_template=True)

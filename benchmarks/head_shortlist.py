@@ -45,7 +45,7 @@ def main(argv=None) -> None:
 
     import dynamax_jax as dx
     from dynamax_jax.prompts import reply_marker
-    from train.cached import reply_mask
+    from dynamax_jax.train.cached import reply_mask
 
     meta = json.loads((Path(args.cache) / "meta.json").read_text())
     model = args.model or meta["model"]

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.mamba2 import hf_table
-from convert.tables import unflatten
+from dynamax_jax.convert.mamba2 import hf_table
+from dynamax_jax.convert.tables import unflatten
 from dynamax_jax.config import Mamba2Config
 from dynamax_jax.models import mamba2
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.ssd import ops, reference
+from dynamax_jax.kernels.ssd import ops, reference
 
 CODESTRAL = dict(h=128, p=64, g=8, n=128, chunk=256)
 TINY = dict(h=4, p=16, g=2, n=16, chunk=32)

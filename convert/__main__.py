@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from convert import HF_FILES, TOKENIZER_FILES, copy_tokenizer, load_checkpoint, write_hf_dir
+    from dynamax_jax.convert.checkpoint import HF_FILES, TOKENIZER_FILES, copy_tokenizer, load_checkpoint, write_hf_dir
 
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite and (not dst.is_dir() or any(dst.iterdir())):

@@ -34,8 +34,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
-                            UnsupportedModelError)
+from dynamax_jax.convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
+                                        UnsupportedModelError)
 from dynamax_jax.config import ConfigError, MistralConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -289,8 +289,8 @@ def load_gguf(path, dtype=jnp.float32, progress: bool = False):
     Raises ``CorruptFileError`` for a truncated/corrupt file, ``UnsupportedModelError``
     listing the supported architectures, ``MissingTensorError`` / ``ShapeMismatchError``
     naming the GGUF tensor at fault (with expected and found shapes)."""
-    from convert.mistral import MISTRAL
-    from convert.tables import load_params
+    from dynamax_jax.convert.mistral import MISTRAL
+    from dynamax_jax.convert.tables import load_params
 
     path = Path(path)
     reader = open_gguf(path)

@@ -13,7 +13,7 @@ Two layouts of the same tensors (see ``dynamax_jax/models/mamba2.py`` for ours):
 out_proj ``[D, I]`` <-> ``[I, D]``, lm_head ``[V, D]`` <-> ``[D, V]``. The depthwise conv
 weight is ``[C, 1, K]`` <-> conv_w ``[K, C]``. ``load_codestral(path, dtype)`` reads a release
 directory; the ``mamba2`` model_type is registered with ``convert.tables`` on import, so
-``convert.load_checkpoint`` / ``save_hf`` handle Hugging Face directories.
+``convert.checkpoint.load_checkpoint`` / ``save_hf`` handle Hugging Face directories.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from convert.errors import CheckpointError, CorruptFileError
-from convert.safetensors_io import CheckpointReader
-from convert.tables import Architecture, Row, identity, load_params, register
+from dynamax_jax.convert.errors import CheckpointError, CorruptFileError
+from dynamax_jax.convert.safetensors_io import CheckpointReader
+from dynamax_jax.convert.tables import Architecture, Row, identity, load_params, register
 from dynamax_jax.config import Mamba2Config
 
 CODESTRAL_PARAMS = "params.json"

@@ -9,7 +9,7 @@ RoPE needs no permutation: both sides use the rotate-half layout.
 
 from __future__ import annotations
 
-from convert.tables import Architecture, Row, identity, register
+from dynamax_jax.convert.tables import Architecture, Row, identity, register
 from dynamax_jax.config import MistralConfig
 
 _LAYER = "model.layers.{i}."

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from convert.errors import CheckpointError, CorruptFileError, MissingTensorError
+from dynamax_jax.convert.errors import CheckpointError, CorruptFileError, MissingTensorError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

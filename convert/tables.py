@@ -20,7 +20,7 @@ must name every param of the model exactly once (checked).
 An ``Architecture`` bundles a table with its config class and ``config.json`` parser and is
 registered per ``model_type`` in ``REGISTRY`` (``register(...)``). ``convert/mistral.py``
 registers ``mistral`` and ``llama``; ``convert/mamba2.py`` registers ``mamba2`` when
-imported (``convert.load_checkpoint`` imports it lazily, see ``LAZY_MODULES``).
+imported (``convert.checkpoint.load_checkpoint`` imports it lazily, see ``LAZY_MODULES``).
 
 Readers: ``load_params`` takes any object with ``path``, ``name in reader``, ``names()``,
 ``shape(name)`` and ``read(name) -> numpy array`` in Hugging Face names and layout
@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedModelError
-from convert.safetensors_io import FLOAT_DTYPES, CheckpointReader, aligned_empty, dtype_name
+from dynamax_jax.convert.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedModelError
+from dynamax_jax.convert.safetensors_io import FLOAT_DTYPES, CheckpointReader, aligned_empty, dtype_name
 
 Transform = Callable[[Any, Any], Any]
 Params = dict[str, Any]
@@ -86,7 +86,7 @@ class Architecture:
 
 REGISTRY: dict[str, Architecture] = {}
 # model_type -> module that registers it on import (kept lazy: importing it may be costly).
-LAZY_MODULES: dict[str, str] = {"mamba2": "convert.mamba2"}
+LAZY_MODULES: dict[str, str] = {"mamba2": "dynamax_jax.convert.mamba2"}
 
 
 def register(arch: Architecture) -> Architecture:

@@ -25,7 +25,7 @@ def load_pretrained(path, dtype=jnp.float32):
     """Load ``(config, params)`` from a Hugging Face checkpoint directory (model_type
     mistral, llama or mamba2), a Codestral Mamba directory (params.json +
     consolidated.safetensors) or a ``.gguf`` file."""
-    from convert import load_checkpoint
+    from dynamax_jax.convert.checkpoint import load_checkpoint
     return load_checkpoint(path, dtype=dtype)
 
 
@@ -33,11 +33,11 @@ def save_pretrained(config, params, out_dir, overwrite: bool = False) -> None:
     """Write ``config`` and ``params`` in Hugging Face format (config.json + model.safetensors).
     An existing ``out_dir`` holding other files (a tokenizer, exit heads, ...) is refused
     unless ``overwrite``, which replaces the weights and config and keeps those files."""
-    from convert import save_hf
+    from dynamax_jax.convert.checkpoint import save_hf
     save_hf(config, params, out_dir, overwrite=overwrite)
 
 
 def load_tokenizer(path):
     """The tokenizer that goes with a checkpoint (directory or ``.gguf`` file)."""
-    from convert import load_tokenizer as _load
+    from dynamax_jax.convert.checkpoint import load_tokenizer as _load
     return _load(path)

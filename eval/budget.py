@@ -47,11 +47,11 @@ import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import atomic_file, write_json_atomic, write_text_atomic
-from eval import metrics, tasks
-from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
-                          generate_all, load_backbone, model_path, shared_flags)
-from eval.metrics import rouge_inconsistency, token_disagreement
-from eval.report import fmt, interpolate
+from dynamax_jax.eval import metrics, tasks
+from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
+                                      generate_all, load_backbone, model_path, shared_flags)
+from dynamax_jax.eval.metrics import rouge_inconsistency, token_disagreement
+from dynamax_jax.eval.report import fmt, interpolate
 
 QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
 CURVES = ("threshold", "static")

@@ -38,9 +38,9 @@ from dynamax_jax.io import atomic_directory, check_destination
 
 CALIBRATION_FILE = "calibration.json"
 OWNED_FILES = EXIT_FILES + (CALIBRATION_FILE,)  # what calibrate writes into --exits
-from eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
-from eval.metrics import rouge_inconsistency, token_disagreement
-from eval.tasks import answer_from_generation
+from dynamax_jax.eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
+from dynamax_jax.eval.metrics import rouge_inconsistency, token_disagreement
+from dynamax_jax.eval.tasks import answer_from_generation
 
 
 class CalibrationError(ValueError):
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     import json
     import sys
 
-    from eval import tasks as tasks_lib
+    from dynamax_jax.eval import tasks as tasks_lib
 
     args = _parser().parse_args(argv)
     try:

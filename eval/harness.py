@@ -27,7 +27,7 @@ import numpy as np
 
 from dynamax_jax.io import parse_dtype
 from dynamax_jax.models import mamba2, mistral
-from eval import tasks
+from dynamax_jax.eval import tasks
 
 # Skipped-layer handling swept by default per backbone family; the first is the cheap one
 # static pruning uses. "recompute" (a diagnostic that saves nothing) runs only when asked.

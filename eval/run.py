@@ -48,9 +48,9 @@ import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import write_json_atomic
-from eval import metrics, tasks
-from eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
-                          generate_all, load_backbone, model_path, oracle_layers, shared_flags)
+from dynamax_jax.eval import metrics, tasks
+from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
+                                      generate_all, load_backbone, model_path, oracle_layers, shared_flags)
 
 # ----------------------------------------------------------------------------- run identity
 
@@ -134,7 +134,7 @@ def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple
     holds: for a task, other data (source, part, limit or file content) or other generation
     settings (``settings``: new tokens, dtype); for the same model path or exit checkpoint
     path, other weights. Different models and exit checkpoints may share an ``--out``."""
-    from eval.report import load_runs
+    from dynamax_jax.eval.report import load_runs
 
     problems = []
     for run in load_runs(out) if out.is_dir() else []:
@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = _exit_sources(args, backbone)
     for name in args.tasks:
         sweep.run_task(name, sources)
-    from eval import report
+    from dynamax_jax.eval import report
     table, plots = report.write_report(args.out)
     print(f"report: {table}; plots: {', '.join(map(str, plots))}")
     return 0

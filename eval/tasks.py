@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dynamax_jax.io import DataError, read_jsonl
-from eval import metrics
+from dynamax_jax.eval import metrics
 
 DATA_DIR = Path(__file__).resolve().with_name("data")  # the bundled data (inside the package)
 HUB = "hub"  # the data_dir value that loads through ``datasets``

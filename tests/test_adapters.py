@@ -13,8 +13,8 @@ from dynamax_jax import exits as ex
 from dynamax_jax import flops
 from dynamax_jax.models import mistral, module_for
 from dynamax_jax.models.layers import stack_index
-from train import distill as T
-from train import objective as O
+from dynamax_jax.train import distill as T
+from dynamax_jax.train import objective as O
 
 CFG = dx.MistralConfig.tiny()  # 4 layers, hidden 64
 PARAMS = mistral.init_params(CFG, jax.random.key(0))
@@ -204,7 +204,7 @@ def test_cli_flags_reach_the_exit_config():
 # ----------------------------------------------------------------------------- eval oracle
 
 def test_oracle_uses_the_adapted_exit_tokens():
-    from eval import harness
+    from dynamax_jax.eval import harness
 
     layers = (1, 2, 3)
     ec = ex.ExitConfig(kind="calm", layers=layers, adapter="affine").resolve(CFG)

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import dynamax_jax as dx
-from eval import budget, report
+from dynamax_jax.eval import budget, report
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"

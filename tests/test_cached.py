@@ -18,8 +18,8 @@ from dynamax_jax import exits as ex
 from dynamax_jax.config import Mamba2Config, MistralConfig
 from dynamax_jax.models import module_for
 from tests.test_distill import write_tiny_model
-from train import cached as C
-from train import distill as T
+from dynamax_jax.train import cached as C
+from dynamax_jax.train import distill as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_cached_steps_equal_direct_steps(family, kind):
 def test_labels_equal_the_direct_objective():
     config, params = _model("mistral")
     tokens = jax.random.randint(jax.random.key(3), (3, 10), 0, config.vocab_size)
-    from train.objective import backbone_pass
+    from dynamax_jax.train.objective import backbone_pass
     for topk in (1, 3):
         _, want = backbone_pass(config, params, tokens, (1, 2, 3), topk)
         hidden, topk_ids, _, _ = C.make_backbone_pass(config, (1, 2, 3), topk)(params, tokens)
@@ -192,7 +192,7 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
                               for i in range(40)))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.cached", "--model", str(model), "--data", f"{corpus}=1200",
+    cmd = [sys.executable, "-m", "dynamax_jax.train.cached", "--model", str(model), "--data", f"{corpus}=1200",
            "--exit-layers", "2,3", "--kinds", "calm,ffn", "--ffn-expand", "1", "--batch-size", "4",
            "--seq-len", "32", "--epochs", "2", "--out", str(out), "--no-progress"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -240,7 +240,7 @@ def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
                                for i in range(30)))
     prose.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(30)))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.cached", "--model", str(model), "--data", f"{answers}=512,{prose}=256",
+    cmd = [sys.executable, "-m", "dynamax_jax.train.cached", "--model", str(model), "--data", f"{answers}=512,{prose}=256",
            "--exit-layers", "2,3", "--kinds", "calm", "--batch-size", "4", "--seq-len", "32", "--epochs", "1",
            "--reply-marker", "\\nA:", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
@@ -248,7 +248,7 @@ def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     tokens = np.load(out / "cache" / C.TOKENS_FILE)
     from transformers import AutoTokenizer
-    from train import data as D
+    from dynamax_jax.train import data as D
     encode, eos = D.encoder_from_tokenizer(AutoTokenizer.from_pretrained(model))
     assert summary["reply_marker"] == encode("\nA:")
     mask = C.training_mask(C.Cache(summary["cache"], None, None, None, None, tokens), summary["reply_marker"], eos,

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.calibrate import (CalibrationError, calibrate_vectors, hoeffding_bentkus_pvalue,
-                            learn_then_test, min_calibration_size, vector_path)
+from dynamax_jax.eval.calibrate import (CalibrationError, calibrate_vectors, hoeffding_bentkus_pvalue,
+                                        learn_then_test, min_calibration_size, vector_path)
 
 
 def _draw(risks, n, rng):
@@ -91,14 +91,14 @@ def test_too_small_calibration_set_says_how_many_needed():
 
 
 def test_token_disagreement():
-    from eval.metrics import token_disagreement
+    from dynamax_jax.eval.metrics import token_disagreement
     assert token_disagreement([1, 2, 3], [1, 2, 3]) == 0.0
     assert token_disagreement([1, 9, 3, 4], [1, 2, 3]) == 0.5  # one differs, one extra, over 4
     assert token_disagreement([], []) == 0.0
 
 
 def test_cli_rejects_bad_settings_before_loading_a_model(capsys):
-    from eval.calibrate import main
+    from dynamax_jax.eval.calibrate import main
     assert main(["--exits", "unused", "--delta", "1.5"]) == 2
     assert "delta must be in (0, 1)" in capsys.readouterr().err
     assert main(["--exits", "unused", "--delta", "0.01", "--epsilon", "0.01", "--data", str(Path(__file__).parent.parent / "eval" / "data")]) == 2
@@ -107,7 +107,7 @@ def test_cli_rejects_bad_settings_before_loading_a_model(capsys):
 
 
 def test_candidate_thresholds_are_ordered_strict_to_loose(capsys):
-    from eval.calibrate import main, parse_thresholds
+    from dynamax_jax.eval.calibrate import main, parse_thresholds
     assert parse_thresholds("0.5,0.9,0.7,0.9") == [0.9, 0.7, 0.5]
     with pytest.raises(CalibrationError, match="numbers >= 0"):
         parse_thresholds("0.5,-1")
@@ -126,7 +126,7 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
     import jax
 
     import dynamax_jax as dx
-    from eval.calibrate import main
+    from dynamax_jax.eval.calibrate import main
 
     config = dx.load_pretrained(tiny_llama_dir)[0]
     ec = dx.ExitConfig(kind="calm")
@@ -160,9 +160,9 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
 
 
 def test_rouge_loss_scores_the_answers_that_eval_run_scores():
-    from eval.calibrate import answer_inconsistency
-    from eval.metrics import consistency
-    from eval.tasks import answer_from_generation
+    from dynamax_jax.eval.calibrate import answer_inconsistency
+    from dynamax_jax.eval.metrics import consistency
+    from dynamax_jax.eval.tasks import answer_from_generation
     assert answer_inconsistency("Paris\nQ: what next", "\nParis\nQ: something else") == 0.0
     early, full = "The capital is Paris, France.\nmore", "Paris is the capital.\nQ:"
     want = 1 - consistency(answer_from_generation(early), answer_from_generation(full))["consistency_rougeL"] / 100
@@ -170,7 +170,7 @@ def test_rouge_loss_scores_the_answers_that_eval_run_scores():
 
 
 def test_rouge_inconsistency_is_in_the_unit_interval():
-    from eval.metrics import rouge_inconsistency
+    from dynamax_jax.eval.metrics import rouge_inconsistency
     assert rouge_inconsistency("the cat sat", "the cat sat") == 0.0
     assert rouge_inconsistency("", "") == 0.0
     assert rouge_inconsistency("dog", "the cat sat") == 1.0

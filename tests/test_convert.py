@@ -17,12 +17,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import convert
 import dynamax_jax as dx
-from convert import safetensors_io
-from convert.__main__ import main as convert_main
-from convert.errors import (CheckpointError, ConfigError, CorruptFileError, MissingTensorError,
-                            ShapeMismatchError, UnsupportedModelError)
+from dynamax_jax.convert import checkpoint, safetensors_io
+from dynamax_jax.convert.__main__ import main as convert_main
+from dynamax_jax.convert.errors import (CheckpointError, ConfigError, CorruptFileError, MissingTensorError,
+                                        ShapeMismatchError, UnsupportedModelError)
 from tests.conftest import build_hf_model, hf_logits, random_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +102,7 @@ def test_sharded_checkpoints_load(model_dir, tmp_path):
     _assert_same_params(params, single)
     # our sharded writer, read back by transformers and by us
     ours = tmp_path / "ours_sharded"
-    convert.save_hf(config, params, ours, max_shard_bytes=40_000)
+    checkpoint.save_hf(config, params, ours, max_shard_bytes=40_000)
     assert len(list(ours.glob("model-*-of-*.safetensors"))) >= 3
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours, attn_implementation="eager").eval()
     tokens = random_tokens(config.vocab_size, 1, 9)

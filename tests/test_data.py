@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from train import corpus
-from train import data as D
+from dynamax_jax.train import corpus
+from dynamax_jax.train import data as D
 
 EOS = 0
 

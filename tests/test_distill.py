@@ -23,8 +23,8 @@ from dynamax_jax import exits as ex
 from dynamax_jax import sharding as S
 from dynamax_jax.config import MistralConfig
 from dynamax_jax.models import mistral
-from train import distill as T
-from train import objective as O
+from dynamax_jax.train import distill as T
+from dynamax_jax.train import objective as O
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
@@ -128,7 +128,7 @@ def test_one_step_on_8_devices_equals_one_device():
         from dynamax_jax import exits as ex, sharding as S
         from dynamax_jax.config import MistralConfig
         from dynamax_jax.models import mistral
-        from train import distill as T
+        from dynamax_jax.train import distill as T
 
         assert len(jax.devices()) == 8
         config = MistralConfig.tiny()
@@ -177,7 +177,7 @@ def test_one_step_on_8_devices_equals_one_device():
 
 
 def cli(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train.distill", "--model", str(model), "--out", str(out),
+    return [sys.executable, "-m", "dynamax_jax.train.distill", "--model", str(model), "--out", str(out),
             "--exit-kind", "mamba", "--exit-layers", "2,3", "--batch-size", "2", "--seq-len", "16",
             "--lr", "3e-3", "--no-progress", *extra]
 

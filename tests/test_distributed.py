@@ -40,7 +40,7 @@ REFERENCE = textwrap.dedent("""
     import sys
     import numpy as np
     from dynamax_jax.api import load_tokenizer
-    from train import data as D, distill as T
+    from dynamax_jax.train import data as D, distill as T
 
     model, out = sys.argv[1:3]
     settings = T.settings_from_args(T.build_parser().parse_args(["--model", model, "--out", out, *sys.argv[3:]]))
@@ -83,7 +83,7 @@ def _launch(model: Path, out: Path, flags) -> list[subprocess.Popen]:
     for p in range(2):
         log = open(out.parent / f"{out.name}-{p}.log", "a")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train.distill", "--model", str(model), "--out", str(out), *flags,
+            [sys.executable, "-m", "dynamax_jax.train.distill", "--model", str(model), "--out", str(out), *flags,
              "--distributed", "--coordinator-address", address, "--num-processes", "2", "--process-id", str(p)],
             cwd=ROOT, env=_env(4, out.parent / "jax-cache"), stdout=log, stderr=subprocess.STDOUT))
         log.close()

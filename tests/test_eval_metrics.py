@@ -5,7 +5,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval import metrics
+from dynamax_jax.eval import metrics
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from eval import harness, report, run, tasks
+from dynamax_jax.eval import harness, report, run, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
@@ -95,7 +95,7 @@ def test_pareto_front():
 def _eval_run(model, out, cache, *extra):
     # One prompt width (256) for both tasks and a persistent compilation cache keep the
     # number of compilations (the bulk of the runtime) small.
-    cmd = [sys.executable, "-m", "eval.run", "--model", str(model), "--data-dir", str(DATA), "--out", str(out),
+    cmd = [sys.executable, "-m", "dynamax_jax.eval.run", "--model", str(model), "--data-dir", str(DATA), "--out", str(out),
            "--tasks", "trivia_qa,coqa", "--limit", "2", "--max-new-tokens", "4", "--batch-size", "2",
            "--pad-multiple", "256", "--random-exits", "calm", "--thresholds", "0.3,0.7", "--modes",
            "copy,propagate", *extra]

@@ -11,7 +11,7 @@ import pytest
 import dynamax_jax as dx
 from dynamax_jax import exits as ex
 from dynamax_jax.models.layers import rms_norm
-from kernels.ssd.reference import ssd_chunked
+from dynamax_jax.kernels.ssd.reference import ssd_chunked
 
 CFG = dx.MistralConfig.tiny()  # 4 layers, hidden 64
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
-                            UnsupportedModelError)
-from convert.gguf import field_value, load_gguf, open_gguf, permute_rows, unpermute_rows
+from dynamax_jax.convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
+                                        UnsupportedModelError)
+from dynamax_jax.convert.gguf import field_value, load_gguf, open_gguf, permute_rows, unpermute_rows
 from dynamax_jax.models import mistral
 from tests.conftest import TINY_HF, build_hf_model, hf_logits, random_tokens
 

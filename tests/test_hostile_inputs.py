@@ -20,8 +20,8 @@ import pytest
 from safetensors import SafetensorError, safe_open
 
 import dynamax_jax as dx
-from convert import safetensors_io
-from convert.errors import CheckpointError, CorruptFileError
+from dynamax_jax.convert import safetensors_io
+from dynamax_jax.convert.errors import CheckpointError, CorruptFileError
 
 F32_4 = np.arange(4, dtype=np.float32).tobytes()  # 16 bytes
 
@@ -225,7 +225,7 @@ def test_truncated_exit_params_name_the_file(exits_dir):
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
 def test_convert_refuses_a_shard_size_that_is_not_positive(value, tmp_path, capsys):
-    from convert.__main__ import parse_args
+    from dynamax_jax.convert.__main__ import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args([str(tmp_path / "src"), str(tmp_path / "dst"), "--max-shard-gb", value])
@@ -238,7 +238,7 @@ def test_convert_refuses_a_shard_size_that_is_not_positive(value, tmp_path, caps
 
 @pytest.mark.parametrize("flag, value", [("--thresholds", ","), ("--thresholds", ""), ("--tasks", " , ")])
 def test_eval_run_refuses_an_empty_list(flag, value, capsys):
-    from eval.run import build_parser
+    from dynamax_jax.eval.run import build_parser
 
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([flag, value])
@@ -307,7 +307,7 @@ def test_overwrite_replaces_only_the_writers_own_files(tmp_path):
 
 
 def test_convert_overwrite_keeps_foreign_files(tiny_checkpoint, tmp_path, capsys):
-    from convert.__main__ import main as convert_main
+    from dynamax_jax.convert.__main__ import main as convert_main
 
     dst = tmp_path / "converted"
     dst.mkdir()
@@ -319,7 +319,7 @@ def test_convert_overwrite_keeps_foreign_files(tiny_checkpoint, tmp_path, capsys
 
 
 def test_calibrate_refuses_foreign_files_before_any_work(exits_dir, capsys):
-    from eval.calibrate import main as calibrate_main
+    from dynamax_jax.eval.calibrate import main as calibrate_main
 
     (exits_dir / "model.safetensors").write_text("not exits")
     # --model does not exist: the refusal comes before loading anything
@@ -377,7 +377,7 @@ def test_distill_checkpoint_faults(tmp_path, capsys):
     import shutil
 
     from tests.test_distill import write_tiny_model
-    from train import distill as T
+    from dynamax_jax.train import distill as T
 
     model = write_tiny_model(tmp_path / "tiny")
     out = tmp_path / "run"
@@ -438,7 +438,7 @@ def _fake_run(out: Path, name: str, task="trivia_qa", data="bundled:evaluation",
 
 
 def test_eval_out_dir_refuses_runs_it_could_not_tell_apart(tmp_path):
-    from eval import run, tasks
+    from dynamax_jax.eval import run, tasks
 
     out = tmp_path / "out"
     data = {"trivia_qa": run.data_inputs(tasks.get_task("trivia_qa"), None, "evaluation", 2)}
@@ -474,7 +474,7 @@ def test_eval_out_dir_refuses_runs_it_could_not_tell_apart(tmp_path):
 
 
 def test_eval_run_refuses_to_mix_before_loading_the_model(tiny_checkpoint, tmp_path):
-    from eval import run
+    from dynamax_jax.eval import run
 
     out = tmp_path / "out"
     _fake_run(out, "old", data="bundled:calibration", model=str(tiny_checkpoint))
@@ -485,7 +485,7 @@ def test_eval_run_refuses_to_mix_before_loading_the_model(tiny_checkpoint, tmp_p
 def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
     import types
 
-    from eval import run, tasks
+    from dynamax_jax.eval import run, tasks
 
     backbone = types.SimpleNamespace(config=dx.MistralConfig.tiny(), path="m", chat_template=True)
     args = types.SimpleNamespace(out=str(tmp_path), data_dir=None, split="evaluation", limit=2,
@@ -508,9 +508,9 @@ def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
 
 
 def test_cli_errors_print_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
-    from convert.__main__ import main as convert_main
+    from dynamax_jax.convert.__main__ import main as convert_main
     from dynamax_jax.cli import run_cli
-    from eval.run import main as eval_main
+    from dynamax_jax.eval.run import main as eval_main
 
     monkeypatch.delenv("DYNAMAX_DEBUG", raising=False)
     missing = str(tmp_path / "missing")
@@ -544,7 +544,7 @@ def test_cli_entry_points_use_the_guard(tmp_path):
 
 def test_data_errors_name_the_file_and_the_1_based_line(tmp_path):
     from dynamax_jax.io import DataError
-    from eval import tasks
+    from dynamax_jax.eval import tasks
 
     good = json.dumps({"question": "Q?", "answer": {"value": "A", "aliases": ["A"]}})
     (tmp_path / "trivia_qa.jsonl").write_text(f"{good}\n{good}\n\n" + json.dumps({"question": "Q?"}) + "\n")
@@ -556,7 +556,7 @@ def test_data_errors_name_the_file_and_the_1_based_line(tmp_path):
 
 
 def test_calibrate_names_its_own_data_flag(tmp_path, capsys):
-    from eval.calibrate import main as calibrate_main
+    from dynamax_jax.eval.calibrate import main as calibrate_main
 
     assert calibrate_main(["--exits", str(tmp_path), "--data", str(tmp_path), "--tasks", "trivia_qa"]) == 2
     err = capsys.readouterr().err
@@ -573,7 +573,7 @@ def test_undecodable_prompt_bytes_are_named():
 
 
 def test_distill_errors_exit_2_and_debug_shows_the_traceback(tmp_path, capsys):
-    from train import distill as T
+    from dynamax_jax.train import distill as T
 
     argv = ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dynamax_jax as dx
-from convert.errors import ConfigError, CorruptFileError, MissingTensorError, ShapeMismatchError
+from dynamax_jax.convert.errors import ConfigError, CorruptFileError, MissingTensorError, ShapeMismatchError
 from dynamax_jax.config import Mamba2Config
 from dynamax_jax.models import mamba2
 from tests.conftest import random_tokens

@@ -19,8 +19,8 @@ import pytest
 
 import dynamax_jax as dx
 from dynamax_jax.assets import ASSET_DIR, asset_path
-from train import corpus as corpus_lib
-from train import pretrain
+from dynamax_jax.train import corpus as corpus_lib
+from dynamax_jax.train import pretrain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "heldout.jsonl"
 SHIPPED = ASSET_DIR / "mamba2-small"

@@ -34,7 +34,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def ours(path):
-    from convert.gguf import load_gguf
+    from dynamax_jax.convert.gguf import load_gguf
 
     start = time.perf_counter()
     config, params = load_gguf(path, dtype=jnp.float32)
@@ -45,7 +45,7 @@ def ours(path):
 @pytest.fixture(scope="module")
 def tokenizer_and_cache(path, tmp_path_factory):
     """A freshly converted tokenizer, and the cache directory it was saved to."""
-    from convert.gguf import load_gguf_tokenizer
+    from dynamax_jax.convert.gguf import load_gguf_tokenizer
 
     cache = tmp_path_factory.mktemp("tokenizer_cache")
     return load_gguf_tokenizer(path, cache_dir=cache), cache
@@ -163,7 +163,7 @@ def test_chat_answer(ours, tokenizer):
 
 @pytest.mark.slow
 def test_tokenizer_and_its_cache(path, tokenizer_and_cache):
-    from convert.gguf import field_value, load_gguf_tokenizer, open_gguf
+    from dynamax_jax.convert.gguf import field_value, load_gguf_tokenizer, open_gguf
 
     fresh, cache = tokenizer_and_cache
     template = field_value(open_gguf(path), "tokenizer.chat_template")

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.ssd import ops, reference
-from kernels.ssd import pallas as ssd_pallas_lib
+from dynamax_jax.kernels.ssd import ops, reference
+from dynamax_jax.kernels.ssd import pallas as ssd_pallas_lib
 
 F32_TOL = 1e-4  # max abs error in float32 (|y| reaches ~100 with these inputs)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.ssd.reference import segment_sum, ssd_chunked, ssd_sequential
+from dynamax_jax.kernels.ssd.reference import segment_sum, ssd_chunked, ssd_sequential
 
 
 def _inputs(seed, b, l, h, p, g, n, with_state, with_d, x_dtype=jnp.float32):

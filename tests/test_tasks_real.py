@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from eval import tasks
+from dynamax_jax.eval import tasks
 
 # The documented part sizes (eval/data/real/README.md and the eval.tasks docstring).
 SIZES = {"truthful_qa": {"distill": 224, "calibration": 150, "evaluation": 443},
@@ -241,7 +241,7 @@ def test_bundled_files_ship_with_the_package():
 ])
 def test_eval_commands_load_their_default_part(monkeypatch, command, extra, expected):
     """Each eval command's first data load, before any model is loaded: (data_dir, split)."""
-    from eval import budget, calibrate, run
+    from dynamax_jax.eval import budget, calibrate, run
 
     calls = []
 
@@ -265,7 +265,7 @@ def test_eval_commands_load_their_default_part(monkeypatch, command, extra, expe
 def test_calibrate_defaults_to_the_real_calibration_parts(capsys):
     """No model needed: the guarantee asked for needs more prompts than the parts hold, and the
     error counts them (TruthfulQA 150 + TriviaQA 1,656 calibration rows; CoQA left out)."""
-    from eval import calibrate
+    from dynamax_jax.eval import calibrate
 
     assert calibrate.main(["--exits", "unused", "--delta", "0.001", "--epsilon", "0.001"]) == 2
     assert "1806 calibration prompts are too few" in capsys.readouterr().err

@@ -23,8 +23,8 @@ from typing import Sequence
 
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import write_json_atomic, write_text_atomic
-from eval import tasks
-from eval.harness import HelpFormatter, check_settings, generate_all, load_backbone, model_path, shared_flags
+from dynamax_jax.eval import tasks
+from dynamax_jax.eval.harness import HelpFormatter, check_settings, generate_all, load_backbone, model_path, shared_flags
 
 
 def answer_rows(backbone, examples, *, task: str, max_new_tokens: int, batch_size: int, pad_multiple: int):

@@ -63,7 +63,7 @@ from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import DataError, atomic_directory, atomic_file, check_destination, parse_dtype, write_json_atomic
 from dynamax_jax.models import module_for
 from dynamax_jax.prompts import reply_marker
-from train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
+from dynamax_jax.train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
 
 CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
 TOKENS_FILE = "tokens.npy"  # [R, T] input ids; caches written before it was kept get it rebuilt
@@ -126,7 +126,7 @@ def make_backbone_pass(config, exit_layers: Sequence[int], topk: int):
 
 def source_batches(source: Source, *, encode, eos_id: int, seq_len: int, batch_size: int, seed: int):
     """Token batches ``[B, T]`` of one source: enough rows to hold its quota."""
-    from train import data as D
+    from dynamax_jax.train import data as D
 
     dataset = D.make_dataset(source.path, encode=encode, eos_id=eos_id, row_len=seq_len, batch_size=batch_size,
                              seed=seed, process_index=0, process_count=1)
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dynamax_jax.api import load_pretrained, load_tokenizer
-    from train import data as D
+    from dynamax_jax.train import data as D
 
     args = build_parser().parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]

@@ -43,7 +43,7 @@ import grain
 import numpy as np
 
 from dynamax_jax.io import DataError
-from train.corpus import LOCAL_SUFFIXES, read_documents
+from dynamax_jax.train.corpus import LOCAL_SUFFIXES, read_documents
 
 # Hub datasets whose useful config is not the default one.
 _DEFAULT_HUB_CONFIGS = {"HuggingFaceFW/fineweb-edu": "sample-10BT"}

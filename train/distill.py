@@ -64,8 +64,8 @@ from dynamax_jax import sharding as S
 from dynamax_jax.cli import add_debug_flag, debug_requested, run_cli
 from dynamax_jax.default_model import smollm2_gguf_path
 from dynamax_jax.io import parse_dtype, write_json_atomic, write_text_atomic
-from train import optim
-from train.objective import adapted_exits, backbone_outputs, exit_counts, exit_labels, exit_loss, summarize
+from dynamax_jax.train import optim
+from dynamax_jax.train.objective import adapted_exits, backbone_outputs, exit_counts, exit_labels, exit_loss, summarize
 
 EXIT_WEIGHTINGS = ("position", "uniform")
 CLASS_WEIGHTINGS = ("balanced", "none")
@@ -287,10 +287,10 @@ def peek_config(path: str):
     """The model config without loading weights (``None`` when the format needs a full load)."""
     try:
         if path.endswith(".gguf"):
-            from convert.gguf import config_from_gguf, open_gguf
+            from dynamax_jax.convert.gguf import config_from_gguf, open_gguf
             return config_from_gguf(open_gguf(path), path)
-        from convert import read_hf_config
-        from convert.tables import architecture
+        from dynamax_jax.convert.checkpoint import read_hf_config
+        from dynamax_jax.convert.tables import architecture
         hf = read_hf_config(path)
         return architecture(hf.get("model_type")).config_from_hf(hf)
     except Exception:  # noqa: BLE001 -- the full load below reports real problems clearly
@@ -348,7 +348,7 @@ class Run:
     def prepare(self, config=None, params=None, tokenizer=None) -> "Run":
         """Check settings, build the mesh and the data pipeline, load the model (unless given).
         Every bad setting fails here, before training."""
-        from train import data as D
+        from dynamax_jax.train import data as D
 
         s = self.settings
         s.check()
@@ -419,7 +419,7 @@ class Run:
 
     def _save(self, manager, step: int, iterator) -> None:
         import orbax.checkpoint as ocp
-        from train.data import encode_state
+        from dynamax_jax.train.data import encode_state
 
         train = {"exit_params": self.exit_params, "opt_state": self.opt_state}
         # Each process reads its own share of the data: keep every process's iterator state
@@ -456,7 +456,7 @@ class Run:
 
     def _restore(self, manager, step: int, iterator) -> None:
         import orbax.checkpoint as ocp
-        from train.data import decode_state
+        from dynamax_jax.train.data import decode_state
 
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                 {"exit_params": self.exit_params, "opt_state": self.opt_state})
@@ -636,7 +636,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from convert.errors import CheckpointError
+    from dynamax_jax.convert.errors import CheckpointError
     from dynamax_jax.config import ConfigError
     from dynamax_jax.io import DataError
 

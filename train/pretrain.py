@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dynamax_jax.io import atomic_directory, parse_dtype
-from train import optim
+from dynamax_jax.train import optim
 
 EOT_TOKEN = "<|endoftext|>"
 ARCHS = ("mamba2", "mistral")
@@ -211,16 +211,6 @@ def heldout_loss(eval_step, params, windows: np.ndarray, weights: np.ndarray, ba
 
 # ----------------------------------------------------------------------------- output
 
-def check_save_available() -> None:
-    """Fail before training, not after, when the Hugging Face writer is missing."""
-    try:
-        import convert  # noqa: F401
-        from convert import save_hf  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"error: dx.save_pretrained is unavailable ({e}); the convert package "
-                         "must provide save_hf to write the checkpoint") from None
-
-
 def write_output(out: Path, config, params, tokenizer, train_counts: np.ndarray, results: dict,
                  save_dtype: str, overwrite: bool) -> None:
     """Write everything into ``out`` atomically (``dynamax_jax.io.atomic_directory``):
@@ -228,7 +218,7 @@ def write_output(out: Path, config, params, tokenizer, train_counts: np.ndarray,
     a run's files in an existing ``out`` and keeps any other file there."""
     import jax
     import dynamax_jax as dx
-    from convert import HF_FILES
+    from dynamax_jax.convert.checkpoint import HF_FILES
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -355,11 +345,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
-    check_save_available()
 
     import jax
     from tqdm import tqdm
-    from train.corpus import build_corpus
+    from dynamax_jax.train.corpus import build_corpus
 
     started = time.time()
     corpus = build_corpus(args.corpus_files, not args.no_stdlib, args.heldout_percent)

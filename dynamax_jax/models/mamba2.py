@@ -58,7 +58,7 @@ from dynamax_jax.config import Mamba2Config
 from dynamax_jax.models import layers
 # head is part of this module's interface (shared with the Mistral model)
 from dynamax_jax.models.layers import declare_head, flatten_scanned_block, head, nest_scanned_block, rms_norm
-from kernels.ssd import ops as ssd_ops
+from dynamax_jax.kernels.ssd import ops as ssd_ops
 
 Params = dict[str, Any]
 _init = nn.initializers.normal(stddev=0.02)

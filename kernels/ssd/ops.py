@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.ssd import pallas as ssd_pallas_lib
-from kernels.ssd import reference
+from dynamax_jax.kernels.ssd import pallas as ssd_pallas_lib
+from dynamax_jax.kernels.ssd import reference
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 

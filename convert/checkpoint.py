@@ -33,11 +33,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-import convert.mistral  # noqa: F401  (registers mistral and llama)
-from convert.errors import (CheckpointError, ConfigError, CorruptFileError, MissingTensorError,
-                            ShapeMismatchError, UnsupportedModelError)
-from convert.safetensors_io import CheckpointReader, write_sharded
-from convert.tables import architecture, architecture_for_config, hf_tensors, load_params
+import dynamax_jax.convert.mistral  # noqa: F401  (registers mistral and llama)
+from dynamax_jax.convert.errors import (CheckpointError, ConfigError, CorruptFileError, MissingTensorError,
+                                        ShapeMismatchError, UnsupportedModelError)
+from dynamax_jax.convert.safetensors_io import CheckpointReader, write_sharded
+from dynamax_jax.convert.tables import architecture, architecture_for_config, hf_tensors, load_params
 from dynamax_jax.io import atomic_directory
 
 # What ``save_hf`` writes (fnmatch patterns): weights, their index, config.json.
@@ -70,13 +70,13 @@ def load_checkpoint(path, dtype=jnp.float32, progress: bool = False):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         if path.suffix == ".gguf":
-            from convert.gguf import load_gguf
+            from dynamax_jax.convert.gguf import load_gguf
             return load_gguf(path, dtype, progress=progress)
         raise UnsupportedModelError(
             f"{path}: unsupported checkpoint file; expected a .gguf file or a directory with "
             "config.json + model.safetensors (or its index), or params.json + consolidated.safetensors")
     if (path / "params.json").exists() and (path / "consolidated.safetensors").exists():
-        from convert.mamba2 import load_codestral
+        from dynamax_jax.convert.mamba2 import load_codestral
         return load_codestral(path, dtype)
     if not (path / "config.json").exists():
         raise CheckpointError(
@@ -141,7 +141,7 @@ def load_tokenizer(path):
     ``convert.gguf.load_gguf_tokenizer`` for a ``.gguf`` file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from convert.gguf import load_gguf_tokenizer
+        from dynamax_jax.convert.gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no tokenizer at {path} (expected a checkpoint directory or a .gguf file)")

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
-    from dynamax_jax.generate import DEFAULT_EXITS_PATH
+    from dynamax_jax.cli.generate import DEFAULT_EXITS_PATH
     from dynamax_jax.models import module_for
 
     print(f"load before: {os.getloadavg()[0]:.2f}; jax {jax.__version__}")

@@ -1,15 +1,11 @@
-"""``python -m dynamax_jax.generate`` on the shipped small Mamba2 and its exit heads."""
-
-import importlib
+"""``python -m dynamax_jax`` (``dynamax_jax.cli.generate``) on the shipped small Mamba2 and its exit heads."""
 
 import jax
 import pytest
 
 import dynamax_jax as dx
 from dynamax_jax.assets import ASSET_DIR, asset_path
-from dynamax_jax.cli import run_cli
-
-G = importlib.import_module("dynamax_jax.generate")
+from dynamax_jax.cli import generate as G, run_cli
 
 
 def test_cli_streams_text_and_prints_savings(capsys):
@@ -52,10 +48,20 @@ def test_prompt_past_the_context_is_refused(tiny_llama_dir, capsys):
     """Prompt plus new tokens longer than max_position_embeddings (1024 here): one line, exit 2."""
     prompt = " ".join(["the river"] * 600)
     status = run_cli(G.main, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "8", prompt],
-                     prog="python -m dynamax_jax.generate")
+                     prog=G.PROG)
     err = capsys.readouterr().err
     assert status == 2
     assert "more than the model's context of 1024" in err and "Traceback" not in err
     with pytest.raises(dx.GenerateError, match="more than the model's context of 1024"):
         config = dx.MistralConfig.tiny(max_position_embeddings=1024)
         dx.generate(config, dx.init_params(config, jax.random.key(0)), [[1] * 1020], max_new_tokens=8)
+
+
+def test_the_command_line_leaves_the_generate_function_alone():
+    import subprocess
+    import sys
+
+    import dynamax_jax.cli.generate  # noqa: F401
+    assert callable(dx.generate) and dx.generate is dx.decoding.generate
+    proc = subprocess.run([sys.executable, "-m", "dynamax_jax", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m dynamax_jax ")

@@ -1,6 +1,6 @@
 """Command line: generate text with early exits and print the compute used.
 
-    python -m dynamax_jax.generate "What is the capital of France?"
+    python -m dynamax_jax "What is the capital of France?"
 
 The engine (``prefill``, ``decode_chunk``, ``generate``) is ``dynamax_jax.decoding``; this
 module only parses arguments, loads the model, tokenizer and exit heads, and streams the
@@ -19,18 +19,21 @@ from typing import Sequence
 
 import numpy as np
 
-from dynamax_jax.cli import add_debug_flag, run_cli, utf8_text
+from dynamax_jax.cli import add_debug_flag, utf8_text
 
 # Trained exit heads shipped for the default model (SmolLM2-135M-Instruct): ``--exits shipped``.
 # Not the default: on the real TriviaQA evaluation questions it saves 2.9 % of the FLOPs and no
 # measurable wall time while changing 23 % of the answers (docs/results.md), so the CLI runs
 # full depth unless asked.
-DEFAULT_EXITS_PATH: str | None = str(Path(__file__).resolve().parent / "assets" / "exits" / "smollm2-135m-instruct-ffn")
+DEFAULT_EXITS_PATH: str | None = str(Path(__file__).resolve().parents[1] / "assets" / "exits" / "smollm2-135m-instruct-ffn")
+
+
+PROG = "python -m dynamax_jax"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dynamax_jax.generate",
+        prog=PROG,
         description="Generate text with early exits and print the compute saved. Streams tokens as "
                     "they are produced (the jitted decode loop runs in chunks of --chunk tokens).")
     p.add_argument("prompt", help="the prompt (wrapped in the tokenizer's chat template when it has one)")
@@ -178,7 +181,3 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"average layers {summary['avg_layers']:.2f} of {config.num_layers}; FLOPs "
           f"{100 * summary['flops_relative']:.1f}% of full depth]", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m dynamax_jax.generate"))

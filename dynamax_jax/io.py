@@ -13,12 +13,21 @@ that the next write to the same target removes those of a killed writer.
     for line, row in read_jsonl("data.jsonl"):   # 1-based line numbers, blank lines skipped
         ...
     dtype = parse_dtype("bfloat16")
+
+A run that writes into a directory for a while holds it alone (``output_lock``), and what a
+cache, checkpoint or run was computed from is named by content (``fingerprint``):
+
+    with output_lock(out, command="python -m train.cached"):   # a second writer is refused
+        digest = fingerprint(model_dir, exclude=(out,))
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -32,11 +41,17 @@ import jax.numpy as jnp
 
 # The weight dtypes a command line may name (``choices=DTYPES``).
 DTYPES = ("float32", "bfloat16", "float16")
+# The lock file ``output_lock`` keeps inside a directory it guards; writers never move it.
+LOCK_NAME = ".dynamax.lock"
 
 
 class DataError(ValueError):
     """Input data cannot be used: unparsable, missing a field, empty or out of range. The
     message names the file (and line or row) at fault."""
+
+
+class OutputLockedError(ValueError):
+    """Another process is writing into the same output directory."""
 
 
 def parse_dtype(name: str):
@@ -108,7 +123,7 @@ def check_destination(dst, owned: Iterable[str] | Callable[[str], bool] = (), ov
     if not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
     is_owned = _owned_test(owned)
-    foreign = sorted(p.name for p in dst.iterdir() if not is_owned(p.name))
+    foreign = sorted(p.name for p in dst.iterdir() if p.name != LOCK_NAME and not is_owned(p.name))
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
@@ -145,7 +160,7 @@ def atomic_directory(dst, owned: Iterable[str] | Callable[[str], bool] = (), ove
             return
         old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "old"), dir=dst.parent))
         try:
-            if not foreign:  # all of it is ours: swap the whole directory
+            if not foreign and not (dst / LOCK_NAME).exists():  # all of it is ours: swap the whole directory
                 os.replace(dst, old / "dir")
                 try:
                     os.replace(tmp, dst)
@@ -169,7 +184,7 @@ def _merge(tmp: Path, dst: Path, old: Path, is_owned: Callable[[str], bool]) -> 
     placed: list[str] = []  # names moved from tmp into dst
     try:
         for entry in sorted(dst.iterdir()):
-            if entry.name in new or is_owned(entry.name):
+            if entry.name != LOCK_NAME and (entry.name in new or is_owned(entry.name)):
                 os.replace(entry, old / entry.name)
                 moved.append(entry.name)
         for name in sorted(new):
@@ -236,5 +251,74 @@ def read_jsonl(path) -> Iterator[tuple[int, Any]]:
             yield line_number, value
 
 
-__all__ = ["DTYPES", "DataError", "atomic_directory", "atomic_file", "check_destination", "parse_dtype", "read_jsonl",
-           "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
+@contextlib.contextmanager
+def output_lock(directory, command: str = "") -> Iterator[Path]:
+    """Hold ``directory`` (created if absent) alone for the length of the ``with`` block: an
+    exclusive ``flock`` on ``directory/.dynamax.lock``, which the kernel releases when the
+    process ends however it ends. A second writer is refused at once with
+    ``OutputLockedError`` naming the holder's PID, host and command. Yields the directory."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            try:
+                info = json.loads(holder)
+                who = (f"PID {info['pid']} on {info['host']}" + (f" ({info['command']})" if info.get("command") else "")
+                       + f", since {info['since']}")
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise OutputLockedError(f"{directory} is in use by {who}; wait for it to finish or choose another "
+                                    "output directory") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield directory
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# Files up to this size are hashed whole; larger ones (model weights) are sampled.
+_WHOLE_FILE_BYTES = 64 * 2**20
+_SAMPLE_BYTES = 2**20
+_SAMPLES = 16
+
+
+def fingerprint(path, exclude: Iterable = ()) -> str:
+    """A sha256 naming the content of a file, or of a directory's files (names and bytes;
+    hidden entries and anything under ``exclude`` left out). Files up to 64 MiB are hashed
+    whole. A larger file (model weights) is named by its size, its modification time and 16
+    evenly spaced 1 MiB samples: rewriting it in place changes the name even where the
+    samples miss the change, and reading gigabytes is avoided."""
+    path = Path(path).absolute()
+    excluded = tuple(Path(e).absolute() for e in exclude)
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                       and not any(p == e or e in p.parents for e in excluded))
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0".encode())
+        with open(file, "rb") as f:
+            if stat.st_size <= _WHOLE_FILE_BYTES:
+                for block in iter(lambda: f.read(2**20), b""):
+                    digest.update(block)
+                continue
+            digest.update(f"{stat.st_mtime_ns}\0".encode())
+            step = (stat.st_size - _SAMPLE_BYTES) / (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                f.seek(int(i * step))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+__all__ = ["DTYPES", "DataError", "LOCK_NAME", "OutputLockedError", "atomic_directory", "atomic_file",
+           "check_destination", "fingerprint", "output_lock", "parse_dtype", "read_jsonl", "remove_stale_temporaries",
+           "write_json_atomic", "write_text_atomic"]

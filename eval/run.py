@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, run_cli
-from dynamax_jax.io import write_json_atomic
+from dynamax_jax.io import fingerprint, write_json_atomic
 from dynamax_jax.eval import metrics, tasks
 from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
                                       generate_all, load_backbone, model_path, oracle_layers, shared_flags)
@@ -92,32 +92,6 @@ class RunSpec:
 
 
 # ----------------------------------------------------------------------------- what runs are computed on
-
-_WHOLE_FILE_BYTES = 64 * 2**20
-_END_BYTES = 2**20
-
-
-def fingerprint(path) -> str:
-    """A sha256 identifying a file's content, or a directory's files (names and contents).
-    Files above 64 MiB (model weights) are identified by their size and first and last MiB,
-    enough to tell one checkpoint from another without reading gigabytes."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                 and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if size <= _WHOLE_FILE_BYTES:
-                for block in iter(lambda: f.read(2**20), b""):
-                    digest.update(block)
-            else:
-                digest.update(f.read(_END_BYTES))
-                f.seek(size - _END_BYTES)
-                digest.update(f.read(_END_BYTES))
-    return digest.hexdigest()
-
 
 def data_inputs(task: tasks.Task, data_dir: str | None, split: str | None, limit: int | None) -> dict:
     """What a task's runs read: the source, the part, the limit, and the file with its sha256

@@ -70,3 +70,61 @@ def test_parse_dtype():
     assert [io.parse_dtype(n) for n in io.DTYPES] == [jnp.float32, jnp.bfloat16, jnp.float16]
     with pytest.raises(ValueError, match="unknown dtype 'int8'; choose one of float32, bfloat16, float16"):
         io.parse_dtype("int8")
+
+
+_HOLD_LOCK = """
+import sys, time
+from dynamax_jax.io import output_lock
+with output_lock(sys.argv[1], command="holder"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_output_lock_refuses_a_second_writer_with_the_holders_pid(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(io.OutputLockedError, match=rf"in use by PID {holder.pid} on .* \(holder\)"):
+            with io.output_lock(tmp_path / "out"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with io.output_lock(tmp_path / "out", command="second"):  # the kernel released the dead holder's lock
+        with io.atomic_directory(tmp_path / "out", owned=("a.txt",)) as tmp:  # writers leave the lock in place
+            (tmp / "a.txt").write_text("a")
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [io.LOCK_NAME, "a.txt"]
+        with pytest.raises(io.OutputLockedError):
+            with io.output_lock(tmp_path / "out"):  # one process, two holders: refused as well
+                pass
+
+
+def test_fingerprint_names_the_content(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(bytes(1000))
+    (model / "config.json").write_text("{}")
+    first = io.fingerprint(model)
+    (model / ".hidden").write_text("ignored")
+    (model / "out").mkdir()
+    (model / "out" / "run.json").write_text("{}")
+    assert io.fingerprint(model, exclude=[model / "out"]) == first != io.fingerprint(model)
+    (model / "weights.bin").write_bytes(bytes(999) + b"\1")
+    assert io.fingerprint(model, exclude=[model / "out"]) != first
+    # Above the whole-file size, sampled bytes plus size and mtime: a change between samples
+    # is still seen through the modification time.
+    monkeypatch.setattr(io, "_WHOLE_FILE_BYTES", 100)
+    monkeypatch.setattr(io, "_SAMPLE_BYTES", 10)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(10_000))
+    before = io.fingerprint(big)
+    data = bytearray(10_000)
+    data[5_003] = 1  # between the samples at 4,662 and 5,328
+    big.write_bytes(bytes(data))
+    os.utime(big, ns=(1, 1))
+    assert io.fingerprint(big) != before

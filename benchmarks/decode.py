@@ -144,9 +144,11 @@ def main(argv=None) -> None:
 
     llama, llama_tokens = None, None
     if args.llama_cpp:
-        from llamacpp_ref import LlamaCpp, default_f32_path, f32_gguf
+        from llamacpp_ref import LlamaCpp, default_f32_path
 
-        gguf_f32 = f32_gguf(path, args.llama_cpp_gguf or default_f32_path(path))
+        from dynamax_jax.convert.gguf import write_float32_gguf
+
+        gguf_f32 = write_float32_gguf(path, args.llama_cpp_gguf or default_f32_path(path))
         llama = LlamaCpp(gguf_f32, threads, max([len(ids)] + contexts) + n)
         llama_tps = n / _best(lambda: llama.generate(ids, n), args.repeats)
         llama_tokens = llama.generate(ids, n)

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynamax_jax.eval.metrics import recall_at_precision
+
 FEATURES = ("base", "wide", "depth2", "depth4", "previous")
 PRECISIONS = (0.98, 0.99, 0.995)
 
@@ -37,14 +39,6 @@ PRECISIONS = (0.98, 0.99, 0.995)
 def rms(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
-
-
-def recall_at_precision(score: np.ndarray, label: np.ndarray, precision: float) -> float:
-    """Largest share of tokens the top scores can take with running precision >= ``precision``."""
-    ordered = label[np.argsort(-score, kind="stable")]
-    running = np.cumsum(ordered) / np.arange(1, len(ordered) + 1)
-    ok = np.flatnonzero(running >= precision)
-    return (ok.max() + 1) / len(ordered) if len(ok) else 0.0
 
 
 def train_classifier(x, y, x_val, width: int, epochs: int, lr: float, batch: int, seed: int) -> np.ndarray:

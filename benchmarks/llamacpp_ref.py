@@ -7,7 +7,7 @@ five minutes). Its default native build crashed in decode on this machine; this 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF \\
         -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36
 
-The shipped GGUF is Q4_1; ``f32_gguf`` rewrites it with every tensor dequantized to float32,
+The shipped GGUF is Q4_1; ``dynamax_jax.convert.gguf.write_float32_gguf`` rewrites it with every tensor dequantized to float32,
 so that both engines stream the same 538 MB of weights per token.
 """
 
@@ -17,36 +17,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from dynamax_jax.io import atomic_file
-
-
-def f32_gguf(src, dst) -> Path:
-    """Write ``src`` (a GGUF file) to ``dst`` with every tensor stored as float32 (metadata
-    copied unchanged); returns ``dst``. Kept when it exists already."""
-    import gguf
-
-    dst = Path(dst)
-    if dst.exists():
-        return dst
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    with atomic_file(dst) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            kind = field.types[0]
-            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-        for tensor in reader.tensors:
-            data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
-            writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return dst
 
 
 class LlamaCpp:

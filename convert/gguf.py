@@ -37,6 +37,7 @@ import numpy as np
 from dynamax_jax.convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
                                         UnsupportedModelError)
 from dynamax_jax.config import ConfigError, MistralConfig
+from dynamax_jax.io import atomic_file
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 GGUF_MAGIC = b"GGUF"
@@ -393,3 +394,30 @@ def load_gguf_tokenizer(path, cache_dir=None, use_cache: bool = True):
 
 __all__ = ["GGUF_TABLE", "GGUFTensors", "SUPPORTED_ARCHITECTURES", "config_from_gguf", "default_cache_dir",
            "field_value", "load_gguf", "load_gguf_tokenizer", "open_gguf", "permute_rows", "unpermute_rows"]
+
+
+def write_float32_gguf(src, dst) -> Path:
+    """Write ``src`` (a GGUF file) to ``dst`` with every tensor stored as float32 (metadata
+    copied unchanged), for engines that should stream the same float32 weights as ours
+    (``benchmarks/decode.py --llama-cpp``); returns ``dst``. Kept when it exists already."""
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    with atomic_file(dst) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue  # written by GGUFWriter itself
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        for tensor in reader.tensors:
+            data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return dst

@@ -27,6 +27,7 @@ import re
 import string
 from typing import Sequence
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -176,3 +177,12 @@ def rouge_inconsistency(early_text: str, full_text: str) -> float:
     if early_text == full_text:
         return 0.0
     return 1.0 - rouge(early_text, full_text)["rougeL"] / 100.0
+
+
+def recall_at_precision(score: np.ndarray, label: np.ndarray, precision: float) -> float:
+    """Largest share of tokens an exit classifier can let leave with running precision >=
+    ``precision``: tokens taken in order of ``score``, ``label`` 1 where leaving is right."""
+    ordered = label[np.argsort(-score, kind="stable")]
+    running = np.cumsum(ordered) / np.arange(1, len(ordered) + 1)
+    ok = np.flatnonzero(running >= precision)
+    return (ok.max() + 1) / len(ordered) if len(ok) else 0.0

@@ -263,7 +263,7 @@ def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
 
 def test_recall_at_precision_of_the_exit_features_study():
     # benchmarks/exit_features.py: the share the top scores can take at a running precision >= p.
-    from benchmarks.exit_features import recall_at_precision
+    from dynamax_jax.eval.metrics import recall_at_precision
 
     score = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     label = np.array([1, 1, 0, 1, 0])

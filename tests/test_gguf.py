@@ -295,9 +295,9 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch):
 
 def test_float32_rewrite_for_llama_cpp_holds_the_same_weights(tiny_gguf, tmp_path):
     # benchmarks/decode.py --llama-cpp times llama.cpp on this rewrite: it must be the same model.
-    from benchmarks.llamacpp_ref import f32_gguf
+    from dynamax_jax.convert.gguf import write_float32_gguf
 
-    path = f32_gguf(tiny_gguf[0], tmp_path / "tiny.F32.gguf")
+    path = write_float32_gguf(tiny_gguf[0], tmp_path / "tiny.F32.gguf")
     reader = open_gguf(path)
     assert {t.tensor_type for t in reader.tensors} == {Q.F32}
     assert set(reader.fields) == set(open_gguf(tiny_gguf[0]).fields)

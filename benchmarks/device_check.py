@@ -34,7 +34,7 @@ from ssd import make_inputs  # noqa: E402  (benchmarks/ssd.py: the kernel benchm
 
 import dynamax_jax as dx  # noqa: E402
 from dynamax_jax.config import MistralConfig  # noqa: E402
-from dynamax_jax.kernels.ssd import ops, reference  # noqa: E402
+from dynamax_jax.kernels.ssd import ops  # noqa: E402
 
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                   num_kv_heads=8, head_dim=128, rope_theta=10000.0, sliding_window=4096, max_position_embeddings=32768)

@@ -128,6 +128,7 @@ def test_bad_input_exits_with_2_naming_the_flag(tiny, tmp_path, capsys, extra, m
     extra = [arg.format(model=tiny[0]) for arg in extra]
     assert budget.main(_args(tiny, out, *extra)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m eval.budget: error: ") and "--debug" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2  # the error and the hint
     assert re.search(message, err), err
     assert not out.exists()

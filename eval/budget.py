@@ -30,7 +30,7 @@ the budget run's compute. Where that compute lies outside a curve's range the en
 Writes ``budget.json`` (all runs and the comparison), ``budget.md`` (the command line, a table
 of runs and one of the comparison) and ``budget.png`` (token disagreement against compute)
 into ``--out``, all three or none, and prints the markdown. ``--out`` is held alone while the
-command runs (a second writer is refused), and the three files of an earlier run there are
+command runs (a second writer is refused), and the three files of a previous run there are
 replaced only with ``--overwrite``.
 """
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layers k for static pruning, each in [1, L-1] (default: the floor "
                         "and ceil of every target, clipped to [1, L-1])")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the budget.json, budget.md and budget.png of an earlier run in --out")
+                   help="replace the budget.json, budget.md and budget.png of a previous run in --out")
     add_debug_flag(p)
     return p
 
@@ -282,10 +282,10 @@ def check_against_model(args, num_layers: int, exit_config) -> list[int]:
 
 
 def check_outputs(out, overwrite: bool) -> None:
-    """Refuse (``OutputError``) an ``out`` that holds an earlier run's files, unless ``overwrite``."""
+    """Refuse (``OutputError``) an ``out`` that holds a previous run's files, unless ``overwrite``."""
     existing = [name for name in OUTPUTS if (Path(out) / name).exists()]
     if existing and not overwrite:
-        raise OutputError(f"--out {out} already holds {', '.join(existing)} of an earlier run; pass --overwrite to "
+        raise OutputError(f"--out {out} already holds {', '.join(existing)} of a previous run; pass --overwrite to "
                           "replace them, or choose another --out")
 
 

@@ -137,13 +137,13 @@ def test_bad_input_exits_with_2_naming_the_flag(tiny, tmp_path, capsys, extra, m
 def test_an_earlier_run_is_replaced_only_with_overwrite(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "budget.md").write_text("an earlier run")
+    (out / "budget.md").write_text("a previous run")
     monkeypatch.setattr(budget, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
     assert budget.main(_args(tiny, out, "--targets", "3")) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"python -m eval.budget: error: --out {out} already holds budget.md of an earlier run; "
+    assert err.startswith(f"python -m eval.budget: error: --out {out} already holds budget.md of a previous run; "
                           "pass --overwrite")
-    assert (out / "budget.md").read_text() == "an earlier run"
+    assert (out / "budget.md").read_text() == "a previous run"
     budget.check_outputs(out, overwrite=True)  # --overwrite: the run goes ahead
     assert "--overwrite" in budget.build_parser().format_help()
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamax_jax.io import LOCK_NAME, output_lock, parse_dtype
+from dynamax_jax.io import parse_dtype
 from dynamax_jax.models import mamba2, mistral
 from dynamax_jax.eval import tasks
 from dynamax_jax.eval.errors import OutputError, SettingsError
@@ -318,6 +318,8 @@ def output_directory(out, command: str, flag: str = "--out") -> Iterator[Path]:
     naming this process), after checking that files can be created in it, so that an
     unwritable ``--out`` fails before the work rather than after it. A directory made here
     that is left holding nothing (the command failed before writing) is removed again."""
+    from dynamax_jax.io import LOCK_NAME, output_lock
+
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {out} is not a directory")

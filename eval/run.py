@@ -21,8 +21,8 @@ Each run is written to ``--out`` as one JSON file (atomically) named after its s
 and a hash of them; a run whose JSON already exists is skipped, so an interrupted sweep
 resumes where it stopped. A sweep holds ``--out`` alone while it runs (a second command
 writing there is refused at once, naming the first's PID, host and command), and checks
-before any work that it can write there and that the exits fit the model. The backbone is swept by running the command once per model
-with the same ``--out``: the report groups runs by model and task. At the end
+before any work that it can write there and that the exits fit the model. The backbone is
+swept by running the command once per model with the same ``--out``: the report groups runs by model and task. At the end
 ``eval.report`` writes ``results.md`` and one PNG per model and task into ``--out``.
 Each run records what it was computed on (``inputs``: the data file and its sha256, the
 model's and the exit heads' fingerprints); a sweep whose data, limit, new tokens or dtype
@@ -123,10 +123,10 @@ def run_inputs(args) -> dict:
 
 def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple[str, str],
                   exits: dict[str, str]) -> None:
-    """Refuse (``OutputError``) to add runs to ``out`` that its report could not tell apart from
-    the runs it holds: for a task, other data (source, part, limit or file content) or other generation
-    settings (``settings``: new tokens, dtype); for the same model path or exit checkpoint
-    path, other weights. Different models and exit checkpoints may share an ``--out``."""
+    """Refuse (``OutputError``) to add runs to ``out`` that its report could not tell apart
+    from the runs it holds: for a task, other data (source, part, limit or file content) or
+    other generation settings (``settings``: new tokens, dtype); for the same model path or
+    exit checkpoint path, other weights. Different models and exit checkpoints may share an ``--out``."""
     from dynamax_jax.eval.report import load_runs
 
     problems = []
@@ -150,7 +150,7 @@ def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple
     if problems:
         unique = list(dict.fromkeys(problems))
         raise OutputError(f"--out {out} holds runs that this one cannot share a report with: {'; '.join(unique[:5])}. "
-                         "Use another --out, or remove those runs")
+                          "Use another --out, or remove those runs")
 
 
 # ----------------------------------------------------------------------------- scoring

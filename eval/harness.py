@@ -6,7 +6,11 @@
     summary = compute_summary(backbone.config, exit_config, generations, [len(p) for p in prompts])
 
 ``eval.run`` (task sweeps), ``eval.calibrate`` (Learn-then-Test thresholds) and ``eval.budget``
-(the compute-budget controller) are built on it.
+(the compute-budget controller) are built on it; each holds the directory it writes into
+alone for its run:
+
+    with output_directory(args.out, command_line("python -m eval.run", argv)):
+        ...   # a second writer is refused, naming this process; an unwritable --out fails here
 
 Shape legend: B batch rows, T padded prompt length, N new tokens, E exits, L layers, V vocab.
 """

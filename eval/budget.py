@@ -29,7 +29,9 @@ the budget run's compute. Where that compute lies outside a curve's range the en
 
 Writes ``budget.json`` (all runs and the comparison), ``budget.md`` (the command line, a table
 of runs and one of the comparison) and ``budget.png`` (token disagreement against compute)
-into ``--out``, and prints the markdown.
+into ``--out``, all three or none, and prints the markdown. ``--out`` is held alone while the
+command runs (a second writer is refused), and the three files of a previous run there are
+replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ from typing import Sequence
 import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, run_cli
-from dynamax_jax.io import atomic_file, write_json_atomic, write_text_atomic
+from dynamax_jax.io import atomic_directory, atomic_file, write_json_atomic, write_text_atomic
 from dynamax_jax.eval import metrics, tasks
-from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
-                                      generate_all, load_backbone, model_path, shared_flags)
+from dynamax_jax.eval.errors import BudgetError, OutputError
+from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, command_line,
+                                      compute_summary, csv_list, generate_all, load_backbone, model_path,
+                                      output_directory, shared_flags)
 from dynamax_jax.eval.metrics import rouge_inconsistency, token_disagreement
 from dynamax_jax.eval.report import fmt, interpolate
 
 QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
 CURVES = ("threshold", "static")
 DEFAULT_THRESHOLDS = "0.3,0.5,0.7,0.8,0.9,0.95"
-
-
-class BudgetError(ValueError):
-    """Bad settings: reported in one line, exit status 2."""
+PROG = "python -m eval.budget"
+OUTPUTS = ("budget.json", "budget.md", "budget.png")  # what the command writes into --out
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -217,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "--batch-size", "--pad-multiple", "--no-chat-template", "--out"),
                           tasks="trivia_qa", pad_multiple=16, out="budget_results")
     p = argparse.ArgumentParser(
-        prog="python -m eval.budget", parents=[shared], formatter_class=HelpFormatter,
+        prog=PROG, parents=[shared], formatter_class=HelpFormatter,
         description="Compare, at equal average compute, the compute-budget controller (target average "
                     "layers per token) against fixed exit thresholds and static layer pruning; quality is "
                     "agreement with full-depth greedy generation. Writes budget.json, budget.md and "
-                    "budget.png into --out.")
+                    "budget.png into --out (held alone while this runs: a second writer is refused).")
     p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits)")
     p.add_argument("--thresholds", type=csv_list(float), default=DEFAULT_THRESHOLDS,
                    help="comma-separated fixed thresholds, one run each (above 1: never exit)")
@@ -232,19 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-layers", type=csv_list(int), default=None,
                    help="comma-separated layers k for static pruning, each in [1, L-1] (default: the floor "
                         "and ceil of every target, clipped to [1, L-1])")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the budget.json, budget.md and budget.png of a previous run in --out")
     add_debug_flag(p)
     return p
 
 
 def check_args(args) -> None:
-    """Reject bad settings before the model is loaded (``BudgetError``): ``eval.run``'s checks
-    of the settings the two share (tasks, sizes, thresholds, directories), then this one's."""
-    try:
-        check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
-                                    "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
-                       args.thresholds, args.data_dir, [args.exits])
-    except ValueError as err:
-        raise BudgetError(str(err)) from None
+    """Reject bad settings before the model is loaded: ``eval.run``'s checks of the settings
+    the two share (``SettingsError``: tasks, sizes, thresholds, directories), then this one's
+    (``BudgetError``)."""
+    check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                                "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
+                   args.thresholds, args.data_dir, [args.exits])
     if not args.thresholds:
         raise BudgetError("--thresholds: give at least one threshold")
     if not args.targets:
@@ -279,51 +281,76 @@ def check_against_model(args, num_layers: int, exit_config) -> list[int]:
     return sorted({min(max(k, 1), num_layers - 1) for k in ks})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        args.split = tasks.resolve_split(args.split, args.data_dir, "evaluation")
-        examples = [ex for name in args.tasks
-                    for ex in tasks.get_task(name).load(args.data_dir, args.limit, args.split)]
-        args.model = model_path(args.model)
-    except (BudgetError, ValueError, FileNotFoundError) as err:  # DataError: a ValueError; no default model
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def check_outputs(out, overwrite: bool) -> None:
+    """Refuse (``OutputError``) an ``out`` that holds a previous run's files, unless ``overwrite``."""
+    existing = [name for name in OUTPUTS if (Path(out) / name).exists()]
+    if existing and not overwrite:
+        raise OutputError(f"--out {out} already holds {', '.join(existing)} of a previous run; pass --overwrite to "
+                          "replace them, or choose another --out")
 
+
+def load_inputs(args):
+    """The backbone, the resolved exits checked against it, and the static layers to run."""
     import dynamax_jax as dx
     from dynamax_jax.exits import check_exits
+
     backbone = load_backbone(args.model, "float32", not args.no_chat_template)
-    try:
-        exit_config, exit_params = dx.load_exits(args.exits)
-        exit_config = check_exits(backbone.config, exit_config, exit_params)  # resolved; fits the model
-        static_layers = check_against_model(args, backbone.config.num_layers, exit_config)
+    exit_config, exit_params = dx.load_exits(args.exits)
+    exit_config = check_exits(backbone.config, exit_config, exit_params)  # resolved; fits the model
+    return backbone, exit_config, exit_params, check_against_model(args, backbone.config.num_layers, exit_config)
+
+
+def run_settings(args, backbone: Backbone, exit_config, prompts: int) -> dict:
+    """What ``budget.json`` and ``budget.md`` say the runs were made with."""
+    # a training-free confidence (softmax, margin, saturation) names the exits, as in eval.run
+    kind = exit_config.kind if exit_config.confidence == "classifier" else exit_config.confidence
+    return dict(model=args.model, exits=args.exits, exit_kind=kind,
+                exit_layers=list(exit_config.layers), exit_mode=exit_config.mode,
+                exit_threshold=exit_config.threshold, num_layers=backbone.config.num_layers,
+                tasks=args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit, prompts=prompts,
+                max_new_tokens=args.max_new_tokens, gain=args.gain, chat_template=backbone.chat_template,
+                static_mode=MODES[backbone.config.family][0])
+
+
+def write_outputs(out: Path, result: dict) -> str:
+    """Write ``budget.json``, ``budget.md`` and ``budget.png`` into ``out`` together (on a
+    failure none is replaced; other files in ``out`` are kept); returns the markdown."""
+    table = markdown(result)
+    with atomic_directory(out, owned=OUTPUTS, overwrite=True) as tmp:
+        write_json_atomic(tmp / "budget.json", result, indent=1)
+        write_text_atomic(tmp / "budget.md", table)
+        plot(result, tmp / "budget.png")
+    return table
+
+
+def _budget(argv: Sequence[str] | None = None) -> int:
+    """The command: check, measure, compare, write. Raises this package's errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    args.split = tasks.resolve_split(args.split, args.data_dir, "evaluation")
+    examples = [ex for name in args.tasks for ex in tasks.get_task(name).load(args.data_dir, args.limit, args.split)]
+    args.model = model_path(args.model)
+    check_outputs(args.out, args.overwrite)
+    with output_directory(args.out, command_line(PROG, argv)):
+        check_outputs(args.out, args.overwrite)  # again, now that no other writer can add them
+        backbone, exit_config, exit_params, static_layers = load_inputs(args)
         prompts = [backbone.encode(ex.prompt) for ex in examples]
         runs = measure(backbone, prompts, exit_config, exit_params, args, static_layers,
                        log=lambda line: print(line, file=sys.stderr))
-    except (BudgetError, dx.ExitError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    # a training-free confidence (softmax, margin, saturation) names the exits, as in eval.run
-    kind = exit_config.kind if exit_config.confidence == "classifier" else exit_config.confidence
-    settings = dict(model=args.model, exits=args.exits, exit_kind=kind,
-                    exit_layers=list(exit_config.layers), exit_mode=exit_config.mode,
-                    exit_threshold=exit_config.threshold, num_layers=backbone.config.num_layers,
-                    tasks=args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit, prompts=len(prompts),
-                    max_new_tokens=args.max_new_tokens, gain=args.gain, chat_template=backbone.chat_template,
-                    static_mode=MODES[backbone.config.family][0])
-    result = dict(command=shlex.join(["python", "-m", "eval.budget", *argv]), settings=settings, runs=runs,
-                  comparison=compare(runs))
-    out = Path(args.out)
-    write_json_atomic(out / "budget.json", result, indent=1)
-    table = markdown(result)
-    write_text_atomic(out / "budget.md", table)
-    plot(result, out / "budget.png")
+        result = dict(command=shlex.join(["python", "-m", "eval.budget", *argv]),
+                      settings=run_settings(args, backbone, exit_config, len(prompts)), runs=runs,
+                      comparison=compare(runs))
+        table = write_outputs(Path(args.out), result)
     print(table)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m eval.budget``: 0, or 2 on a user error printed as one line by
+    ``dynamax_jax.cli.run_cli`` (``--debug`` keeps the traceback)."""
+    return run_cli(_budget, argv, prog=PROG)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m eval.budget"))
+    sys.exit(main())

@@ -26,7 +26,11 @@ chosen threshold into the exit checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,16 +39,16 @@ from scipy import stats
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.exits import EXIT_FILES, write_exits
 from dynamax_jax.io import atomic_directory, check_destination
-
-CALIBRATION_FILE = "calibration.json"
-OWNED_FILES = EXIT_FILES + (CALIBRATION_FILE,)  # what calibrate writes into --exits
-from dynamax_jax.eval.harness import compute_summary, generate_all, load_backbone, model_path, shared_flags
+from dynamax_jax.eval import tasks as tasks_lib
+from dynamax_jax.eval.errors import CalibrationError
+from dynamax_jax.eval.harness import (command_line, compute_summary, generate_all, load_backbone, model_path,
+                                      output_directory, shared_flags)
 from dynamax_jax.eval.metrics import rouge_inconsistency, token_disagreement
 from dynamax_jax.eval.tasks import answer_from_generation
 
-
-class CalibrationError(ValueError):
-    """Bad calibration settings or a calibration set too small for the guarantee asked."""
+PROG = "python -m eval.calibrate"
+CALIBRATION_FILE = "calibration.json"
+OWNED_FILES = EXIT_FILES + (CALIBRATION_FILE,)  # what calibrate writes into --exits
 
 
 def _check_level(name: str, value: float) -> None:
@@ -223,13 +227,11 @@ def measure(backbone, prompts: list[list[int]], full, exit_config, exit_params, 
     ``full`` (``full_depth``); returns ``losses [n, C]``, the average layers per candidate
     ``[C]`` and its FLOPs relative to full depth ``[C]`` (classifiers, adapters and the head
     counted)."""
-    import dataclasses as dc
-
     full_text = [backbone.decode(g.tokens) for g in full]
     losses = np.zeros((len(prompts), len(candidates)))
     layers, compute = np.zeros(len(candidates)), np.zeros(len(candidates))
     for j, thr in enumerate(candidates):
-        ec = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
+        ec = dataclasses.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
         gens, _ = generate_all(backbone, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                pad_multiple=16, exit_config=ec, exit_params=exit_params, desc=f"threshold {thr}")
         for i, (g, f) in enumerate(zip(gens, full)):
@@ -246,10 +248,11 @@ def _parser():
     shared = shared_flags(("--model", "--tasks", "--split", "--limit", "--max-new-tokens", "--batch-size"),
                           tasks=["truthful_qa", "trivia_qa"])
     p = argparse.ArgumentParser(
-        prog="python -m eval.calibrate", parents=[shared],
+        prog=PROG, parents=[shared],
         description="Pick the loosest early-exit threshold whose expected inconsistency with full-depth "
                     "generation is at most --delta with probability >= 1 - --epsilon (Learn-then-Test), "
-                    "and write it into the exit checkpoint.")
+                    "and write it into the exit checkpoint (held alone while this runs: a second writer is "
+                    "refused). Warns when calibration prompts repeat: the guarantee assumes independent prompts.")
     p.add_argument("--exits", required=True, help="exit checkpoint directory (dx.save_exits); updated in place "
                                                   "unless --no-write")
     p.add_argument("--delta", type=float, default=0.1, help="allowed expected inconsistency, in (0, 1)")
@@ -277,124 +280,230 @@ def _parser():
     return p
 
 
-def main(argv=None) -> int:
-    import dataclasses as dc
-    import json
-    import sys
+# ----------------------------------------------------------------------------- the command's stages
 
-    from dynamax_jax.eval import tasks as tasks_lib
+@dataclass(frozen=True)
+class Plan:
+    """What a calibration run tests, settled before any model loads: the candidate thresholds
+    (strict to loose), the ``(delta, epsilon)`` levels (the first is the one written), the
+    calibration and hold-out examples, and how many distinct prompts the calibration set holds."""
+
+    candidates: list
+    levels: list
+    calib: list
+    hold: list
+    distinct: int
+
+
+def split_examples(examples: list, holdout: float, seed: int) -> tuple[list, list]:
+    """``(calibration, hold_out)``: the examples permuted with ``seed``; the first
+    ``round(holdout * n)`` of the permutation are held out."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_hold = int(round(holdout * len(examples)))
+    return [examples[i] for i in order[n_hold:]], [examples[i] for i in order[:n_hold]]
+
+
+def distinct_prompts(examples) -> int:
+    """How many different prompts ``examples`` hold."""
+    return len({ex.prompt for ex in examples})
+
+
+def duplicate_warning(n: int, distinct: int, delta: float, epsilon: float) -> str | None:
+    """The warning for ``n`` calibration prompts of which only ``distinct`` differ (``None``
+    when none repeats): the guarantee assumes independent prompts, and a repeated one counts
+    again without adding evidence."""
+    if distinct == n:
+        return None
+    need = min_calibration_size(delta, epsilon)
+    short = f", fewer than the {need} that delta={delta}, epsilon={epsilon} needs" if distinct < need else ""
+    return (f"warning: the {n} calibration prompts hold only {distinct} distinct ones{short}; the guarantee "
+            "assumes independent prompts and a repeated prompt adds no evidence: deduplicate the data")
+
+
+def plan_calibration(args, log=print) -> Plan:
+    """Check the settings and draw the calibration and hold-out sets before any model loads
+    (``CalibrationError``, ``DataError``, ``FileExistsError`` naming the flag or file); warns
+    through ``log`` when calibration prompts repeat."""
+    _check_level("delta", args.delta)
+    _check_level("epsilon", args.epsilon)
+    if not 0.0 <= args.holdout < 1.0:
+        raise CalibrationError(f"--holdout must be in [0, 1), got {args.holdout}")
+    candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
+    levels = [(args.delta, args.epsilon)] + parse_levels(args.also)
+    args.split = tasks_lib.resolve_split(args.split, args.data, "calibration")
+    examples = [ex for name in args.tasks for ex in tasks_lib.get_task(name).load(args.data, args.limit, args.split)]
+    calib, hold = split_examples(examples, args.holdout, args.seed)
+    need = min_calibration_size(args.delta, args.epsilon)
+    if len(calib) < need:
+        raise CalibrationError(
+            f"{len(calib)} calibration prompts are too few for delta={args.delta}, epsilon={args.epsilon}: "
+            f"at least {need} are needed (add prompts, raise --limit, lower --holdout, or relax delta/epsilon)")
+    distinct = distinct_prompts(calib)
+    warning = duplicate_warning(len(calib), distinct, args.delta, args.epsilon)
+    if warning:
+        log(warning)
+    if not args.no_write:  # refuse before the work, not after
+        check_destination(args.exits, OWNED_FILES, args.overwrite)
+    return Plan(candidates, levels, calib, hold, distinct)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Candidates measured on one prompt set against its full-depth generations ``full``:
+    ``losses [n, C]``, average layers ``[C]`` and FLOPs relative to full depth ``[C]``."""
+
+    prompts: list
+    full: list
+    losses: np.ndarray
+    layers: np.ndarray
+    compute: np.ndarray
+
+
+def _measure_settings(args) -> dict:
+    return dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+
+def measure_set(backbone, examples, exit_config, exit_params, candidates, args) -> Measurement | None:
+    """Full depth once, then every candidate, on ``examples``' prompts (``None`` for no examples)."""
+    if not examples:
+        return None
+    prompts = [backbone.encode(e.prompt) for e in examples]
+    full = full_depth(backbone, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    losses, layers, compute = measure(backbone, prompts, full, exit_config, exit_params, candidates,
+                                      **_measure_settings(args))
+    return Measurement(prompts, full, losses, layers, compute)
+
+
+def holdout_check(hold: Measurement, index: int, delta: float) -> dict:
+    """The inconsistency and cost realised on the hold-out set by candidate ``index``."""
+    mean = float(hold.losses[:, index].mean())
+    return dict(prompts=len(hold.prompts), mean_loss=mean, avg_layers=float(hold.layers[index]),
+                compute=float(hold.compute[index]), within_delta=mean <= delta)
+
+
+def outcome(cal: Calibration, calib: Measurement, hold: Measurement | None) -> dict:
+    """A level's result: the certified candidate, its cost on the calibration set and, with a
+    hold-out set, what it realises there."""
+    out = dict(cal.as_dict(), avg_layers=None, compute=None, holdout=None)
+    if cal.index is not None:
+        out.update(avg_layers=float(calib.layers[cal.index]), compute=float(calib.compute[cal.index]))
+        if hold is not None:
+            out["holdout"] = holdout_check(hold, cal.index, cal.delta)
+    return out
+
+
+def level_outcome(calib: Measurement, hold: Measurement | None, candidates, delta: float, epsilon: float) -> dict:
+    """``outcome`` at one ``--also`` level; a level this set is too small for is reported, not fatal."""
+    try:
+        return outcome(learn_then_test(calib.losses, candidates, delta, epsilon), calib, hold)
+    except CalibrationError as err:
+        return dict(delta=delta, epsilon=epsilon, threshold=None, error=str(err))
+
+
+def build_report(args, model: str, plan: Plan, num_layers: int, shared: Calibration, calib: Measurement,
+                 hold: Measurement | None) -> dict:
+    """The printed report: settings, the shared threshold's outcome, every level, every candidate."""
+    rows = zip(plan.candidates, shared.mean_losses, shared.p_values, calib.layers, calib.compute)
+    return dict(model=model, exits=args.exits, loss=args.loss, data=tasks_lib.data_label(args.data, args.split),
+                calibration_prompts=len(plan.calib), distinct_calibration_prompts=plan.distinct, seed=args.seed,
+                full_layers=num_layers, shared=outcome(shared, calib, hold),
+                levels=[level_outcome(calib, hold, plan.candidates, d, e) for d, e in plan.levels],
+                candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a, compute=f,
+                                 holdout_mean_loss=None if hold is None else float(hold.losses[:, j].mean()))
+                            for j, (c, m, p, a, f) in enumerate(rows)])
+
+
+def search_per_exit(backbone, calib: Measurement, exit_config, exit_params, candidates, args):
+    """``(calibration, avg_layers)`` of the cheapest certified per-exit threshold vector
+    (``calibrate_vectors`` over the slope 0 and 0.5 families built on the shared candidates),
+    ``(None, inf)`` when none is certified."""
+    # the slope-0 family is the shared candidates: reuse their measurement
+    cache = {tuple((float(c),) * exit_config.num_exits for c in candidates): (calib.losses, calib.layers)}
+
+    def run(family):
+        key = tuple(family)
+        if key not in cache:
+            cache[key] = measure(backbone, calib.prompts, calib.full, exit_config, exit_params, family,
+                                 **_measure_settings(args))[:2]
+        return cache[key]
+    # the shared candidates as bases: the vectors refine the grid the shared search used
+    families = vector_path(exit_config.num_exits, slopes=(0.0, 0.5), bases=candidates)
+    best, best_layers, _ = calibrate_vectors(lambda f: run(f)[0], lambda f: run(f)[1], families,
+                                             args.delta, args.epsilon)
+    return best, best_layers
+
+
+def choose(report: dict, shared: Calibration, backbone, calib: Measurement, hold: Measurement | None,
+           exit_config, exit_params, plan: Plan, args) -> Calibration:
+    """The threshold to write: the shared one or, with ``--per-exit``, a cheaper certified
+    vector (measured on the hold-out set too). Fills ``report["per_exit"]`` and ``report["chosen"]``."""
+    chosen, chosen_meta = shared, report["shared"]
+    if args.per_exit:
+        best, best_layers = search_per_exit(backbone, calib, exit_config, exit_params, plan.candidates, args)
+        report["per_exit"] = None if best is None else dict(best.as_dict(), avg_layers=best_layers)
+        if best is not None and (shared.index is None or best_layers < report["shared"]["avg_layers"]):
+            chosen, chosen_meta = best, dict(report["per_exit"], holdout=None)
+            if hold is not None:
+                at_best = measure(backbone, hold.prompts, hold.full, exit_config, exit_params, [best.threshold],
+                                  **_measure_settings(args))
+                chosen_meta["holdout"] = holdout_check(Measurement(hold.prompts, hold.full, *at_best), 0, args.delta)
+    report["chosen"] = chosen_meta
+    return chosen
+
+
+def write_threshold(args, exit_config, exit_params, chosen: Calibration, meta: dict) -> None:
+    """Write the chosen threshold into the ``--exits`` checkpoint, with ``calibration.json``."""
+    thr = chosen.threshold
+    new_config = dataclasses.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
+    with atomic_directory(args.exits, owned=OWNED_FILES, overwrite=args.overwrite) as tmp:
+        write_exits(new_config, exit_params, tmp)
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _calibrate(argv=None) -> int:
+    """The command: plan, measure, test, report, write. Raises this package's errors."""
+    import dynamax_jax as dx
 
     args = _parser().parse_args(argv)
-    try:
-        _check_level("delta", args.delta)
-        _check_level("epsilon", args.epsilon)
-        if not 0.0 <= args.holdout < 1.0:
-            raise CalibrationError(f"--holdout must be in [0, 1), got {args.holdout}")
-        candidates = parse_thresholds(args.thresholds) if args.thresholds else default_thresholds()
-        levels = [(args.delta, args.epsilon)] + parse_levels(args.also)
-        examples = []
-        args.split = tasks_lib.resolve_split(args.split, args.data, "calibration")
-        for name in args.tasks:
-            examples += tasks_lib.get_task(name).load(args.data, args.limit, args.split)
-        order = np.random.default_rng(args.seed).permutation(len(examples))
-        n_hold = int(round(args.holdout * len(examples)))
-        calib, hold = [examples[i] for i in order[n_hold:]], [examples[i] for i in order[:n_hold]]
-        need = min_calibration_size(args.delta, args.epsilon)
-        if len(calib) < need:
-            raise CalibrationError(
-                f"{len(calib)} calibration prompts are too few for delta={args.delta}, epsilon={args.epsilon}: "
-                f"at least {need} are needed (add prompts, raise --limit, lower --holdout, or relax delta/epsilon)")
-        if not args.no_write:  # refuse before the work, not after
-            check_destination(args.exits, OWNED_FILES, args.overwrite)
-    except (CalibrationError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    import dynamax_jax as dx
-    model = model_path(args.model)
-    backbone = load_backbone(model, "float32", use_chat_template=True)
+    plan = plan_calibration(args, log=_stderr)
     exit_config, exit_params = dx.load_exits(args.exits)
-    exit_config = exit_config.resolve(backbone.config)
-    prompts = [backbone.encode(e.prompt) for e in calib]
-    kw = dict(loss=args.loss, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-
-    full = full_depth(backbone, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    losses, layers, compute = measure(backbone, prompts, full, exit_config, exit_params, candidates, **kw)
-    hold_prompts = [backbone.encode(e.prompt) for e in hold]
-    # the hold-out set at every candidate, so that each level's choice can be checked
-    h_full = (full_depth(backbone, hold_prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-              if hold else None)
-    h_losses, h_layers, h_compute = (measure(backbone, hold_prompts, h_full, exit_config, exit_params, candidates,
-                                             **kw)
-                                     if hold else (None, None, None))
-
-    def outcome(cal: Calibration) -> dict:
-        out = dict(cal.as_dict(), avg_layers=None, compute=None, holdout=None)
-        if cal.index is not None:
-            out.update(avg_layers=float(layers[cal.index]), compute=float(compute[cal.index]))
-            if hold:
-                mean = float(h_losses[:, cal.index].mean())
-                out["holdout"] = dict(prompts=len(hold), mean_loss=mean, avg_layers=float(h_layers[cal.index]),
-                                      compute=float(h_compute[cal.index]), within_delta=mean <= cal.delta)
-        return out
-
-    def level(delta: float, epsilon: float) -> dict:
-        try:
-            return outcome(learn_then_test(losses, candidates, delta, epsilon))
-        except CalibrationError as err:  # an --also level this set is too small for
-            return dict(delta=delta, epsilon=epsilon, threshold=None, error=str(err))
-
-    shared = learn_then_test(losses, candidates, args.delta, args.epsilon)
-    report = dict(model=model, exits=args.exits, loss=args.loss, data=tasks_lib.data_label(args.data, args.split),
-                  calibration_prompts=len(calib),
-                  full_layers=backbone.config.num_layers, shared=outcome(shared),
-                  levels=[level(d, e) for d, e in levels],
-                  candidates=[dict(threshold=c, mean_loss=m, p_value=p, avg_layers=a, compute=f,
-                                   holdout_mean_loss=None if h_losses is None else float(h_losses[:, j].mean()))
-                              for j, (c, m, p, a, f) in enumerate(zip(candidates, shared.mean_losses,
-                                                                      shared.p_values, layers, compute))])
-    chosen, chosen_layers = shared, report["shared"]["avg_layers"]
-    chosen_meta = report["shared"]
-    if args.per_exit:
-        # the slope-0 family is the shared candidates: reuse their measurement
-        cache = {tuple((float(c),) * exit_config.num_exits for c in candidates): (losses, layers)}
-
-        def run(fam):
-            key = tuple(fam)
-            if key not in cache:
-                cache[key] = measure(backbone, prompts, full, exit_config, exit_params, fam, **kw)[:2]
-            return cache[key]
-        # the shared candidates as bases: the vectors refine the grid the shared search used
-        families = vector_path(exit_config.num_exits, slopes=(0.0, 0.5), bases=candidates)
-        best, best_layers, _ = calibrate_vectors(lambda f: run(f)[0], lambda f: run(f)[1], families,
-                                                 args.delta, args.epsilon)
-        report["per_exit"] = None if best is None else dict(best.as_dict(), avg_layers=best_layers)
-        if best is not None and (chosen.index is None or best_layers < chosen_layers):
-            chosen, chosen_layers = best, best_layers
-            chosen_meta = dict(report["per_exit"], holdout=None)
-            if hold:
-                hl, hla, hc = measure(backbone, hold_prompts, h_full, exit_config, exit_params, [best.threshold],
-                                      **kw)
-                chosen_meta["holdout"] = dict(prompts=len(hold), mean_loss=float(hl.mean()),
-                                              avg_layers=float(hla[0]), compute=float(hc[0]),
-                                              within_delta=bool(hl.mean() <= args.delta))
-    report["chosen"] = chosen_meta
-    print(json.dumps(report, indent=2, default=float))
-    if chosen.index is None:
-        print(f"no threshold is certified at delta={args.delta}, epsilon={args.epsilon} with {len(calib)} prompts; "
-              "the checkpoint is unchanged", file=sys.stderr)
-        return 1
-    if not args.no_write:
-        thr = chosen.threshold
-        new_config = dc.replace(exit_config, threshold=tuple(thr) if isinstance(thr, (tuple, list)) else float(thr))
-        meta = dict(chosen_meta, full_layers=backbone.config.num_layers, loss=args.loss)
-        with atomic_directory(args.exits, owned=OWNED_FILES, overwrite=args.overwrite) as tmp:
-            write_exits(new_config, exit_params, tmp)
-            (tmp / CALIBRATION_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
-        print(f"wrote threshold {thr} into {args.exits} (calibration.json has delta, epsilon, n and savings)",
-              file=sys.stderr)
+    # the checkpoint is held alone from here to the write: a second writer is refused
+    holding = (contextlib.nullcontext() if args.no_write
+               else output_directory(args.exits, command_line(PROG, argv), flag="--exits"))
+    with holding:
+        model = model_path(args.model)
+        backbone = load_backbone(model, "float32", use_chat_template=True)
+        exit_config = exit_config.resolve(backbone.config)
+        calib = measure_set(backbone, plan.calib, exit_config, exit_params, plan.candidates, args)
+        # the hold-out set at every candidate, so that each level's choice can be checked
+        hold = measure_set(backbone, plan.hold, exit_config, exit_params, plan.candidates, args)
+        shared = learn_then_test(calib.losses, plan.candidates, args.delta, args.epsilon)
+        report = build_report(args, model, plan, backbone.config.num_layers, shared, calib, hold)
+        chosen = choose(report, shared, backbone, calib, hold, exit_config, exit_params, plan, args)
+        print(json.dumps(report, indent=2, default=float))
+        if chosen.index is None:
+            _stderr(f"no threshold is certified at delta={args.delta}, epsilon={args.epsilon} with "
+                    f"{len(plan.calib)} prompts; the checkpoint is unchanged")
+            return 1
+        if not args.no_write:
+            meta = dict(report["chosen"], full_layers=backbone.config.num_layers, loss=args.loss, seed=args.seed,
+                        distinct_calibration_prompts=plan.distinct)
+            write_threshold(args, exit_config, exit_params, chosen, meta)
+            _stderr(f"wrote threshold {chosen.threshold} into {args.exits} (calibration.json has delta, epsilon, "
+                    "n and savings)")
     return 0
 
 
+def main(argv=None) -> int:
+    """``python -m eval.calibrate``: 0 when a threshold is certified (and written), 1 when none
+    is, 2 on a user error, printed as one line by ``dynamax_jax.cli.run_cli`` (``--debug``
+    keeps the traceback)."""
+    return run_cli(_calibrate, argv, prog=PROG)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main, prog="python -m eval.calibrate"))
+    sys.exit(main())

@@ -6,7 +6,11 @@
     summary = compute_summary(backbone.config, exit_config, generations, [len(p) for p in prompts])
 
 ``eval.run`` (task sweeps), ``eval.calibrate`` (Learn-then-Test thresholds) and ``eval.budget``
-(the compute-budget controller) are built on it.
+(the compute-budget controller) are built on it; each holds the directory it writes into
+alone for its run:
+
+    with output_directory(args.out, command_line("python -m eval.run", argv)):
+        ...   # a second writer is refused, naming this process; an unwritable --out fails here
 
 Shape legend: B batch rows, T padded prompt length, N new tokens, E exits, L layers, V vocab.
 """
@@ -14,12 +18,16 @@ Shape legend: B batch rows, T padded prompt length, N new tokens, E exits, L lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
+import shlex
 import sys
+import tempfile
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +36,7 @@ import numpy as np
 from dynamax_jax.io import parse_dtype
 from dynamax_jax.models import mamba2, mistral
 from dynamax_jax.eval import tasks
+from dynamax_jax.eval.errors import OutputError, SettingsError
 
 # Skipped-layer handling swept by default per backbone family; the first is the cheap one
 # static pruning uses. "recompute" (a diagnostic that saves nothing) runs only when asked.
@@ -112,9 +121,11 @@ def _cut(tokens: np.ndarray, exit_layers: np.ndarray, stop_tokens: Sequence[int]
     return Generation([int(t) for t in tokens[:n]], [int(l) for l in exit_layers[:n]])
 
 
-# (settings, shape) pairs dx.generate has compiled in this process: the first call of each
-# is made once untimed, so that wall times measure decoding, not compilation.
-_COMPILED: set = set()
+def _compiled_programs() -> int:
+    """How many programs jax holds compiled for ``dx.generate``'s two jitted stages (the sizes
+    of their jit caches): a call after which it is larger compiled something."""
+    from dynamax_jax import decoding
+    return sum(stage._cache_size() for stage in (decoding.prefill, decoding.decode_chunk))
 
 
 def generate_all(backbone: Backbone, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
@@ -129,21 +140,23 @@ def generate_all(backbone: Backbone, prompts: list[list[int]], *, max_new_tokens
     call = functools.partial(dx.generate, backbone.config, backbone.params, max_new_tokens=max_new_tokens,
                              exit_config=exit_config, exit_params=exit_params, static_exit_layer=static_layer,
                              stop_tokens=backbone.stop_tokens, target_layers=target_layers, budget_gain=budget_gain)
-    # thresholds, the static layer, the target and the gain are traced: they do not recompile
-    settings = (backbone.path, max_new_tokens, static_layer is not None, target_layers is not None,
-                None if exit_config is None else dataclasses.replace(exit_config, threshold=0.0))
+
+    def timed(tokens, lengths):  # [B, N] tokens and exit layers, and the seconds it took
+        start = time.perf_counter()
+        result = call(tokens, prompt_lengths=lengths)
+        gen_tokens, gen_layers = np.asarray(result.tokens), np.asarray(result.exit_layers)
+        return gen_tokens, gen_layers, time.perf_counter() - start
+
     out: list[Generation | None] = [None] * len(prompts)
     wall = 0.0
     with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
         for idx in _batches(prompts, batch_size):
             tokens, lengths = _pad_batch([prompts[i] for i in idx], batch_size, pad_multiple)
-            if (settings, tokens.shape) not in _COMPILED:
-                call(tokens, prompt_lengths=lengths)
-                _COMPILED.add((settings, tokens.shape))
-            start = time.perf_counter()
-            result = call(tokens, prompt_lengths=lengths)
-            gen_tokens, gen_layers = np.asarray(result.tokens), np.asarray(result.exit_layers)
-            wall += time.perf_counter() - start
+            compiled = _compiled_programs()
+            gen_tokens, gen_layers, elapsed = timed(tokens, lengths)
+            if _compiled_programs() != compiled:  # that call compiled: time the batch again without it
+                gen_tokens, gen_layers, elapsed = timed(tokens, lengths)
+            wall += elapsed
             for r, i in enumerate(idx):
                 out[i] = _cut(gen_tokens[r], gen_layers[r], backbone.stop_tokens)
             bar.update(len(idx))
@@ -297,23 +310,57 @@ def shared_flags(names: Sequence[str], **defaults) -> argparse.ArgumentParser:
     return parser
 
 
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """``prog`` and its arguments as one shell line (``argv`` None: this process's)."""
+    return " ".join([prog, shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+@contextlib.contextmanager
+def output_directory(out, command: str, flag: str = "--out") -> Iterator[Path]:
+    """Hold the output directory ``out`` alone for the length of a command's run
+    (``dynamax_jax.io.output_lock``: a second writer is refused with ``OutputLockedError``
+    naming this process), after checking that files can be created in it, so that an
+    unwritable ``--out`` fails before the work rather than after it. A directory made here
+    that is left holding nothing (the command failed before writing) is removed again."""
+    from dynamax_jax.io import LOCK_NAME, output_lock
+
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {out} is not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise OutputError(f"{flag} {out} cannot be written: {err.strerror or err}") from None
+    with output_lock(out, command=command):
+        try:
+            yield out
+        finally:
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                with contextlib.suppress(OSError):
+                    (out / LOCK_NAME).unlink()
+                    out.rmdir()
+
+
 def check_settings(tasks_: Sequence[str], sizes: dict, thresholds, data_dir, exits: Sequence[str]) -> None:
-    """The checks of the settings the eval CLIs share (``ValueError`` with a one-line
+    """The checks of the settings the eval CLIs share (``SettingsError`` with a one-line
     message naming the flag): task names, ``sizes`` (``{"--flag": value}``, each >= 1 or
     None), thresholds >= 0, and the directories."""
     for name in tasks_:
         try:
             tasks.get_task(name)
         except ValueError as err:
-            raise ValueError(f"--tasks: {err}") from None
+            raise SettingsError(f"--tasks: {err}") from None
     for name, value in sizes.items():
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise SettingsError(f"{name} must be >= 1, got {value}")
     for t in thresholds or []:
         if not t >= 0:
-            raise ValueError(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
+            raise SettingsError(f"--thresholds: each must be >= 0 (above 1 means never exit), got {t}")
     if data_dir not in (None, tasks.HUB) and not os.path.isdir(data_dir):
-        raise ValueError(f"--data-dir {data_dir} is not a directory")
+        raise SettingsError(f"--data-dir {data_dir} is not a directory")
     for path in exits:
         if not os.path.isdir(path):
-            raise ValueError(f"--exits: {path} is not a directory")
+            raise SettingsError(f"--exits: {path} is not a directory")

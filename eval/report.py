@@ -21,7 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import atomic_file, write_text_atomic
+from dynamax_jax.eval.errors import OutputError, RunFileError
 
 TASK_COLUMNS = {
     "truthful_qa": ("bleu_max", "bleu_diff", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_max",
@@ -32,11 +34,24 @@ TASK_COLUMNS = {
 _VARIANT_ORDER = {"full": 0, "oracle": 1, "exit": 2, "static": 3}
 
 
+def read_json(path) -> object:
+    """The JSON value in ``path``; a file that is not UTF-8 JSON (a truncated copy, say) raises
+    ``RunFileError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunFileError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                           "remove it, and a rerun of eval.run recomputes what it held") from None
+    except UnicodeDecodeError as err:
+        raise RunFileError(f"{path} is not valid UTF-8 (byte {err.start}): remove it, and a rerun of eval.run "
+                           "recomputes what it held") from None
+
+
 def load_runs(out_dir) -> list[dict]:
     """Every run JSON in ``out_dir`` (files without a ``spec`` are ignored)."""
     runs = []
     for path in sorted(Path(out_dir).glob("*.json")):
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if isinstance(data, dict) and "spec" in data and "metrics" in data:
             runs.append(data)
     return runs
@@ -239,7 +254,7 @@ def write_report(out_dir) -> tuple[Path, list[Path]]:
     out_dir = Path(out_dir)
     runs = load_runs(out_dir)
     if not runs:
-        raise FileNotFoundError(f"no run JSON files in {out_dir}")
+        raise OutputError(f"no run JSON files in {out_dir}")
     table = out_dir / "results.md"
     write_text_atomic(table, markdown(runs) + "\n")
     plots = []
@@ -250,15 +265,24 @@ def write_report(out_dir) -> tuple[Path, list[Path]]:
     return table, plots
 
 
+PROG = "python -m eval.report"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report",
-                                description="Markdown table and PNG plots from eval.run's JSON files.")
+    from dynamax_jax.eval.harness import command_line, output_directory
+
+    p = argparse.ArgumentParser(prog=PROG, description="Markdown table and PNG plots from eval.run's JSON files. "
+                                "Refused while another command writes into --out.")
     p.add_argument("--out", default="eval_results", help="the directory eval.run wrote its JSON files to")
+    add_debug_flag(p)
     args = p.parse_args(argv)
-    table, plots = write_report(args.out)
+    if not Path(args.out).is_dir():
+        raise OutputError(f"--out {args.out} is not a directory of eval.run's run JSON files")
+    with output_directory(args.out, command_line(PROG, argv)):
+        table, plots = write_report(args.out)
     print(f"wrote {table} and {len(plots)} plots")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog=PROG))

@@ -19,8 +19,10 @@ For each task the sweep runs, in order:
 
 Each run is written to ``--out`` as one JSON file (atomically) named after its settings
 and a hash of them; a run whose JSON already exists is skipped, so an interrupted sweep
-resumes where it stopped. The backbone is swept by running the command once per model
-with the same ``--out``: the report groups runs by model and task. At the end
+resumes where it stopped. A sweep holds ``--out`` alone while it runs (a second command
+writing there is refused at once, naming the first's PID, host and command), and checks
+before any work that it can write there and that the exits fit the model. The backbone is
+swept by running the command once per model with the same ``--out``: the report groups runs by model and task. At the end
 ``eval.report`` writes ``results.md`` and one PNG per model and task into ``--out``.
 Each run records what it was computed on (``inputs``: the data file and its sha256, the
 model's and the exit heads' fingerprints); a sweep whose data, limit, new tokens or dtype
@@ -49,8 +51,13 @@ import numpy as np
 from dynamax_jax.cli import add_debug_flag, run_cli
 from dynamax_jax.io import fingerprint, write_json_atomic
 from dynamax_jax.eval import metrics, tasks
-from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, compute_summary, csv_list,
-                                      generate_all, load_backbone, model_path, oracle_layers, shared_flags)
+from dynamax_jax.eval.errors import OutputError, SettingsError
+from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, command_line,
+                                      compute_summary, csv_list, generate_all, load_backbone, model_path,
+                                      oracle_layers, output_directory, shared_flags)
+from dynamax_jax.eval.report import read_json
+
+PROG = "python -m eval.run"
 
 # ----------------------------------------------------------------------------- run identity
 
@@ -102,12 +109,24 @@ def data_inputs(task: tasks.Task, data_dir: str | None, split: str | None, limit
             "file": None if file is None else str(file), "sha256": None if file is None else fingerprint(file)}
 
 
+def run_inputs(args) -> dict:
+    """What the sweep's runs are computed on: ``{"data": {task: data_inputs(...)}, "model":
+    {"path", "fingerprint"}, "exits": {path: fingerprint}}``. An ``--out`` inside the model's
+    or an exit checkpoint's folder is left out of its fingerprint: the results written there
+    are not the model."""
+    out = (args.out,)
+    return {"data": {name: data_inputs(tasks.get_task(name), args.data_dir, args.split, args.limit)
+                     for name in args.tasks},
+            "model": {"path": args.model, "fingerprint": fingerprint(args.model, exclude=out)},
+            "exits": {str(path): fingerprint(path, exclude=out) for path in args.exits}}
+
+
 def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple[str, str],
                   exits: dict[str, str]) -> None:
-    """Refuse to add runs to ``out`` that its report could not tell apart from the runs it
-    holds: for a task, other data (source, part, limit or file content) or other generation
-    settings (``settings``: new tokens, dtype); for the same model path or exit checkpoint
-    path, other weights. Different models and exit checkpoints may share an ``--out``."""
+    """Refuse (``OutputError``) to add runs to ``out`` that its report could not tell apart
+    from the runs it holds: for a task, other data (source, part, limit or file content) or
+    other generation settings (``settings``: new tokens, dtype); for the same model path or
+    exit checkpoint path, other weights. Different models and exit checkpoints may share an ``--out``."""
     from dynamax_jax.eval.report import load_runs
 
     problems = []
@@ -130,8 +149,8 @@ def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple
             problems.append(f"the exit heads at {spec['exits']} have changed since its runs with them")
     if problems:
         unique = list(dict.fromkeys(problems))
-        raise SystemExit(f"--out {out} holds runs that this one cannot share a report with: {'; '.join(unique[:5])}. "
-                         "Use another --out, or remove those runs")
+        raise OutputError(f"--out {out} holds runs that this one cannot share a report with: {'; '.join(unique[:5])}. "
+                          "Use another --out, or remove those runs")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -190,7 +209,7 @@ class Sweep:
         path = self.out / spec.filename()
         if path.exists():
             self.log(f"skip (already done): {path}")
-            return json.loads(path.read_text())
+            return read_json(path)
         return None
 
     def record(self, spec: RunSpec, compute: dict, timing: dict, means: dict, records: list[dict],
@@ -201,6 +220,8 @@ class Sweep:
                              "model_type": self.backbone.config.model_type},
                 "primary": task.primary, "metrics": means, "compute": {**compute, **timing},
                 "examples": records, **(extra or {})}
+        if (spec.exits or "").startswith("random:"):  # untrained heads: the seed they were drawn with
+            data["seed"] = self.args.seed
         if self.inputs:
             exits = self.inputs["exits"]
             data["inputs"] = {"data": self.inputs["data"][spec.task], "model": self.inputs["model"],
@@ -241,9 +262,41 @@ class Sweep:
                                   static_mode=static_mode)
         return self.record(spec, compute, timing, means, records)
 
-    def run_task(self, task_name: str, exit_sources) -> None:
+    def exit_runs(self, exit_sources) -> list[tuple[str, object, object, str]]:
+        """``(tag, exit_config, exit_params, kind)`` for every exit run of a task, in sweep order
+        (checkpoint x mode x threshold), each config resolved and checked against the model
+        (``SettingsError`` naming the checkpoint), so that exits that do not fit the model are
+        refused before any run rather than after the full-depth one."""
+        from dynamax_jax.exits import ExitError, check_exits
+        runs = []
+        for tag, exit_config, exit_params in exit_sources:
+            for mode in self.args.modes or MODES[self.backbone.config.family]:
+                for threshold in self.args.thresholds or [exit_config.threshold]:
+                    try:
+                        ec = check_exits(self.backbone.config,
+                                         dataclasses.replace(exit_config, mode=mode, threshold=threshold), exit_params)
+                    except ExitError as err:
+                        flag = "--random-exits" if tag.startswith("random:") else "--exits"
+                        raise SettingsError(f"{flag} {tag}: {err}") from None
+                    # a training-free confidence (softmax, margin, saturation) names the run
+                    kind = ec.kind if ec.confidence == "classifier" else ec.confidence
+                    runs.append((tag, ec, exit_params, kind + (f"+{ec.adapter}" if ec.has_adapter else "")))
+        return runs
+
+    def check_static_layers(self) -> None:
+        """Explicit ``--static-layers`` must exist in the model (checked before any run)."""
+        choice = self.args.static_layers
+        bad = [k for k in choice if not 1 <= k <= self.num_layers] if choice not in ("auto", "none") else []
+        if bad:
+            raise SettingsError(f"--static-layers: {bad} outside [1, {self.num_layers}] for a "
+                                f"{self.num_layers}-layer model")
+
+    def run_task(self, task_name: str, exit_sources, exit_runs=None) -> None:
+        """Every run of one task: full depth, the oracles, the exit runs (``exit_runs``, from
+        ``exit_runs(exit_sources)`` when not given) and static pruning; finished ones skipped."""
         import dynamax_jax as dx
         a = self.args
+        exit_runs = self.exit_runs(exit_sources) if exit_runs is None else exit_runs
         task = tasks.get_task(task_name)
         examples = task.load(a.data_dir, a.limit, a.split)
         prompts = [self.backbone.encode(ex.prompt) for ex in examples]
@@ -253,8 +306,8 @@ class Sweep:
         spec = self.spec(task_name, "full")
         full = self.done(spec) or self.generate_run(spec, examples, prompts, None)
         if [r["id"] for r in full["examples"]] != [ex.id for ex in examples]:
-            raise RuntimeError(f"{self.out / spec.filename()} holds other examples than this task's; "
-                               "remove it or use another --out")
+            raise OutputError(f"{self.out / spec.filename()} holds other examples than this task's; "
+                              "remove it or use another --out")
 
         layer_sets = {ec.resolve(self.backbone.config).layers for _, ec, _ in exit_sources}
         if not layer_sets:
@@ -268,18 +321,11 @@ class Sweep:
                                     full, (tag, ec, p))
 
         depths = []
-        for tag, exit_config, exit_params in exit_sources:
-            for mode in a.modes or MODES[self.backbone.config.family]:
-                for threshold in a.thresholds or [exit_config.threshold]:
-                    ec = dataclasses.replace(exit_config, mode=mode, threshold=threshold)
-                    ec = ec.resolve(self.backbone.config)
-                    # a training-free confidence (softmax, margin, saturation) names the run
-                    kind = ec.kind if ec.confidence == "classifier" else ec.confidence
-                    kind += f"+{ec.adapter}" if ec.has_adapter else ""
-                    spec = self.spec(task_name, "exit", exits=tag, kind=kind, mode=mode,
-                                     threshold=float(threshold), exit_layers=ec.layers)
-                    run = self.done(spec) or self.generate_run(spec, examples, prompts, full, ec, exit_params)
-                    depths.append(run["compute"]["avg_layers"])
+        for tag, ec, exit_params, kind in exit_runs:
+            spec = self.spec(task_name, "exit", exits=tag, kind=kind, mode=ec.mode, threshold=float(ec.threshold),
+                             exit_layers=ec.layers)
+            run = self.done(spec) or self.generate_run(spec, examples, prompts, full, ec, exit_params)
+            depths.append(run["compute"]["avg_layers"])
 
         for k in self.static_layers(depths, layer_sets):
             spec = self.spec(task_name, "static", static_layer=k)
@@ -366,17 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Reject bad settings before any model is loaded."""
+    """Reject bad settings before any model is loaded (``SettingsError`` naming the flag)."""
     from dynamax_jax.exits import KINDS
     for kind in args.random_exits:
         if kind not in KINDS:
-            raise SystemExit(f"--random-exits: unknown kind {kind!r}; supported: {', '.join(KINDS)}")
-    try:
-        check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
-                                    "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
-                       args.thresholds, args.data_dir, args.exits)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+            raise SettingsError(f"--random-exits: unknown kind {kind!r}; supported: {', '.join(KINDS)}")
+    check_settings(args.tasks, {"--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                                "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
+                   args.thresholds, args.data_dir, args.exits)
+    if args.static_layers not in ("auto", "none") and min(args.static_layers) < 1:
+        raise SettingsError(f"--static-layers: each must be >= 1, got {min(args.static_layers)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,23 +433,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.tasks:
             tasks.get_task(name).load(args.data_dir, args.limit, args.split)
     if not Path(args.model).exists():
-        raise SystemExit(f"--model {args.model} does not exist")
-    inputs = {"data": {name: data_inputs(tasks.get_task(name), args.data_dir, args.split, args.limit)
-                       for name in args.tasks},
-              "model": {"path": args.model, "fingerprint": fingerprint(args.model)},
-              "exits": {str(path): fingerprint(path) for path in args.exits}}
-    check_out_dir(Path(args.out), inputs["data"], {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype},
-                  (args.model, inputs["model"]["fingerprint"]), inputs["exits"])
-    backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
-    sweep = Sweep(args, backbone, inputs=inputs)
-    sources = _exit_sources(args, backbone)
-    for name in args.tasks:
-        sweep.run_task(name, sources)
-    from dynamax_jax.eval import report
-    table, plots = report.write_report(args.out)
+        raise SettingsError(f"--model {args.model} does not exist")
+    # one writer per --out, for the whole sweep; an unwritable --out fails here, before the work
+    with output_directory(args.out, command_line(PROG, argv)):
+        inputs = run_inputs(args)
+        check_out_dir(Path(args.out), inputs["data"], {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype},
+                      (args.model, inputs["model"]["fingerprint"]), inputs["exits"])
+        backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
+        sweep = Sweep(args, backbone, inputs=inputs)
+        sources = _exit_sources(args, backbone)
+        exit_runs = sweep.exit_runs(sources)  # exits that do not fit the model: refused before any run
+        sweep.check_static_layers()
+        for name in args.tasks:
+            sweep.run_task(name, sources, exit_runs)
+        from dynamax_jax.eval import report
+        table, plots = report.write_report(args.out)
     print(f"report: {table}; plots: {', '.join(map(str, plots))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m eval.run"))
+    sys.exit(run_cli(main, prog=PROG))

@@ -128,6 +128,34 @@ def test_bad_input_exits_with_2_naming_the_flag(tiny, tmp_path, capsys, extra, m
     extra = [arg.format(model=tiny[0]) for arg in extra]
     assert budget.main(_args(tiny, out, *extra)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m eval.budget: error: ") and "--debug" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2  # the error and the hint
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_an_earlier_run_is_replaced_only_with_overwrite(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "budget.md").write_text("a previous run")
+    monkeypatch.setattr(budget, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert budget.main(_args(tiny, out, "--targets", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m eval.budget: error: --out {out} already holds budget.md of a previous run; "
+                          "pass --overwrite")
+    assert (out / "budget.md").read_text() == "a previous run"
+    budget.check_outputs(out, overwrite=True)  # --overwrite: the run goes ahead
+    assert "--overwrite" in budget.build_parser().format_help()
+
+
+def test_a_second_writer_on_one_out_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    import os
+
+    from dynamax_jax.io import output_lock
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(budget, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    with output_lock(out, command="python -m eval.budget --targets 2"):
+        assert budget.main(_args(tiny, out, "--targets", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m eval.budget: error: {out} is in use by PID {os.getpid()} on "), err

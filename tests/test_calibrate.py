@@ -142,6 +142,7 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["calibration_prompts"] == 12  # 17 prompts, 5 held out
+    assert report["distinct_calibration_prompts"] == 12 and report["seed"] == 0
     assert [c["threshold"] for c in report["candidates"]] == [1.01, 0.9, 0.5, 0.0]
     never = report["candidates"][0]
     assert never["mean_loss"] == 0.0 and never["avg_layers"] == 4.0 and never["holdout_mean_loss"] == 0.0
@@ -157,6 +158,7 @@ def test_cli_calibrates_writes_the_checkpoint_and_checks_the_holdout(tiny_llama_
     meta = json.loads((exits / "calibration.json").read_text())
     assert {"delta", "epsilon", "calibration_size", "avg_layers", "compute", "holdout"} <= set(meta)
     assert (meta["delta"], meta["epsilon"], meta["calibration_size"]) == (0.6, 0.2, 12)
+    assert (meta["seed"], meta["distinct_calibration_prompts"]) == (0, 12)
 
 
 def test_rouge_loss_scores_the_answers_that_eval_run_scores():
@@ -181,3 +183,61 @@ def test_vector_path_on_given_bases():
     fams = vector_path(num_exits=3, slopes=(0.0, 0.5), bases=[0.5, 1.01, 0.9])
     assert fams[0] == [(1.01, 1.01, 1.01), (0.9, 0.9, 0.9), (0.5, 0.5, 0.5)]  # strict to loose
     assert fams[1][1] == pytest.approx((0.95, 0.925, 0.9))  # the first exit stays strictest
+
+
+def test_cli_errors_name_the_command_and_offer_the_traceback(capsys, monkeypatch):
+    from dynamax_jax.eval.calibrate import main
+    monkeypatch.delenv("DYNAMAX_DEBUG", raising=False)
+    assert main(["--exits", "unused", "--delta", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m eval.calibrate: error: delta must be in (0, 1)") and "--debug" in err
+    with pytest.raises(CalibrationError, match="delta must be in"):
+        main(["--exits", "unused", "--delta", "1.5", "--debug"])
+
+
+def test_repeated_calibration_prompts_are_counted_and_warned_about(tmp_path, capsys):
+    """40 copies of one prompt are one piece of evidence, not 40: the command says so before
+    any model loads, and counts the distinct prompts."""
+    import json
+
+    from dynamax_jax.eval.calibrate import _parser, main, plan_calibration
+
+    row = {"question": "What is the capital of France?", "answer": {"value": "Paris", "aliases": ["Paris"]}}
+    (tmp_path / "trivia_qa.jsonl").write_text((json.dumps(row) + "\n") * 40)
+    argv = ["--exits", str(tmp_path / "exits"), "--data", str(tmp_path), "--tasks", "trivia_qa", "--no-write"]
+    warnings = []
+    plan = plan_calibration(_parser().parse_args(argv), log=warnings.append)
+    assert (len(plan.calib), plan.distinct) == (40, 1)
+    assert warnings == ["warning: the 40 calibration prompts hold only 1 distinct ones, fewer than the 29 that "
+                        "delta=0.1, epsilon=0.05 needs; the guarantee assumes independent prompts and a repeated "
+                        "prompt adds no evidence: deduplicate the data"]
+    assert main(argv) == 2  # then stops at the missing checkpoint, before any model
+    err = capsys.readouterr().err
+    assert err.startswith(warnings[0]) and "is not an exit checkpoint" in err
+    distinct = [dict(row, question=f"Question {i}?") for i in range(40)]
+    (tmp_path / "trivia_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in distinct))
+    warnings.clear()
+    assert plan_calibration(_parser().parse_args(argv), log=warnings.append).distinct == 40 and not warnings
+
+
+def test_a_second_writer_on_the_checkpoint_is_refused(tmp_path, capsys):
+    import os
+
+    import jax
+
+    import dynamax_jax as dx
+    from dynamax_jax.eval.calibrate import main
+    from dynamax_jax.io import output_lock
+
+    config = dx.MistralConfig.tiny(num_layers=4)
+    ec = dx.ExitConfig(kind="calm")
+    exits = tmp_path / "exits"
+    dx.save_exits(ec, dx.init_exits(config, ec, jax.random.key(0)), exits)
+    data = str(Path(__file__).parent.parent / "eval" / "data")
+    argv = ["--model", str(tmp_path / "unused"), "--exits", str(exits), "--data", data, "--tasks",
+            "trivia_qa,truthful_qa", "--delta", "0.6", "--epsilon", "0.2"]
+    with output_lock(exits, command="another calibration"):
+        assert main(argv) == 2  # refused before the model is looked for
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m eval.calibrate: error: {exits} is in use by PID {os.getpid()} "), err
+    assert "(another calibration)" in err

@@ -13,6 +13,7 @@ import pytest
 
 import dynamax_jax as dx
 from dynamax_jax.eval import harness, report, run, tasks
+from dynamax_jax.eval.errors import OutputError, RunFileError, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
@@ -197,3 +198,193 @@ def test_equal_compute_interpolates_the_static_curve():
     assert [r["label"] for r in rows] == ["mamba-copy-t0.5", "mamba-copy-t0.1"]
     assert rows[0]["static_primary"] == pytest.approx(0.2) and rows[0]["static_consistency"] == pytest.approx(50.0)
     assert rows[1]["static_primary"] is None  # below the cheapest static run: not extrapolated
+
+
+# ----------------------------------------------------------------------------- one writer, checks before the work
+
+def _quick_args(model, out, *extra):
+    """An eval.run command line that does little: one trivia_qa prompt, two new tokens, no
+    oracle, no static pruning."""
+    return ["--model", str(model), "--data-dir", str(DATA), "--tasks", "trivia_qa", "--limit", "1",
+            "--max-new-tokens", "2", "--batch-size", "1", "--pad-multiple", "64", "--no-oracle",
+            "--static-layers", "none", "--out", str(out), *extra]
+
+
+# The first writer: eval.run up to loading the model, where it waits until the test has tried
+# a second writer, then ends.
+_HOLDING_WRITER = """
+import sys, time
+from pathlib import Path
+from dynamax_jax.cli import run_cli
+from dynamax_jax.eval import run
+release = Path(sys.argv[1])
+def wait(*args, **kwargs):
+    while not release.exists():
+        time.sleep(0.05)
+    sys.exit(0)
+run.load_backbone = wait
+sys.exit(run_cli(run.main, sys.argv[2:], prog="python -m eval.run"))
+"""
+
+
+def test_a_second_writer_on_one_out_is_refused_with_the_first_pid(tiny_model, tmp_path, capsys):
+    import time
+
+    from dynamax_jax.cli import run_cli
+    from dynamax_jax.io import LOCK_NAME, output_lock
+
+    out, release = tmp_path / "out", tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", _HOLDING_WRITER, str(release), *_quick_args(tiny_model, out)],
+                             cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while f'"pid": {first.pid}' not in ((out / LOCK_NAME).read_text() if (out / LOCK_NAME).exists() else ""):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.05)
+        assert run_cli(run.main, _quick_args(tiny_model, out, "--limit", "2"), prog="python -m eval.run") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m eval.run: error: {out} is in use by PID {first.pid} on "), err
+        assert "python -m eval.run --model" in err and not list(out.glob("*.json"))
+    finally:
+        release.touch()
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    with output_lock(out):  # released when the first writer ended
+        pass
+
+
+def test_runs_of_random_heads_record_their_seed(tmp_path):
+    import types
+
+    backbone = types.SimpleNamespace(config=dx.MistralConfig.tiny(), path="m", chat_template=True)
+    args = types.SimpleNamespace(out=str(tmp_path), data_dir=None, split="evaluation", limit=2, max_new_tokens=4,
+                                 dtype="float32", seed=7)
+    sweep = run.Sweep(args, backbone, log=lambda *a: None)
+    random = sweep.spec("trivia_qa", "exit", exits="random:calm:7", kind="calm", mode="copy", threshold=0.5,
+                        exit_layers=(1,))
+    assert sweep.record(random, {"avg_layers": 2.0, "compute": 1.0}, {}, {"f1": 0.5}, [])["seed"] == 7
+    full = sweep.spec("trivia_qa", "full")
+    assert "seed" not in sweep.record(full, {"avg_layers": 2.0, "compute": 1.0}, {}, {"f1": 0.5}, [])
+
+
+def test_exits_beyond_the_model_are_refused_before_any_run(tiny_model, tmp_path):
+    deeper = dx.MistralConfig.tiny(model_type="llama", num_layers=8)
+    exit_config = dx.ExitConfig(kind="calm", layers=(5, 6))
+    exits = tmp_path / "exits"
+    dx.save_exits(exit_config, dx.init_exits(deeper, exit_config, jax.random.key(0)), exits)
+    out = tmp_path / "out"
+    with pytest.raises(SettingsError, match=r"--exits .*exits: exit layers \[5, 6\] out of range for a 4-layer"):
+        run.main(_quick_args(tiny_model, out, "--exits", str(exits)))
+    assert not out.exists()  # no full-depth run written first; the directory made for the run is gone
+    backbone = harness.Backbone("tiny", dx.MistralConfig.tiny(num_layers=4), None, None, False)
+    sweep = run.Sweep(run.build_parser().parse_args(["--static-layers", "2,9"]), backbone)
+    with pytest.raises(SettingsError, match=r"--static-layers: \[9\] outside \[1, 4\]"):
+        sweep.check_static_layers()
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_an_unwritable_out_is_refused_before_the_model_loads(tiny_model, tmp_path, monkeypatch, where):
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
+    else:
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    monkeypatch.setattr(run, "load_backbone", _no_model)
+    with pytest.raises(OutputError, match=f"--out {out} cannot be written"):
+        run.main(_quick_args(tiny_model, out))
+
+
+def test_an_out_inside_the_model_folder_is_not_part_of_its_fingerprint(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = model / "results"
+    weights = run.fingerprint(model, exclude=(out,))
+    assert weights == run.fingerprint(model)  # nothing there yet
+    # a run of an earlier sweep on this model, written into its folder
+    spec = {"task": "coqa", "variant": "full", "model": str(model), "data": "x", "limit": 1}
+    out.mkdir()
+    (out / "earlier.json").write_text(json.dumps({"spec": spec, "metrics": {},
+                                                  "inputs": {"model": {"path": str(model), "fingerprint": weights}}}))
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(run, "load_backbone", loaded)
+    with pytest.raises(Loaded):  # the check passed: the model is unchanged
+        run.main(_quick_args(model, out))
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    with pytest.raises(OutputError, match=f"the model at {model} has changed"):
+        run.main(_quick_args(model, out))
+
+
+def test_a_truncated_run_json_is_named(tiny_model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    broken = out / "tiny__trivia_qa__full__0123456789.json"
+    broken.write_text('{"spec": {"task": "trivia_')
+    monkeypatch.setattr(run, "load_backbone", _no_model)
+    with pytest.raises(RunFileError, match=f"{broken} is not valid JSON"):
+        run.main(_quick_args(tiny_model, out))
+    assert _report_cli(monkeypatch, capsys, out) == 2
+    assert capsys.readouterr().err.startswith(f"python -m eval.report: error: {broken} is not valid JSON")
+
+
+def _report_cli(monkeypatch, capsys, out) -> int:
+    """``python -m eval.report --out OUT``'s exit status, run in this process."""
+    import runpy
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["report", "--out", str(out)])
+    monkeypatch.delenv("DYNAMAX_DEBUG", raising=False)
+    capsys.readouterr()
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported already
+        runpy.run_module("dynamax_jax.eval.report", run_name="__main__")
+    return exit_.value.code
+
+
+def test_report_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "missing"
+    assert _report_cli(monkeypatch, capsys, missing) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m eval.report: error: --out {missing} is not a directory") and "--debug" in err
+    assert not missing.exists()
+
+
+def test_generate_all_times_a_batch_again_only_when_it_compiled(monkeypatch):
+    """No module-level record of what was compiled: jax's own jit caches say whether a call
+    compiled. A second backbone of the same shapes reuses the program, so its batch is not run
+    twice (a record keyed by the backbone's path would run it again)."""
+    config = dx.MistralConfig.tiny(num_layers=2)
+    params = dx.init_params(config, jax.random.key(0))
+    calls = []
+    generate = dx.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(dx, "generate", counted)
+
+    def calls_for(path):
+        calls.clear()
+        backbone = harness.Backbone(path, config, params, tokenizer=None, chat_template=False)
+        gens, timing = harness.generate_all(backbone, [[3, 4, 5], [6, 7]], max_new_tokens=2, batch_size=2,
+                                            pad_multiple=8)
+        assert [len(g.tokens) for g in gens] == [2, 2] and timing["wall_time_s"] > 0
+        return len(calls)
+
+    assert calls_for("first") in (1, 2)  # 2 when it compiled: once for the program, once timed
+    assert calls_for("second") == 1

@@ -462,14 +462,14 @@ def test_eval_out_dir_refuses_runs_it_could_not_tell_apart(tmp_path):
         ("content", {"inputs": {"data": {**data["trivia_qa"], "sha256": "0" * 64}}}, "another content of"),
     ]:
         _fake_run(out, name, **kw)
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(ValueError, match=re.escape(message)):
             check()
         (out / f"{name}.json").unlink()
-    with pytest.raises(SystemExit, match="the model at m has changed"):
+    with pytest.raises(ValueError, match="the model at m has changed"):
         check(model=("m", "w2"))
     _fake_run(out, "exits", exits="heads", inputs={"exits": {"path": "heads", "fingerprint": "e1"}})
     check(exits={"heads": "e1"})
-    with pytest.raises(SystemExit, match="the exit heads at heads have changed"):
+    with pytest.raises(ValueError, match="the exit heads at heads have changed"):
         check(exits={"heads": "e2"})
 
 
@@ -478,7 +478,7 @@ def test_eval_run_refuses_to_mix_before_loading_the_model(tiny_checkpoint, tmp_p
 
     out = tmp_path / "out"
     _fake_run(out, "old", data="bundled:calibration", model=str(tiny_checkpoint))
-    with pytest.raises(SystemExit, match="trivia_qa runs with data 'bundled:calibration'"):
+    with pytest.raises(ValueError, match="trivia_qa runs with data 'bundled:calibration'"):
         run.main(["--model", str(tiny_checkpoint), "--tasks", "trivia_qa", "--limit", "2", "--out", str(out)])
 
 

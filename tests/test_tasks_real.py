@@ -208,7 +208,8 @@ def test_hub_path_reads_datasets_and_splits_the_same_way(monkeypatch, loaded):
 
 def test_bundled_files_ship_with_the_package():
     """The loader finds the data next to eval/tasks.py, and pyproject's package discovery
-    (namespace packages) and package-data patterns put every bundled file in the wheel."""
+    (namespace packages; eval/ is dynamax_jax.eval) and package-data patterns put every
+    bundled file in the wheel (tests/test_packaging.py builds one)."""
     import tomllib
     from fnmatch import fnmatch
     from pathlib import Path
@@ -223,7 +224,7 @@ def test_bundled_files_ship_with_the_package():
     files = [tasks.DATA_DIR / t.bundled for t in tasks.TASKS.values()] + [repo / "train/prose/public_domain_en.jsonl"]
     for path in files:
         assert path.is_file()
-        assert ".".join(path.parent.relative_to(repo).parts) in packages, path
+        assert ".".join(("dynamax_jax",) + path.parent.relative_to(repo).parts) in packages, path
         assert any(fnmatch(path.name, p) for p in cfg["package-data"]["*"]), path
 
 

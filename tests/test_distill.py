@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
 
 
-def write_tiny_model(directory: Path) -> Path:
-    """A 4-layer random Llama checkpoint with a byte-level BPE tokenizer (id 0 = EOT)."""
+def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer random Llama checkpoint (weights drawn with ``seed``) with a byte-level BPE
+    tokenizer (id 0 = EOT)."""
     import dynamax_jax as dx
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,11 +45,31 @@ def write_tiny_model(directory: Path) -> Path:
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer=trainer)
     config = MistralConfig.tiny(vocab_size=tokenizer.get_vocab_size(), model_type="llama",
                                 bos_token_id=0, eos_token_id=0)
-    dx.save_pretrained(config, dx.init_params(config, jax.random.key(0)), directory)
+    dx.save_pretrained(config, dx.init_params(config, jax.random.key(seed)), directory, overwrite=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT}))
     return directory
+
+
+def hold_when_locked(process, directory: Path, timeout: float = 120.0) -> None:
+    """Wait until ``process`` holds the output lock of ``directory``, then stop it (SIGSTOP),
+    so that a second writer meets the lock whatever the machine's speed."""
+    import signal
+    import time
+
+    lock = directory / ".dynamax.lock"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if json.loads(lock.read_text())["pid"] == process.pid:
+                process.send_signal(signal.SIGSTOP)
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{process.pid} never locked {directory}")
 
 
 @pytest.fixture(scope="module")

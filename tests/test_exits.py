@@ -269,3 +269,21 @@ def test_bad_exit_config_files_name_the_file_and_field(tmp_path, text, match):
     (tmp_path / ex.CONFIG_FILE).write_text(text)
     with pytest.raises(ex.ExitError, match=match):
         ex.load_exits(tmp_path)
+
+
+def test_shipped_heads_record_their_model():
+    """The shipped heads name the architecture they were trained on (and the mamba2-small
+    heads its fingerprint: every file of that model is hashed whole, so the name is the same
+    on every machine); heads of the Mamba2 model are refused on SmolLM2's architecture."""
+    from dynamax_jax.io import fingerprint
+
+    assets = __import__("pathlib").Path(dx.__file__).resolve().parent / "assets"
+    smollm2 = dx.MistralConfig.tiny(num_layers=30, hidden_size=576, vocab_size=49152)
+    mamba_config = dx.load_pretrained(assets / "mamba2-small")[0]
+    for name in ("mamba2-small-calm", "mamba2-small-mamba"):
+        config, params = ex.load_exits(assets / "exits" / name)
+        assert config.trained_on == ex.TrainedOn.of(mamba_config, fingerprint(assets / "mamba2-small"))
+        with pytest.raises(ex.ExitError, match="trained on a mamba2 model of 8 layers"):
+            ex.check_exits(smollm2, config, params)
+    config, _ = ex.load_exits(assets / "exits" / "smollm2-135m-instruct-ffn")
+    assert config.trained_on == ex.TrainedOn("transformer", 30, 576, 49152, None)

@@ -14,8 +14,10 @@ of a step. Here it runs once:
    one forward pass per batch stores the exit hidden states ``hidden [R, E, T, D]`` (in
    ``--cache-dtype``), the input ids ``tokens [R, T]``, the final layer's top-k token ids
    ``topk [R, T, K]``, and the
-   normal equations of the adapters' least-squares fit. A cache whose settings match is
-   reused.
+   normal equations of the adapters' least-squares fit. ``meta.json`` records what the cache
+   was computed from: the content fingerprints of the model and of each source
+   (``io.fingerprint``) and the settings. A cache of the same is reused; one of another model,
+   other data or other settings is refused, naming what changed, unless ``--rebuild-cache``.
 2. **Adapters** (``--adapter affine``): each exit's ``h + h W + b`` is the ridge-regression
    fit of the final layer's hidden state (before the final norm) from the exit's, in closed
    form: a "linear shortcut" (Din et al., 2023, *Jump to Conclusions*). It needs no LM-head
@@ -40,7 +42,9 @@ of a step. Here it runs once:
    the rows (drawn with the seed) are held out and scored at each threshold.
 
 ``--out`` receives ``cache/`` (unless ``--cache`` names another), ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
-``summary.json`` (timings, tokens/s, per-exit label rates, held-out precision/recall).
+``summary.json`` (seed, timings, tokens/s, per-exit label rates, held-out precision/recall).
+One run at a time writes into ``--out`` (and into a ``--cache`` outside it): a second is
+refused with the first's PID (``io.output_lock``).
 """
 
 from __future__ import annotations

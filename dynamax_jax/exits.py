@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,6 +85,51 @@ EXIT_FILES = (CONFIG_FILE, PARAMS_FILE)  # what save_exits writes
 
 class ExitError(ValueError):
     """Bad exit settings, or exit heads that do not fit the model."""
+
+
+class OtherWeightsWarning(UserWarning):
+    """Exit heads are used on a model of their architecture whose weights differ from the ones
+    they were trained on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedOn:
+    """The model exit heads were trained on, recorded in their checkpoint.
+
+    The architecture (``family``, ``num_layers``, ``hidden_size``, ``vocab_size``) must match
+    the model the heads run on: heads of a Mamba2 model mean nothing on a Llama of the same
+    hidden size, although every tensor shape fits, so ``check_exits`` refuses them.
+    ``fingerprint`` (``dynamax_jax.io.fingerprint`` of the model's files) names the weights;
+    ``check_trained_on`` only warns when it differs, because heads are legitimately tried on a
+    fine-tune of their model, and a model file over 64 MiB is fingerprinted with its
+    modification time, so a fresh copy of the same weights has another fingerprint."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, config, fingerprint: str | None = None) -> "TrainedOn":
+        return cls(config.family, int(config.num_layers), int(config.hidden_size), int(config.vocab_size), fingerprint)
+
+    def architecture(self) -> tuple:
+        return self.family, self.num_layers, self.hidden_size, self.vocab_size
+
+    def describe(self) -> str:
+        return (f"a {self.family} model of {self.num_layers} layers, hidden size {self.hidden_size} and "
+                f"vocabulary {self.vocab_size}")
+
+    @classmethod
+    def from_json(cls, d) -> "TrainedOn":
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or set(d) - set(names) or set(names[:4]) - set(d):
+            raise ExitError(f"trained_on must be an object with the fields {', '.join(names)}, got {d!r}")
+        for name in names[1:4]:
+            if not isinstance(d[name], int) or isinstance(d[name], bool):
+                raise ExitError(f"trained_on.{name} must be an integer, got {d[name]!r}")
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +163,8 @@ class ExitConfig:
     ffn_expand: width of the ``ffn`` classifier's hidden layer in units of D.
     mamba_*: size of the ``mamba`` classifier's mixer (inner width ``expand * D``; head dim
         ``None`` = the largest of 64, 32, 16, ... dividing it).
+    trained_on: the model the heads were trained on (``TrainedOn``; ``None``: not recorded).
+        ``check_exits`` refuses heads of another architecture.
     """
 
     layers: tuple[int, ...] | None = None
@@ -132,6 +180,7 @@ class ExitConfig:
     adapter: str = "none"
     adapter_rank: int = 64
     ffn_expand: int = 4
+    trained_on: TrainedOn | None = None
 
     def __post_init__(self):
         if self.layers is not None:
@@ -154,15 +203,20 @@ class ExitConfig:
         if self.mode is not None and self.mode not in TRANSFORMER_MODES + MAMBA_MODES:
             raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate|shift|recompute (Transformers), "
                             "skip|propagate|shift|recompute (Mamba2)")
-        if self.num_exits < 1:
-            raise ExitError(f"num_exits must be >= 1, got {self.num_exits}")
+        if not isinstance(self.num_exits, (int, np.integer)) or isinstance(self.num_exits, bool) or self.num_exits < 1:
+            raise ExitError(f"num_exits must be >= 1 (an integer), got {self.num_exits!r}")
         thr = self.threshold
-        if isinstance(thr, (list, tuple, np.ndarray)):
-            thr = tuple(float(t) for t in thr)
-            if len(thr) != self.num_exits:
-                raise ExitError(f"got {len(thr)} per-exit thresholds for {self.num_exits} exits")
-        else:
-            thr = float(thr)
+        try:
+            if isinstance(thr, (list, tuple, np.ndarray)):
+                thr = tuple(_number(t) for t in thr)
+                if len(thr) != self.num_exits:
+                    raise ExitError(f"got {len(thr)} per-exit thresholds for {self.num_exits} exits")
+            else:
+                thr = _number(thr)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ExitError):
+                raise
+            raise ExitError(f"threshold must be a number or a list of numbers, got {self.threshold!r}") from None
         for t in (thr if isinstance(thr, tuple) else (thr,)):
             if math.isnan(t) or t < 0:
                 raise ExitError(f"threshold must be a number >= 0 (above 1 means never exit), got {t}")
@@ -171,8 +225,14 @@ class ExitConfig:
             raise ExitError(f"unknown adapter {self.adapter!r}; supported: {', '.join(ADAPTERS)}")
         for name in ("mamba_expand", "mamba_state_size", "mamba_head_dim", "mamba_conv_kernel",
                      "adapter_rank", "ffn_expand"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ExitError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+                raise ExitError(f"{name} must be >= 1 (an integer), got {value!r}")
+        for name in ("kind", "confidence"):
+            if not isinstance(getattr(self, name), str):
+                raise ExitError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.trained_on is not None and not isinstance(self.trained_on, TrainedOn):
+            raise ExitError(f"trained_on must be a TrainedOn, got {self.trained_on!r}")
 
     # -- resolution against a model --------------------------------------------------------
     def resolve(self, config) -> "ExitConfig":
@@ -223,6 +283,8 @@ class ExitConfig:
             del d["adapter"], d["adapter_rank"]
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["threshold"] = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
+        if self.trained_on is None:  # heads saved without their model keep the format of the fields above
+            del d["trained_on"]
         return d
 
     @classmethod
@@ -233,10 +295,40 @@ class ExitConfig:
             raise ExitError(f"exit config has unknown fields {sorted(unknown)}")
         d = dict(d)
         if d.get("layers") is not None:
+            if not isinstance(d["layers"], list):
+                raise ExitError(f"layers must be a list of integers, got {d['layers']!r}")
             d["layers"] = tuple(d["layers"])
+        if d.get("trained_on") is not None:
+            d["trained_on"] = TrainedOn.from_json(d["trained_on"])
         if isinstance(d.get("threshold"), list):
             d["threshold"] = tuple(d["threshold"])
         return cls(**d)
+
+
+def _number(value) -> float:
+    """``float(value)`` for a real number (not a string or a bool): a JSON file's ``"0.9"``
+    is refused rather than read."""
+    if isinstance(value, (str, bool)) or value is None:
+        raise TypeError(value)
+    return float(value)
+
+
+def check_trained_on(exit_config: ExitConfig, config, fingerprint: str | None = None, where: str = "exit heads") -> None:
+    """Refuse (``ExitError``) heads trained on a model of another architecture than
+    ``config``'s; warn (``OtherWeightsWarning``) when ``fingerprint`` (the model's
+    ``io.fingerprint``) is given and differs from the one the heads recorded. Heads that
+    record no model pass."""
+    trained = exit_config.trained_on
+    if trained is None:
+        return
+    here = TrainedOn.of(config, fingerprint)
+    if trained.architecture() != here.architecture():
+        raise ExitError(f"{where} were trained on {trained.describe()}; this model is {here.describe()}. "
+                        "Train heads for this model (python -m train.cached or python -m train.distill)")
+    if fingerprint is not None and trained.fingerprint is not None and trained.fingerprint != fingerprint:
+        warnings.warn(f"{where} were trained on a model with other weights (fingerprint {trained.fingerprint[:12]}, "
+                      f"this model's {fingerprint[:12]}) of the same architecture; their decisions may not "
+                      "transfer", OtherWeightsWarning, stacklevel=2)
 
 
 def default_exit_layers(num_layers: int, num_exits: int = 4) -> tuple[int, ...]:
@@ -471,7 +563,9 @@ def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float3
 
 def check_exits(config, exit_config: ExitConfig, exit_params: Params | None) -> ExitConfig:
     """Resolve ``exit_config`` against the model and check that ``exit_params`` fit it;
-    returns the resolved config. Raises ``ExitError`` naming the offending tensor."""
+    returns the resolved config. Raises ``ExitError`` naming the offending tensor, or the
+    architecture the heads were trained on when it is not ``config``'s (``check_trained_on``)."""
+    check_trained_on(exit_config, config)
     ec = exit_config.resolve(config)
     if not ec.needs_params:
         return ec
@@ -522,7 +616,12 @@ def save_exits(exit_config: ExitConfig, exit_params: Params | None, path, overwr
     """Save to directory ``path``: ``exit_config.json`` and ``exit_params.safetensors``
     (tensors named as in the param dict, dtype kept). Written atomically. An existing
     ``path`` holding only those files is replaced; one holding anything else (e.g. a model)
-    is refused unless ``overwrite``, which replaces the two files and keeps the rest."""
+    is refused unless ``overwrite``, which replaces the two files and keeps the rest. A
+    ``path`` that is a symbolic link is written through: the heads land in its target, where
+    ``load_exits(path)`` reads them, and the link stays."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     with atomic_directory(path, owned=EXIT_FILES, overwrite=overwrite) as tmp:
         write_exits(exit_config, exit_params, tmp)
 
@@ -537,9 +636,16 @@ def load_exits(path) -> tuple[ExitConfig, Params | None]:
     if not cfg_file.is_file():
         raise ExitError(f"{path} is not an exit checkpoint: {CONFIG_FILE} not found")
     try:
-        exit_config = ExitConfig.from_json(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as err:
+        settings = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ExitError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise ExitError(f"{cfg_file}: expected a JSON object of exit settings, found {type(settings).__name__} "
+                        f"{json.dumps(settings)[:80]}")
+    try:
+        exit_config = ExitConfig.from_json(settings)
+    except (ExitError, TypeError) as err:
+        raise ExitError(f"{cfg_file}: {err}") from None
     params_file = path / PARAMS_FILE
     if not params_file.is_file():
         if exit_config.needs_params:
@@ -627,7 +733,7 @@ def affine_to_lowrank(exit_config: ExitConfig, exit_params: Params, rank: int) -
 
 
 __all__: Sequence[str] = (
-    "ExitConfig", "ExitError", "MambaExitState", "adapt", "adapter_params", "affine_to_lowrank", "init_exits", "save_exits", "load_exits",
+    "ExitConfig", "ExitError", "MambaExitState", "OtherWeightsWarning", "TrainedOn", "check_trained_on", "adapt", "adapter_params", "affine_to_lowrank", "init_exits", "save_exits", "load_exits",
     "write_exits", "EXIT_FILES",
     "check_exits", "classifier_step", "classifier_sequence", "exit_logits", "init_exit_state",
     "classifier_confidence", "softmax_confidence", "margin_confidence", "saturation_confidence",

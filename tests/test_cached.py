@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from dynamax_jax import exits as ex
+from dynamax_jax.io import DataError, OutputLockedError
 from dynamax_jax.config import Mamba2Config, MistralConfig
 from dynamax_jax.models import module_for
-from tests.test_distill import write_tiny_model
+from tests.test_distill import hold_when_locked, write_tiny_model
 from dynamax_jax.train import cached as C
 from dynamax_jax.train import distill as T
+from dynamax_jax.train.distill import DistillError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,15 +221,93 @@ def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     np.testing.assert_allclose(ex.load_exits(out / "exits-calm")[1]["fill_shift"][0, 3], means[e, 2] - means[e, 1],
                                rtol=1e-5, atol=1e-6)
     cache_mtime = (out / "cache" / "hidden.npy").stat().st_mtime
-    (out / "cache" / C.TOKENS_FILE).unlink()  # a cache written before the tokens were kept
     again = subprocess.run(cmd + ["--kinds", "calm", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                            text=True)
     assert again.returncode == 0, again.stderr
     assert "reusing" in again.stderr and (out / "cache" / "hidden.npy").stat().st_mtime == cache_mtime
-    np.testing.assert_array_equal(np.load(out / "cache" / C.TOKENS_FILE), tokens)
+    assert json.loads((out / "summary.json").read_text())["seed"] == 0
     other = subprocess.run(cmd + ["--seq-len", "16", "--overwrite"], cwd=ROOT, env=env, capture_output=True,
                            text=True)
-    assert other.returncode == 2 and "cache of other settings" in other.stderr
+    assert other.returncode == 2 and "seq_len: 32 -> 16" in other.stderr and "--rebuild-cache" in other.stderr
+
+
+@pytest.mark.slow
+def test_a_cache_of_other_weights_or_data_is_refused_naming_what_changed(tmp_path):
+    """meta.json records the contents of the model and the data, not only their paths: new
+    weights or an edited data file under the same names are refused, naming what changed and
+    the flag that starts over; --rebuild-cache computes the cache (and its labels) again."""
+    model = write_tiny_model(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                              for i in range(24)))
+    out = tmp_path / "run"
+    argv = ["--model", str(model), "--data", f"{corpus}=512", "--exit-layers", "2,3", "--batch-size", "4",
+            "--seq-len", "32", "--epochs", "1", "--fill-rows", "4", "--out", str(out), "--no-progress", "--overwrite"]
+    assert C.main(argv) == 0
+    first = json.loads((out / "summary.json").read_text())
+    write_tiny_model(tmp_path / "tiny", seed=1)  # other weights, same path and architecture
+    with pytest.raises(DistillError, match=r"the model's files .*--rebuild-cache") as err:
+        C.main(argv)
+    assert "the data's content" not in str(err.value)
+    assert C.main(argv + ["--rebuild-cache"]) == 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert rebuilt["cache"]["model_fingerprint"] != first["cache"]["model_fingerprint"]
+    assert rebuilt["label_rate"] != first["label_rate"]  # trained on the new model's states
+    assert len(list((out / "cache").glob("labels-*.npy"))) == 1  # the old model's labels went with the cache
+    ec, _ = ex.load_exits(out / "exits-calm")
+    assert ec.trained_on == ex.TrainedOn("transformer", 4, 64, ec.trained_on.vocab_size,
+                                         rebuilt["cache"]["model_fingerprint"])
+    with corpus.open("a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(DistillError, match=rf"the data's content \({corpus}\)"):
+        C.main(argv)
+
+
+@pytest.mark.slow
+def test_a_second_writer_on_one_output_is_refused_with_the_first_pid(tmp_path):
+    model = write_tiny_model(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog"}) + "\n")
+    out = tmp_path / "run"
+    argv = ["--model", str(model), "--data", f"{corpus}=256", "--exit-layers", "2,3", "--batch-size", "4",
+            "--seq-len", "32", "--out", str(out), "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-m", "dynamax_jax.train.cached", *argv, "--seed", "0"], cwd=ROOT,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    try:
+        hold_when_locked(first, out)
+        with pytest.raises(OutputLockedError, match=rf"in use by PID {first.pid} on .*train.cached"):
+            C.main(argv + ["--seed", "1"])
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_damaged_cache_files_are_named(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    meta = {"rows": 2, "exit_layers": [2], "seq_len": 4}
+    (cache / "meta.json").write_text(json.dumps(meta))
+    for name, array in (("hidden.npy", np.zeros((2, 1, 4, 8), np.float16)), ("topk.npy", np.zeros((2, 4, 1), np.int32)),
+                        ("gram.npy", np.zeros((1, 9, 9))), ("cross.npy", np.zeros((1, 9, 8))),
+                        (C.TOKENS_FILE, np.zeros((2, 4), np.int32))):
+        np.save(cache / name, array)
+    assert C.Cache.open(cache).hidden.shape == (2, 1, 4, 8)
+    hidden = (cache / "hidden.npy").read_bytes()
+    (cache / "hidden.npy").write_bytes(hidden[:-10])  # truncated
+    with pytest.raises(DataError, match=rf"{cache / 'hidden.npy'}: not a readable .npy array .*--rebuild-cache"):
+        C.Cache.open(cache)
+    (cache / "hidden.npy").write_bytes(hidden)
+    (cache / "meta.json").write_text('{"rows": 2, "exit_')
+    with pytest.raises(DataError, match=rf"{cache / 'meta.json'}: not valid JSON"):
+        C.Cache.open(cache)
+    (cache / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=rf"{cache / 'meta.json'}: expected a JSON object"):
+        C.Cache.open(cache)
+    labels = tmp_path / "labels-none-rows2-seed0.npy"
+    np.save(labels, np.zeros((2, 1, 4), bool))
+    labels.write_bytes(labels.read_bytes()[:-3])
+    with pytest.raises(DataError, match=rf"{labels}: not a readable .npy array"):
+        C.load_array(labels)
 
 
 @pytest.mark.slow
@@ -255,7 +335,7 @@ def test_cli_trains_on_replies_after_a_reply_marker(tmp_path):
                            "replies")
     assert mask[:16].any() and not mask[:16].all() and mask[16:].all()  # answers: 16 rows; prose: 8, whole
     assert summary["labelled_tokens"] == mask.sum()
-    labels = np.load(next((out / "cache").glob("labels-*-replies.npy")))  # [labelled rows, E, T]
+    labels = np.load(next((out / "cache").glob("labels-*-mask*.npy")))  # [labelled rows, E, T]
     rows = np.flatnonzero(mask.any(axis=1))
     assert labels.shape == (len(rows), 2, 32)
     assert not labels[~np.broadcast_to(mask[rows][:, None], labels.shape)].any()

@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
 
 
-def write_tiny_model(directory: Path) -> Path:
-    """A 4-layer random Llama checkpoint with a byte-level BPE tokenizer (id 0 = EOT)."""
+def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer random Llama checkpoint (weights drawn with ``seed``) with a byte-level BPE
+    tokenizer (id 0 = EOT)."""
     import dynamax_jax as dx
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,11 +45,31 @@ def write_tiny_model(directory: Path) -> Path:
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer=trainer)
     config = MistralConfig.tiny(vocab_size=tokenizer.get_vocab_size(), model_type="llama",
                                 bos_token_id=0, eos_token_id=0)
-    dx.save_pretrained(config, dx.init_params(config, jax.random.key(0)), directory)
+    dx.save_pretrained(config, dx.init_params(config, jax.random.key(seed)), directory, overwrite=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT}))
     return directory
+
+
+def hold_when_locked(process, directory: Path, timeout: float = 120.0) -> None:
+    """Wait until ``process`` holds the output lock of ``directory``, then stop it (SIGSTOP),
+    so that a second writer meets the lock whatever the machine's speed."""
+    import signal
+    import time
+
+    lock = directory / ".dynamax.lock"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if json.loads(lock.read_text())["pid"] == process.pid:
+                process.send_signal(signal.SIGSTOP)
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{process.pid} never locked {directory}")
 
 
 @pytest.fixture(scope="module")
@@ -280,13 +301,76 @@ def test_restart_with_other_settings_is_refused(tiny_model, tmp_path, capsys):
     assert "exit_kind: 'ffn' -> 'mamba'" in capsys.readouterr().err
 
 
-def test_restart_of_a_run_from_before_adapters(tmp_path):
-    """A run directory written before the adapter settings existed trained without adapters:
-    resuming it without adapters is accepted, with --adapter affine refused."""
+def test_a_settings_file_without_a_setting_is_refused_naming_it(tmp_path):
+    """No file is read as though it was written before a field existed: a setting the run's
+    distill_config.json lacks is a changed setting."""
     old = T.DistillSettings(out=str(tmp_path)).to_json()
-    for key in ("adapter", "adapter_rank", "kl_weight", "ffn_expand"):
-        del old[key]
+    del old["adapter"]
     (tmp_path / T.CONFIG_FILE).write_text(json.dumps(old))
-    T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path)))
-    with pytest.raises(T.DistillError, match="adapter: 'none' -> 'affine'"):
-        T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path), adapter="affine"))
+    with pytest.raises(T.DistillError, match=r"adapter: '\(not recorded\)' -> 'none'.*--restart"):
+        T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path)))
+    T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path), restart=True))  # starting over: no check
+    (tmp_path / T.CONFIG_FILE).write_text("[1]")
+    with pytest.raises(T.DistillError, match=rf"{T.CONFIG_FILE}: expected a JSON object"):
+        T._check_restart(tmp_path, T.DistillSettings(out=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_resume_after_the_backbone_changed_is_refused_naming_it(tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    argv = cli(model, out, "--steps", "4", "--save-every", "2")[3:]
+    assert T.main(argv + ["--steps", "2"]) == 0  # stopped half way: a checkpoint at step 2
+    summary = json.loads((out / T.SUMMARY_FILE).read_text())
+    assert summary["seed"] == 0
+    recorded = json.loads((out / T.CONFIG_FILE).read_text())["model_fingerprint"]
+    config, _ = ex.load_exits(out / "exits")
+    assert config.trained_on.fingerprint == recorded and config.trained_on.family == "transformer"
+    write_tiny_model(tmp_path / "tiny", seed=1)  # new weights under the same name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        T.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"the model's files (fingerprint {recorded[:12]} -> " in err, err
+    assert "--restart" in err
+    assert T.main(argv + ["--restart"]) == 0
+    summary = json.loads((out / T.SUMMARY_FILE).read_text())
+    assert summary["resumed_from"] == 0 and summary["steps"] == 4
+    assert json.loads((out / T.CONFIG_FILE).read_text())["model_fingerprint"] != recorded
+
+
+@pytest.mark.slow
+def test_a_second_run_in_one_folder_is_refused_with_the_first_pid(tiny_model, tmp_path):
+    from dynamax_jax.io import OutputLockedError
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(cli(tiny_model, out, "--steps", "50", "--seed", "0"), cwd=ROOT,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    try:
+        hold_when_locked(first, out)
+        with pytest.raises(OutputLockedError, match=rf"in use by PID {first.pid} on .*train.distill"):
+            T.main(cli(tiny_model, out, "--steps", "50", "--seed", "1")[3:])
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_distributed_start_without_the_others_gives_up_after_the_timeout(tmp_path):
+    """Process 0 of 2 with no process 1: one line saying what it waits for, then after
+    --distributed-timeout one error line and exit status 2 (not jax's SIGABRT)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dynamax_jax.train.distill", "--distributed", "--num-processes", "2",
+                           "--process-id", "0", "--coordinator-address", f"127.0.0.1:{port}",
+                           "--distributed-timeout", "2", "--out", str(tmp_path / "run")], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == (f"python -m train.distill: process 0 of 2 waits up to 2 s for the others at coordinator "
+                        f"127.0.0.1:{port} (--distributed-timeout)"), proc.stderr
+    assert lines[-1].startswith("python -m train.distill: error: the other processes did not join process 0 of 2")
+    assert "Check failure" not in proc.stderr and time.time() - started < 60

@@ -221,3 +221,69 @@ def test_select_exits_keeps_each_exit_as_it_was():
         ex.select_exits(ec, p, [1, 4])
     with pytest.raises(ex.ExitError, match="distinct"):
         ex.select_exits(ec, p, [2, 2])
+
+
+def test_heads_of_another_architecture_are_refused_and_other_weights_warned(tmp_path):
+    """Heads record the model they were trained on. Mamba2 heads on a Llama of the same hidden
+    size fit every tensor shape, so without the record they would load silently: refused,
+    naming both models. The same architecture with other weights is only warned about (a
+    fine-tune of the model is a fair thing to try the heads on)."""
+    mamba = dx.Mamba2Config.tiny(num_layers=4, hidden_size=CFG.hidden_size, vocab_size=CFG.vocab_size)
+    ec = ex.ExitConfig(kind="calm", layers=(2, 3), mode="skip", trained_on=ex.TrainedOn.of(mamba, "f" * 64))
+    params = ex.init_exits(mamba, ec, jax.random.key(0))
+    ex.save_exits(ec, params, tmp_path / "heads")
+    loaded, loaded_params = ex.load_exits(tmp_path / "heads")
+    assert loaded == ec and loaded.trained_on.fingerprint == "f" * 64
+    assert ex.check_exits(mamba, loaded, loaded_params).layers == (2, 3)
+    with pytest.raises(ex.ExitError, match=r"trained on a mamba2 model of 4 layers, hidden size 64 .*this model is "
+                                           r"a transformer model of 4 layers, hidden size 64"):
+        ex.check_exits(CFG, dataclasses.replace(loaded, mode=None), loaded_params)
+    with pytest.warns(ex.OtherWeightsWarning, match="other weights"):
+        ex.check_trained_on(loaded, mamba, fingerprint="0" * 64)
+    ex.check_trained_on(loaded, mamba, fingerprint="f" * 64)  # the same weights: silent
+    plain = ex.ExitConfig(kind="calm", layers=(2, 3))
+    assert "trained_on" not in plain.to_json() and ex.check_exits(CFG, plain, ex.init_exits(CFG, plain, jax.random.key(0)))
+
+
+def test_save_exits_writes_through_a_symlink(tmp_path):
+    ec = ex.ExitConfig(kind="calm", layers=(2, 3))
+    target, link = tmp_path / "run" / "exits", tmp_path / "latest"
+    ex.save_exits(ec, ex.init_exits(CFG, ec, jax.random.key(0)), target)
+    link.symlink_to(target, target_is_directory=True)
+    new = ex.init_exits(CFG, ec, jax.random.key(1))
+    ex.save_exits(dataclasses.replace(ec, threshold=0.5), new, link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    config, params = ex.load_exits(target)  # the target holds the new heads
+    assert config.threshold == 0.5
+    np.testing.assert_array_equal(params["w"], new["w"])
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[1, 2]', r"exit_config.json: expected a JSON object of exit settings, found list"),
+    ('{"kind": "calm", "threshold": "high"}', r"exit_config.json: threshold must be a number .*'high'"),
+    ('{"kind": "calm", "layers": [2, 3], "threshold": [0.5, "x"]}', r"exit_config.json: threshold must be a number"),
+    ('{"kind": "calm", "ffn_expand": "4"}', r"exit_config.json: ffn_expand must be >= 1 \(an integer\), got '4'"),
+    ('{"kind": "calm", "trained_on": {"family": "mistral"}}', r"exit_config.json: trained_on must be an object"),
+])
+def test_bad_exit_config_files_name_the_file_and_field(tmp_path, text, match):
+    (tmp_path / ex.CONFIG_FILE).write_text(text)
+    with pytest.raises(ex.ExitError, match=match):
+        ex.load_exits(tmp_path)
+
+
+def test_shipped_heads_record_their_model():
+    """The shipped heads name the architecture they were trained on (and the mamba2-small
+    heads its fingerprint: every file of that model is hashed whole, so the name is the same
+    on every machine); heads of the Mamba2 model are refused on SmolLM2's architecture."""
+    from dynamax_jax.io import fingerprint
+
+    assets = __import__("pathlib").Path(dx.__file__).resolve().parent / "assets"
+    smollm2 = dx.MistralConfig.tiny(num_layers=30, hidden_size=576, vocab_size=49152)
+    mamba_config = dx.load_pretrained(assets / "mamba2-small")[0]
+    for name in ("mamba2-small-calm", "mamba2-small-mamba"):
+        config, params = ex.load_exits(assets / "exits" / name)
+        assert config.trained_on == ex.TrainedOn.of(mamba_config, fingerprint(assets / "mamba2-small"))
+        with pytest.raises(ex.ExitError, match="trained on a mamba2 model of 8 layers"):
+            ex.check_exits(smollm2, config, params)
+    config, _ = ex.load_exits(assets / "exits" / "smollm2-135m-instruct-ffn")
+    assert config.trained_on == ex.TrainedOn("transformer", 30, 576, 49152, None)

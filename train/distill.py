@@ -33,9 +33,14 @@ Training: AdamW (``train/optim.py``: linear warm-up, cosine decay to 10 %, globa
                         newest readable one (an unreadable one is reported and dropped)
     metrics.jsonl       one line per --log-every steps: loss, lr, per-exit precision, recall,
                         positive rate (= agreement with the final layer), oracle layers
-    distill_config.json the settings (a restart must use the same ones)
+    distill_config.json the settings and the fingerprints of the model and the data (a restart
+                        must use the same ones; --restart starts over)
     exits/              the final exit checkpoint (``dynamax_jax.exits.load_exits``)
     summary.json        final metrics and timing
+
+One process writes into ``--out`` at a time (``io.output_lock``; a second is refused with
+the first's PID). With ``--distributed``, a process that does not hear from the others within
+``--distributed-timeout`` seconds says so and exits with status 2.
 
 Bad settings (mesh larger than the devices, exit layers out of range, unreadable data,
 empty corpus, batch not divisible over the mesh) fail with a clear message before any
@@ -74,7 +79,10 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # Settings that may change between a run and its restart without changing the result.
 # (``out`` too: a run directory may be moved and resumed from its new place)
-_RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps", "out")
+_RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps", "out", "restart")
+# What a run is computed from besides its settings, recorded beside them in CONFIG_FILE.
+_INPUTS = ("model_fingerprint", "data_fingerprint")
+PROG = "python -m train.distill"
 
 
 class DistillError(ValueError):
@@ -110,6 +118,7 @@ class DistillSettings:
     log_every: int = 10
     distributed: bool = False
     progress: bool = True
+    restart: bool = False             # discard what --out holds of an earlier run and start over
 
     def check(self) -> None:
         """Raise ``DistillError`` for any setting that can be judged without the model."""
@@ -191,6 +200,21 @@ def learning_rate(settings: DistillSettings, step: int) -> float:
     return float(_schedule(settings)(step))
 
 
+def _update(tx, loss_fn, exit_params, opt_state, mask, layers, num_layers):
+    """One optimizer step on ``loss_fn(p) -> (loss, aux)`` (``aux``: ``exit_loss [E]``,
+    ``labels [E, B, T]``, ``logits2 [E, B, T, 2]``, optionally ``kl [E]``) -> ``(exit_params,
+    opt_state, metrics)``, the metrics being the loss terms, the gradient norm and the
+    per-exit counts of ``exit_counts``."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
+    updates, opt_state = tx.update(grads, opt_state, exit_params)
+    exit_params = optax.apply_updates(exit_params, updates)
+    metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.tree.norm(grads),
+               **exit_counts(aux["logits2"], aux["labels"], mask, layers, num_layers)}
+    if "kl" in aux:
+        metrics["kl"] = aux["kl"]
+    return exit_params, opt_state, metrics
+
+
 def make_classifier_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
     """``step(exit_params, opt_state, exit_hidden [E, B, T, D], labels [E, B, T], mask [B, T])``
     -> ``(exit_params, opt_state, metrics)``: one update of the classifiers (no adapters) on
@@ -204,21 +228,18 @@ def make_classifier_step(config, exit_config: ex.ExitConfig, settings: DistillSe
         def loss_fn(p):
             logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
             loss, per_exit = exit_loss(logits2, labels, mask, weights, balanced)
-            return loss, (per_exit, logits2)
+            return loss, {"exit_loss": per_exit, "labels": labels, "logits2": logits2}
 
-        (loss, (per_exit, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
-        updates, opt_state = tx.update(grads, opt_state, exit_params)
-        exit_params = optax.apply_updates(exit_params, updates)
-        metrics = {"loss": loss, "exit_loss": per_exit, "grad_norm": optax.tree.norm(grads),
-                   **exit_counts(logits2, labels, mask, layers, config.num_layers)}
-        return exit_params, opt_state, metrics
+        return _update(tx, loss_fn, exit_params, opt_state, mask, layers, config.num_layers)
 
     return step
 
 
 def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSettings, tx):
     """``step(backbone_params, exit_params, opt_state, tokens [B, T], mask [B, T])`` ->
-    ``(exit_params, opt_state, metrics)`` (not jitted; see ``jit_train_step``)."""
+    ``(exit_params, opt_state, metrics)`` (not jitted; see ``jit_train_step``). Without
+    adapters the labels come from the frozen backbone alone (``make_classifier_step``); with
+    them, from the adapted exits, trained jointly with the classifiers (plus the KL term)."""
     layers = tuple(exit_config.layers)
     if not exit_config.has_adapter:
         classifier_step = make_classifier_step(config, exit_config, settings, tx)
@@ -236,21 +257,15 @@ def make_train_step(config, exit_config: ex.ExitConfig, settings: DistillSetting
         exit_hidden, final_logits = backbone_outputs(config, backbone_params, tokens, layers)
 
         def loss_fn(p):
-            aux = {}
-            labels_, kl = adapted_exits(config, backbone_params, exit_config, ex.adapter_params(p),
-                                        exit_hidden, final_logits, mask, settings.topk)
-            aux["labels"], aux["kl"] = jax.lax.stop_gradient(labels_), kl
+            labels, kl = adapted_exits(config, backbone_params, exit_config, ex.adapter_params(p),
+                                       exit_hidden, final_logits, mask, settings.topk)
+            labels = jax.lax.stop_gradient(labels)
             logits2 = ex.exit_logits(config, exit_config, p, exit_hidden)  # [E, B, T, 2]
-            loss, aux["exit_loss"] = exit_loss(logits2, aux["labels"], mask, weights, balanced)
-            loss = loss + settings.kl_weight * jnp.sum(weights * aux["kl"])
-            return loss, (aux, logits2)
+            loss, per_exit = exit_loss(logits2, labels, mask, weights, balanced)
+            loss = loss + settings.kl_weight * jnp.sum(weights * kl)
+            return loss, {"exit_loss": per_exit, "labels": labels, "logits2": logits2, "kl": kl}
 
-        (loss, (aux, logits2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(exit_params)
-        updates, opt_state = tx.update(grads, opt_state, exit_params)
-        exit_params = optax.apply_updates(exit_params, updates)
-        metrics = {"loss": loss, "exit_loss": aux["exit_loss"], "grad_norm": optax.tree.norm(grads),
-                   **exit_counts(logits2, aux["labels"], mask, layers, config.num_layers), "kl": aux["kl"]}
-        return exit_params, opt_state, metrics
+        return _update(tx, loss_fn, exit_params, opt_state, mask, layers, config.num_layers)
 
     return step
 
@@ -324,19 +339,55 @@ def _say(message: str) -> None:
         print(f"train.distill: {message}", file=sys.stderr, flush=True)
 
 
-def _check_restart(out: Path, settings: DistillSettings) -> None:
+def run_inputs(settings: DistillSettings, model_path: str | None) -> dict[str, str | None]:
+    """The content fingerprints (``io.fingerprint``: whole files up to 64 MiB, larger ones by
+    size, modification time and sampled bytes) of the model at ``model_path`` and of a local
+    ``--data``; ``None`` for what has no local files (a model passed in memory, a hub dataset
+    id: the id itself is a setting). ``--out`` is left out of both."""
+    from dynamax_jax.io import fingerprint
+
+    out = (Path(settings.out),)
+    data = settings.data if settings.data is not None and os.path.exists(settings.data) else None
+    return {"model_fingerprint": fingerprint(model_path, exclude=out) if model_path else None,
+            "data_fingerprint": fingerprint(data, exclude=out) if data else None}
+
+
+def _check_restart(out: Path, settings: DistillSettings, inputs: dict | None = None) -> None:
+    """Refuse to resume the run in ``out`` with other settings, or from another model or data
+    (by content, ``run_inputs``; an input not known on either side is not compared), naming
+    what changed and ``--restart``."""
     file = out / CONFIG_FILE
-    if not file.exists():
+    if not file.exists() or settings.restart:
         return
-    old = json.loads(file.read_text())
+    try:
+        old = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DistillError(f"{file}: not valid JSON ({err}); pass --restart to start over") from None
+    if not isinstance(old, dict):
+        raise DistillError(f"{file}: expected a JSON object of settings; pass --restart to start over")
     new = settings.to_json()
-    # a setting the run's file lacks (added since) ran with today's default
-    old = {**DistillSettings().to_json(), **old}
-    changed = sorted(k for k in new if k not in _RESTART_FREE and old[k] != new[k])
+    missing = object()
+    changed = [f"{k}: {old.get(k, '(not recorded)')!r} -> {new[k]!r}" for k in new
+               if k not in _RESTART_FREE and old.get(k, missing) != new[k]]
+    for key, what in zip(_INPUTS, ("the model's files", "the data's content")):
+        before, now = old.get(key), (inputs or {}).get(key)
+        if before is not None and now is not None and before != now:
+            changed.append(f"{what} (fingerprint {before[:12]} -> {now[:12]})")
     if changed:
-        changes = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise DistillError(f"{out} holds a run with other settings ({changes}); "
-                           "use another --out or the same settings to resume")
+        raise DistillError(f"{out} holds a run of other settings or inputs ({', '.join(changed)}); use the same "
+                           "ones to resume it, pass --restart to start over in it, or use another --out")
+
+
+def discard_run(out: Path) -> None:
+    """What a run writes into ``out`` (checkpoints, metrics, settings, exits, summary) removed,
+    for ``--restart``; anything else in ``out`` is kept."""
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+    for name in ex.EXIT_FILES:
+        (out / "exits" / name).unlink(missing_ok=True)
 
 
 class Run:
@@ -361,15 +412,17 @@ class Run:
         out = Path(s.out)
         if out.exists() and not out.is_dir():
             raise DistillError(f"--out {out} exists and is not a directory")
-        _check_restart(out, s)
-        model_path = None
+        model_path, peeked = None, config
         if config is None:
             model_path = s.model or str(smollm2_gguf_path())
             if not os.path.exists(model_path):
                 raise DistillError(f"--model {model_path!r} does not exist")
-            config = peek_config(model_path)
-        if config is not None:
-            self.exit_config = self._resolve_exits(config)
+            peeked = peek_config(model_path)
+        self.inputs = run_inputs(s, model_path)
+        _check_restart(out, s, self.inputs)
+        # the exits are resolved once, on the config read without the weights where the
+        # format allows (so that bad exit layers fail before the load), else after it
+        self.exit_config = self._resolve_exits(peeked) if peeked is not None else None
         if tokenizer is None:
             if model_path is None:
                 raise DistillError("Run.prepare: pass the tokenizer along with config and params")
@@ -383,7 +436,10 @@ class Run:
         if params is None:
             from dynamax_jax.api import load_pretrained
             config, params = load_pretrained(model_path, dtype=parse_dtype(s.dtype))
-        self.exit_config = self._resolve_exits(config)
+        if self.exit_config is None:
+            self.exit_config = self._resolve_exits(config)
+        self.exit_config = dataclasses.replace(self.exit_config, trained_on=ex.TrainedOn.of(
+            config, self.inputs["model_fingerprint"]))
         self.config, self.params = config, params
         return self
 
@@ -464,8 +520,7 @@ class Run:
             train=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         self.exit_params = restored["train"]["exit_params"]
         self.opt_state = restored["train"]["opt_state"]
-        data = restored["data"]
-        states = data["processes"] if set(data) == {"processes"} else [data]  # (single-process runs before)
+        states = restored["data"]["processes"]
         if len(states) != jax.process_count():
             raise DistillError(f"{self.settings.out}: its checkpoint at step {step} was written by {len(states)} "
                                f"process(es), this run has {jax.process_count()}; each process reads its own "
@@ -485,6 +540,10 @@ class Run:
         s = self.settings
         out = Path(s.out)
         out.mkdir(parents=True, exist_ok=True)
+        if s.restart:
+            if jax.process_index() == 0:
+                discard_run(out)
+            _barrier("restart")
         self.init_state()
         manager = self._manager()
         start, iterator = self._resume(manager)
@@ -497,7 +556,7 @@ class Run:
             _say(f"{out} holds a finished run of {s.steps} steps; nothing to do")
             return json.loads((out / SUMMARY_FILE).read_text())
         if jax.process_index() == 0:
-            write_json_atomic(out / CONFIG_FILE, s.to_json())
+            write_json_atomic(out / CONFIG_FILE, {**s.to_json(), **self.inputs})
             lines = _read_metrics(out / METRICS_FILE, start)
             write_text_atomic(out / METRICS_FILE, "".join(line + "\n" for line in lines))
         layers = self.exit_config.layers
@@ -519,14 +578,7 @@ class Run:
                 if step % s.save_every == 0 or step == s.steps:
                     self._save(manager, step, iterator)
                 if step % s.log_every == 0 or step == s.steps:
-                    n = acc_steps
-                    elapsed = time.time() - window_start
-                    last = {"step": step, "loss": float(acc["loss"]) / n,
-                            "exit_loss": [float(x) / n for x in acc["exit_loss"]],
-                            "grad_norm": float(acc["grad_norm"]) / n, "lr": learning_rate(s, step),
-                            **({"kl": [float(x) / n for x in acc["kl"]]} if "kl" in acc else {}),
-                            "tokens_per_s": n * s.batch_size * s.seq_len / max(elapsed, 1e-9),
-                            **summarize(acc, layers)}
+                    last = metrics_line(s, step, acc, acc_steps, time.time() - window_start, layers)
                     if jax.process_index() == 0:
                         with open(out / METRICS_FILE, "a") as f:
                             f.write(json.dumps(last) + "\n")
@@ -539,13 +591,32 @@ class Run:
         manager.wait_until_finished()
         manager.close()
         exit_params = _fetch(self.exit_params)
-        summary = {"steps": s.steps, "resumed_from": start, "train_seconds": time.time() - started,
+        summary = {"steps": s.steps, "seed": s.seed, "resumed_from": start, "train_seconds": time.time() - started,
                    "tokens_this_run": tokens_seen, "exit_layers": list(layers), "kind": self.exit_config.kind,
                    "num_layers": self.config.num_layers, "final": last}
         if jax.process_index() == 0:
             ex.save_exits(self.exit_config, exit_params, out / "exits")
             write_json_atomic(out / SUMMARY_FILE, summary)
         return summary
+
+
+def metrics_line(settings: DistillSettings, step: int, acc: dict, steps: int, seconds: float, layers) -> dict:
+    """The ``metrics.jsonl`` line of ``step`` from the metrics ``acc`` summed over the last
+    ``steps`` steps, which took ``seconds``: their means, the learning rate, the speed and
+    the per-exit scores (``objective.summarize``)."""
+    mean = lambda x: float(x) / steps  # noqa: E731
+    return {"step": step, "loss": mean(acc["loss"]), "exit_loss": [mean(x) for x in acc["exit_loss"]],
+            "grad_norm": mean(acc["grad_norm"]), "lr": learning_rate(settings, step),
+            **({"kl": [mean(x) for x in acc["kl"]]} if "kl" in acc else {}),
+            "tokens_per_s": steps * settings.batch_size * settings.seq_len / max(seconds, 1e-9),
+            **summarize(acc, layers)}
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _gather_json(value) -> list:
@@ -626,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distributed: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
     p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
+    p.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                   help="with --distributed: how long a process waits for the others to join before it gives up "
+                        "with one error line and exit status 2")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in --out: discard the checkpoints, metrics, settings, exits and summary of an "
+                        "earlier run there (which is otherwise resumed, or refused when its settings, model or "
+                        "data differ)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_debug_flag(p)
     return p
@@ -635,10 +713,41 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
     return DistillSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillSettings)})
 
 
+def join_cluster(cluster: dict, timeout: int, prog: str = PROG) -> None:
+    """``jax.distributed.initialize`` (``sharding.initialize_distributed``), saying first that
+    this process waits for the others, at which address and for how long. jax aborts the
+    process (SIGABRT, a C++ stack trace) when its own timeout passes, so a watchdog ends it
+    first: one error line, exit status 2."""
+    import threading
+
+    address = (cluster.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+               or "the address the cluster environment gives")
+    who = (f"process {cluster['process_id']} of {cluster['num_processes']}"
+           if cluster.get("process_id") is not None and cluster.get("num_processes") is not None else "this process")
+    print(f"{prog}: {who} waits up to {timeout} s for the others at coordinator {address} "
+          "(--distributed-timeout)", file=sys.stderr, flush=True)
+
+    def give_up():
+        print(f"{prog}: error: the other processes did not join {who} at coordinator {address} within {timeout} s; "
+              "start every process with the same --coordinator-address and --num-processes, or raise "
+              "--distributed-timeout", file=sys.stderr, flush=True)
+        os._exit(2)  # the main thread is blocked inside jax's C++ client: nothing else ends it
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        S.initialize_distributed(initialization_timeout=timeout + 60,
+                                 **{k: v for k, v in cluster.items() if v is not None})
+    finally:
+        watchdog.cancel()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import contextlib
     from dynamax_jax.convert.errors import CheckpointError
     from dynamax_jax.config import ConfigError
-    from dynamax_jax.io import DataError
+    from dynamax_jax.io import DataError, output_lock
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -647,10 +756,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                "process_id": args.process_id}
     if not settings.distributed and any(v is not None for v in cluster.values()):
         parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
+    if args.distributed_timeout < 1:
+        parser.error(f"--distributed-timeout must be >= 1, got {args.distributed_timeout}")
     if settings.distributed:
-        S.initialize_distributed(**{k: v for k, v in cluster.items() if v is not None})
+        join_cluster(cluster, args.distributed_timeout)
+    # one run at a time in --out; process 0 holds it for all (the others may share its file system)
+    lock = output_lock(settings.out, command=PROG) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
-        summary = Run(settings).prepare().train()
+        with lock:
+            summary = Run(settings).prepare().train()
     except (DistillError, DataError, S.ShardingError, ex.ExitError, ConfigError, CheckpointError,
             FileNotFoundError) as e:
         if debug_requested(argv):
@@ -665,4 +779,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m train.distill"))
+    sys.exit(run_cli(main, prog=PROG))

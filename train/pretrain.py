@@ -341,39 +341,12 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--out {args.out!r} exists; pass --overwrite to replace it")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    validate(parser, args)
-
-    import jax
+def train_loop(args, params, opt_state, train_step, eval_step, schedule, windows, eval_windows, eval_weights,
+               unigram: float):
+    """Up to ``--steps`` optimizer steps (fewer past ``--max-train-minutes``) with periodic
+    held-out scores; returns ``(params, opt_state, last train loss, steps done, history,
+    start time)``."""
     from tqdm import tqdm
-    from dynamax_jax.train.corpus import build_corpus
-
-    started = time.time()
-    corpus = build_corpus(args.corpus_files, not args.no_stdlib, args.heldout_percent)
-    tokenizer = train_tokenizer(corpus.train, args.vocab_size)
-    vocab_size = tokenizer.get_vocab_size()
-    eot_id = tokenizer.token_to_id(EOT_TOKEN)
-    train_stream = encode_documents(tokenizer, corpus.train)
-    heldout_stream = encode_documents(tokenizer, corpus.heldout)[:args.max_heldout_tokens + 1]
-    windows = pack(train_stream, args.seq_len)
-    eval_windows, eval_weights = pack_for_eval(heldout_stream, args.seq_len, args.batch_size)
-    train_counts = unigram_counts(train_stream, vocab_size)
-    unigram = unigram_cross_entropy(train_counts, heldout_stream[1:])
-    print(json.dumps({**corpus.sizes(), "vocab_size": vocab_size, "train_tokens": len(train_stream),
-                      "heldout_tokens": len(heldout_stream), "train_windows": len(windows),
-                      "unigram_heldout_loss": round(unigram, 4)}), flush=True)
-    data_seconds = time.time() - started
-
-    config = model_config(args, vocab_size, eot_id)
-    import dynamax_jax as dx
-    # One compiled init instead of hundreds of small eager ops (minutes on a busy CPU).
-    params = jax.jit(functools.partial(dx.init_params, config))(jax.random.key(args.seed))
-    optimizer, schedule = make_optimizer(args, params)
-    opt_state = jax.jit(optimizer.init)(params)
-    train_step, eval_step = make_steps(config, optimizer)
-    print(f"{args.arch}: {count_params(params):,} parameters", flush=True)
 
     # Periodic evaluations score a prefix of the held-out windows; the final one scores all.
     periodic = min(len(eval_windows), -(-args.eval_tokens // args.seq_len // args.batch_size) * args.batch_size)
@@ -406,6 +379,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bar.write(f"stopping at step {step}: over --max-train-minutes {args.max_train_minutes}")
             break
     bar.close()
+    return params, opt_state, loss, steps_done, history, train_started
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+
+    import jax
+    from dynamax_jax.train.corpus import build_corpus
+
+    started = time.time()
+    corpus = build_corpus(args.corpus_files, not args.no_stdlib, args.heldout_percent)
+    tokenizer = train_tokenizer(corpus.train, args.vocab_size)
+    vocab_size = tokenizer.get_vocab_size()
+    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    train_stream = encode_documents(tokenizer, corpus.train)
+    heldout_stream = encode_documents(tokenizer, corpus.heldout)[:args.max_heldout_tokens + 1]
+    windows = pack(train_stream, args.seq_len)
+    eval_windows, eval_weights = pack_for_eval(heldout_stream, args.seq_len, args.batch_size)
+    train_counts = unigram_counts(train_stream, vocab_size)
+    unigram = unigram_cross_entropy(train_counts, heldout_stream[1:])
+    print(json.dumps({**corpus.sizes(), "vocab_size": vocab_size, "train_tokens": len(train_stream),
+                      "heldout_tokens": len(heldout_stream), "train_windows": len(windows),
+                      "unigram_heldout_loss": round(unigram, 4)}), flush=True)
+    data_seconds = time.time() - started
+
+    config = model_config(args, vocab_size, eot_id)
+    import dynamax_jax as dx
+    # One compiled init instead of hundreds of small eager ops (minutes on a busy CPU).
+    params = jax.jit(functools.partial(dx.init_params, config))(jax.random.key(args.seed))
+    optimizer, schedule = make_optimizer(args, params)
+    opt_state = jax.jit(optimizer.init)(params)
+    train_step, eval_step = make_steps(config, optimizer)
+    print(f"{args.arch}: {count_params(params):,} parameters", flush=True)
+
+    params, opt_state, loss, steps_done, history, train_started = train_loop(
+        args, params, opt_state, train_step, eval_step, schedule, windows, eval_windows, eval_weights, unigram)
     jax.block_until_ready(params)
     train_seconds = time.time() - train_started
     # Score the weights as they are saved (rounded to --save-dtype), i.e. what a user loads.

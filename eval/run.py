@@ -175,11 +175,15 @@ def score_examples(task: tasks.Task, examples: list[tasks.Example], texts: list[
 # ----------------------------------------------------------------------------- sweep
 
 def _exit_sources(args, backbone: Backbone):
-    """``(tag, exit_config, exit_params)`` for each ``--exits`` checkpoint and ``--random-exits`` kind."""
+    """``(tag, exit_config, exit_params)`` for each ``--exits`` checkpoint and ``--random-exits``
+    kind. Heads trained on another architecture are refused; on other weights, warned about."""
     import dynamax_jax as dx
+    from dynamax_jax.exits import check_trained_on
     sources = []
+    model_fingerprint = fingerprint(args.model, exclude=(args.out,)) if args.exits else None
     for path in args.exits:
         exit_config, exit_params = dx.load_exits(path)
+        check_trained_on(exit_config, backbone.config, fingerprint=model_fingerprint, where=f"the exit heads in {path}")
         sources.append((str(path), exit_config, exit_params))
     for kind in args.random_exits:
         exit_config = dx.ExitConfig(kind=kind)

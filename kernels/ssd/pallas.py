@@ -57,17 +57,20 @@ state crosses chunks, which must happen in order:
     can live in a VMEM scratch buffer ``[p, n]`` float32, zeroed from the initial state
     at ``c == 0`` and written to the final-state output at ``c == last``. Inputs are
     transposed in XLA so that every block's last two dims are tiles or full dims
-    (Mosaic's layout rule): x, y ``[b, h, l, p]`` blocks ``(q, p)``; B, C ``[b, g, l, n]``
-    blocks ``(q, n)``; dt, cs, cs_lo as columns ``[b, h, l, 1]`` blocks ``(q, 1)`` and
-    cs, cs_lo as rows ``[b, h, 1, l]`` blocks ``(1, q)``; D ``(1, p)``; states
-    ``(p, n)``. One program computes one whole chunk (``m = q``). VMEM per step
-    (double-buffered blocks, lane padding of the ``(q, 1)`` columns to 128 lanes,
-    sublane padding of rows to 8):
-    ``2 * [e(qp + 2qn) + 3*4*128q + 2*4*8q + 4qp + 2*4pn + 4*8p] + 4pn + 4q^2``;
-    at Codestral shapes in bfloat16: 2 * 706,560 + 32,768 + 262,144 = 1,708,032 B
-    (1.6 MiB), well inside the default 16 MiB scoped VMEM. Written for TPU but not yet
-    run on TPU hardware. On GPU this variant is refused: a carry across grid steps is a
-    race there.
+    (Mosaic's layout rule: divisible by 8 and 128, or equal to the array's): x, y
+    ``[b, h, l, p]`` blocks ``(q, p)``; B, C ``[b, g, l, n]`` blocks ``(q, n)``; dt, cs,
+    cs_lo as rows ``[b, h, 1, l]`` blocks ``(1, q)``, so ``q`` must be a multiple of 128
+    (or cover the sequence); D ``(1, p)``; states ``(p, n)``. The kernel reshapes the
+    rows into ``(q, 1)`` columns in VMEM: as ``[b, h, l, 1]`` arrays in HBM they would be
+    padded to 128 lanes. One program computes one whole chunk (``m = q``). VMEM per
+    step (double-buffered blocks, sublane padding of rows to 8, the in-kernel columns
+    padded to 128 lanes):
+    ``2 * [e(qp + 2qn) + 3*4*8q + 4qp + 2*4pn + 4*8p] + 4pn + 4q^2 + 3*4*128q``;
+    at Codestral shapes in bfloat16: 2 * 321,536 + 32,768 + 262,144 + 393,216 =
+    1,331,200 B (1.3 MiB), well inside the default 16 MiB scoped VMEM
+    (``benchmarks/ssd_tpu_compile.py`` measures what Mosaic needs). Compiled for v5e and
+    v4 by XLA:TPU (``tests/test_ssd_tpu_compile.py``), not yet run on TPU hardware. On
+    GPU this variant is refused: a carry across grid steps is a race there.
 
 GPU backend: Pallas's Triton backend, selected explicitly with
 ``jax.experimental.pallas.triton.CompilerParams`` (jax >= 0.11 defaults ``pallas_call``
@@ -258,20 +261,26 @@ def _loop_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, b_ref, c_ref, d_ref, s0_ref, 
     sf_ref[...] = lax.fori_loop(0, n_chunks, chunk_body, s0_ref[...].astype(jnp.float32))
 
 
-def _chunk_grid_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, cs_row_ref, cs_lo_row_ref, b_ref,
-                       c_ref, d_ref, s0_ref, y_ref, sf_ref, state_ref, *, grid_ids, q: int,
-                       n_chunks: int, precision):
+def _chunk_grid_kernel(x_ref, dt_row_ref, cs_row_ref, cs_lo_row_ref, b_ref, c_ref, d_ref,
+                       s0_ref, y_ref, sf_ref, state_ref, *, grid_ids, q: int, n_chunks: int,
+                       precision):
     """Program for one (batch, head, chunk); the state crosses chunks in ``state_ref``.
 
-    Refs (one chunk): x, y ``[q, p]``, dt, cs, cs_lo ``[q, 1]``, cs_row, cs_lo_row ``[1, q]``,
-    B, C ``[q, n]``, d ``[1, p]``, s0, sf, state ``[p, n]``. Correct only if the chunk
-    axis runs in order (TPU "arbitrary" semantics).
+    Refs (one chunk): x, y ``[q, p]``, dt, cs, cs_lo rows ``[1, q]``, B, C ``[q, n]``,
+    d ``[1, p]``, s0, sf, state ``[p, n]``. Correct only if the chunk axis runs in order
+    (TPU "arbitrary" semantics).
     """
     chunk = grid_ids()[2]
 
     @pl.when(chunk == 0)
     def _():
         state_ref[...] = s0_ref[...].astype(jnp.float32)
+
+    rows_in = {"dt": dt_row_ref, "cs": cs_row_ref, "cs_lo": cs_lo_row_ref}
+    # The per-position vectors arrive as lane rows and are turned into sublane columns
+    # here, in VMEM: a [b, h, l, 1] column array in HBM would be padded to 128 lanes
+    # (128x its size; 384 MiB for the three at Codestral shapes).
+    columns = {kind: ref[...].reshape(q, 1) for kind, ref in rows_in.items()}
 
     def load(kind, offset, size):
         rows = pl.ds(offset, size)
@@ -282,8 +291,8 @@ def _chunk_grid_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, cs_row_ref, cs_lo_row_r
         if kind == "C":
             return c_ref[rows, :]
         if kind.endswith("_row"):
-            return {"cs_row": cs_row_ref, "cs_lo_row": cs_lo_row_ref}[kind][:, rows]
-        return {"dt": dt_ref, "cs": cs_ref, "cs_lo": cs_lo_ref}[kind][rows, :]
+            return rows_in[kind[:-len("_row")]][:, rows]
+        return columns[kind][offset:offset + size, :]
 
     def store(offset, y):
         y_ref[pl.ds(offset, y.shape[0]), :] = y.astype(y_ref.dtype)
@@ -491,16 +500,14 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
     # chunk_grid: transposed layouts keep each block's last two dims tiles or full dims.
     x_t = jnp.swapaxes(x_p, 1, 2)                                       # [b, h, l, p]
     b_t, c_t = jnp.swapaxes(b_p, 1, 2), jnp.swapaxes(c_p, 1, 2)         # [b, g, l, n]
-    col = lambda a: a[..., None]  # noqa: E731                          # [b, h, l, 1]
+    row = lambda a: a[:, :, None, :]  # noqa: E731                     # [b, h, 1, l]
     y_t, final = _pallas_call(
         functools.partial(_chunk_grid_kernel, q=q, n_chunks=n_chunks, precision=precision),
         grid=(b, h, n_chunks),
         in_specs=[((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0)),       # x
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # dt
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # cs
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # cs_lo
-                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs row
-                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs_lo row
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # dt
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs_lo
                   ((None, None, q, n), lambda bi, hi, ci: (bi, _group(hi, r), ci, 0)),  # B
                   ((None, None, q, n), lambda bi, hi, ci: (bi, _group(hi, r), ci, 0)),  # C
                   ((None, 1, p), lambda bi, hi, ci: (hi, 0, 0)),                  # D
@@ -511,6 +518,5 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
         scratch_shapes=[_tpu_vmem((p, n))],
         compiler_params=_tpu_params(vmem_limit_bytes),
         interpret=interpret, schedule=schedule, name="ssd_chunked_grid")(
-            x_t, col(dt_t), col(cs), col(cs_lo), cs[:, :, None, :], cs_lo[:, :, None, :],
-            b_t, c_t, d_rows, s0)
+            x_t, row(dt_t), row(cs), row(cs_lo), b_t, c_t, d_rows, s0)
     return jnp.swapaxes(y_t, 1, 2)[:, :l], final

@@ -5,8 +5,9 @@ n state size.
 
 ``ssd`` is what models call. ``impl``: "reference" (``reference.ssd_chunked``, XLA),
 "pallas" (the compiled Pallas kernel: GPU via Triton, TPU via Mosaic), "interpret" (the
-same kernel with ``interpret=True``, for CPU tests) or "auto" (reference on CPU,
-compiled Pallas on GPU and TPU).
+same kernel with ``interpret=True``, for CPU tests) or "auto" (compiled Pallas when the
+program is compiled for GPU or TPU, the reference otherwise). The target platform comes
+from the inputs' devices or an explicit ``target`` (see ``ssd``).
 """
 
 from __future__ import annotations
@@ -57,22 +58,24 @@ def validate(x, dt, A, B, C, D, initial_state, chunk_size) -> None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size, interpret):
-    # Float32 inputs get IEEE float32 dots (Triton's default would be TF32).
+def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size, platform):
+    # platform: "gpu", "tpu" or "interpret". Float32 inputs get IEEE float32 dots
+    # (Triton's default would be TF32).
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    interpret = platform == "interpret"
     return ssd_pallas_lib.ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size,
                                      initial_state=initial_state, interpret=interpret,
-                                     precision=precision)
+                                     precision=precision, target=None if interpret else platform)
 
 
-def _ssd_kernel_fwd(x, dt, A, B, C, D, initial_state, chunk_size, interpret):
-    out = _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size, interpret)
+def _ssd_kernel_fwd(x, dt, A, B, C, D, initial_state, chunk_size, platform):
+    out = _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size, platform)
     return out, (x, dt, A, B, C, D, initial_state)
 
 
-def _ssd_kernel_bwd(chunk_size, interpret, residuals, cotangents):
+def _ssd_kernel_bwd(chunk_size, platform, residuals, cotangents):
     # Backward through the XLA reference: recomputes its forward, then its VJP.
-    del interpret
+    del platform
 
     def chunked(x, dt, A, B, C, D, initial_state):
         return reference.ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size,
@@ -85,16 +88,20 @@ def _ssd_kernel_bwd(chunk_size, interpret, residuals, cotangents):
 _ssd_kernel.defvjp(_ssd_kernel_fwd, _ssd_kernel_bwd)
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" -> "reference" on CPU (and other backends), "pallas" on GPU and TPU."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """"auto" -> "pallas" when compiling for GPU or TPU, else "reference". ``platform``
+    ("cpu", "gpu" or "tpu") defaults to ``ssd_pallas_lib.target_platform()`` (the mesh
+    set with ``jax.set_mesh``, else the default backend)."""
     if impl not in IMPLS:
         raise ValueError(f"ssd: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "reference"
+        platform = ssd_pallas_lib.target_platform(platform)
+        return "pallas" if platform in ("gpu", "tpu") else "reference"
     return impl
 
 
-def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: str = "auto"):
+def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: str = "auto",
+        target: str | None = None):
     """Mamba2's chunked SSD scan.
 
     x ``[b, l, h, p]`` (float32 or bfloat16), dt ``[b, l, h]`` float32 (already
@@ -103,14 +110,23 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: st
     None. ``l`` need not be a multiple of ``chunk_size``. Returns ``y [b, l, h, p]``
     float32 and ``final_state [b, h, p, n]`` float32.
 
+    ``target`` ("cpu", "gpu", "tpu" or None) is the platform the program is compiled
+    for. None takes it from x's devices: under ``jit``, the mesh of x's sharding, so a
+    program lowered for TPU devices (e.g. a TPU topology, ahead of time, from a CPU
+    host) gets the TPU kernel; then the mesh set with ``jax.set_mesh``; then
+    ``jax.default_backend()``. ``impl="auto"`` is the kernel on GPU and TPU targets and
+    the reference elsewhere.
+
     Differentiable in every array argument. The Pallas paths are a ``jax.custom_vjp``
     (``pallas_call`` has no transpose rule) whose backward is, for now, the VJP of the
     XLA reference ``reference.ssd_chunked`` (it recomputes the forward in XLA): the
     Pallas kernel speeds up the forward only.
     """
     validate(x, dt, A, B, C, D, initial_state, chunk_size)
-    impl = resolve_impl(impl)
+    platform = ssd_pallas_lib.target_platform(target, x)
+    impl = resolve_impl(impl, platform)
     if impl == "reference":
         return reference.ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size,
                                      initial_state=initial_state)
-    return _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size, impl == "interpret")
+    return _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size,
+                       "interpret" if impl == "interpret" else platform)

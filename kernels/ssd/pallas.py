@@ -57,17 +57,20 @@ state crosses chunks, which must happen in order:
     can live in a VMEM scratch buffer ``[p, n]`` float32, zeroed from the initial state
     at ``c == 0`` and written to the final-state output at ``c == last``. Inputs are
     transposed in XLA so that every block's last two dims are tiles or full dims
-    (Mosaic's layout rule): x, y ``[b, h, l, p]`` blocks ``(q, p)``; B, C ``[b, g, l, n]``
-    blocks ``(q, n)``; dt, cs, cs_lo as columns ``[b, h, l, 1]`` blocks ``(q, 1)`` and
-    cs, cs_lo as rows ``[b, h, 1, l]`` blocks ``(1, q)``; D ``(1, p)``; states
-    ``(p, n)``. One program computes one whole chunk (``m = q``). VMEM per step
-    (double-buffered blocks, lane padding of the ``(q, 1)`` columns to 128 lanes,
-    sublane padding of rows to 8):
-    ``2 * [e(qp + 2qn) + 3*4*128q + 2*4*8q + 4qp + 2*4pn + 4*8p] + 4pn + 4q^2``;
-    at Codestral shapes in bfloat16: 2 * 706,560 + 32,768 + 262,144 = 1,708,032 B
-    (1.6 MiB), well inside the default 16 MiB scoped VMEM. Written for TPU but not yet
-    run on TPU hardware. On GPU this variant is refused: a carry across grid steps is a
-    race there.
+    (Mosaic's layout rule: divisible by 8 and 128, or equal to the array's): x, y
+    ``[b, h, l, p]`` blocks ``(q, p)``; B, C ``[b, g, l, n]`` blocks ``(q, n)``; dt, cs,
+    cs_lo as rows ``[b, h, 1, l]`` blocks ``(1, q)``, so ``q`` must be a multiple of 128
+    (or cover the sequence); D ``(1, p)``; states ``(p, n)``. The kernel reshapes the
+    rows into ``(q, 1)`` columns in VMEM: as ``[b, h, l, 1]`` arrays in HBM they would be
+    padded to 128 lanes. One program computes one whole chunk (``m = q``). VMEM per
+    step (double-buffered blocks, sublane padding of rows to 8, the in-kernel columns
+    padded to 128 lanes):
+    ``2 * [e(qp + 2qn) + 3*4*8q + 4qp + 2*4pn + 4*8p] + 4pn + 4q^2 + 3*4*128q``;
+    at Codestral shapes in bfloat16: 2 * 321,536 + 32,768 + 262,144 + 393,216 =
+    1,331,200 B (1.3 MiB), well inside the default 16 MiB scoped VMEM
+    (``benchmarks/ssd_tpu_compile.py`` measures what Mosaic needs). Compiled for v5e and
+    v4 by XLA:TPU (``tests/test_ssd_tpu_compile.py``), not yet run on TPU hardware. On
+    GPU this variant is refused: a carry across grid steps is a race there.
 
 GPU backend: Pallas's Triton backend, selected explicitly with
 ``jax.experimental.pallas.triton.CompilerParams`` (jax >= 0.11 defaults ``pallas_call``
@@ -97,6 +100,49 @@ from jax.experimental import pallas as pl
 
 VARIANTS = ("loop", "chunk_grid")
 SCHEDULES = (None, "reverse", "shuffle")
+
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def target_platform(target: str | None = None, x=None) -> str:
+    """The platform a kernel is compiled for: "cpu", "gpu" or "tpu".
+
+    ``target`` wins when given. Otherwise the devices of ``x``: a concrete array's own
+    devices, or, under ``jit``, the mesh its sharding names (``jit`` over inputs sharded
+    on TPU devices traces them with that mesh, even on a host whose default backend is
+    CPU, e.g. when compiling ahead of time for a TPU topology); then the mesh set with
+    ``jax.set_mesh``; last, ``jax.default_backend()``.
+    """
+    if target is None:
+        target = _platform_of(x)
+    platform = _PLATFORM_ALIASES.get(target, target)
+    if platform not in PLATFORMS:
+        raise ValueError(f"ssd: target must be one of {PLATFORMS} or None, got {target!r}")
+    return platform
+
+
+def _platform_of(x) -> str:
+    if x is not None:
+        mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+        device = getattr(mesh, "abstract_device", None)
+        if device is not None:
+            return device.platform
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return next(iter(x.sharding.device_set)).platform
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is not None:
+        return device.platform
+    return jax.default_backend()
+
+
+def _group(head, heads_per_group: int):
+    """The B/C group of a head in an index_map. ``lax.div`` truncates, which equals the
+    floor for grid indices (never negative); ``//`` would lower through ``sign``, whose
+    Mosaic rule asks the attached chip for its generation (no chip when compiling ahead
+    of time for a TPU topology)."""
+    return lax.div(head, heads_per_group)
 
 
 def _dot(a, b, contract: tuple[int, int], precision):
@@ -215,20 +261,26 @@ def _loop_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, b_ref, c_ref, d_ref, s0_ref, 
     sf_ref[...] = lax.fori_loop(0, n_chunks, chunk_body, s0_ref[...].astype(jnp.float32))
 
 
-def _chunk_grid_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, cs_row_ref, cs_lo_row_ref, b_ref,
-                       c_ref, d_ref, s0_ref, y_ref, sf_ref, state_ref, *, grid_ids, q: int,
-                       n_chunks: int, precision):
+def _chunk_grid_kernel(x_ref, dt_row_ref, cs_row_ref, cs_lo_row_ref, b_ref, c_ref, d_ref,
+                       s0_ref, y_ref, sf_ref, state_ref, *, grid_ids, q: int, n_chunks: int,
+                       precision):
     """Program for one (batch, head, chunk); the state crosses chunks in ``state_ref``.
 
-    Refs (one chunk): x, y ``[q, p]``, dt, cs, cs_lo ``[q, 1]``, cs_row, cs_lo_row ``[1, q]``,
-    B, C ``[q, n]``, d ``[1, p]``, s0, sf, state ``[p, n]``. Correct only if the chunk
-    axis runs in order (TPU "arbitrary" semantics).
+    Refs (one chunk): x, y ``[q, p]``, dt, cs, cs_lo rows ``[1, q]``, B, C ``[q, n]``,
+    d ``[1, p]``, s0, sf, state ``[p, n]``. Correct only if the chunk axis runs in order
+    (TPU "arbitrary" semantics).
     """
     chunk = grid_ids()[2]
 
     @pl.when(chunk == 0)
     def _():
         state_ref[...] = s0_ref[...].astype(jnp.float32)
+
+    rows_in = {"dt": dt_row_ref, "cs": cs_row_ref, "cs_lo": cs_lo_row_ref}
+    # The per-position vectors arrive as lane rows and are turned into sublane columns
+    # here, in VMEM: a [b, h, l, 1] column array in HBM would be padded to 128 lanes
+    # (128x its size; 384 MiB for the three at Codestral shapes).
+    columns = {kind: ref[...].reshape(q, 1) for kind, ref in rows_in.items()}
 
     def load(kind, offset, size):
         rows = pl.ds(offset, size)
@@ -239,8 +291,8 @@ def _chunk_grid_kernel(x_ref, dt_ref, cs_ref, cs_lo_ref, cs_row_ref, cs_lo_row_r
         if kind == "C":
             return c_ref[rows, :]
         if kind.endswith("_row"):
-            return {"cs_row": cs_row_ref, "cs_lo_row": cs_lo_row_ref}[kind][:, rows]
-        return {"dt": dt_ref, "cs": cs_ref, "cs_lo": cs_lo_ref}[kind][rows, :]
+            return rows_in[kind[:-len("_row")]][:, rows]
+        return columns[kind][offset:offset + size, :]
 
     def store(offset, y):
         y_ref[pl.ds(offset, y.shape[0]), :] = y.astype(y_ref.dtype)
@@ -329,9 +381,10 @@ def _triton_params(num_warps: int | None, num_stages: int | None):
     return pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=num_stages or 2)
 
 
-def _tpu_params():
+def _tpu_params(vmem_limit_bytes: int | None):
     from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                vmem_limit_bytes=vmem_limit_bytes)
 
 
 def _tpu_vmem(shape):
@@ -342,7 +395,8 @@ def _tpu_vmem(shape):
 def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
                interpret: bool = False, variant: str | None = None,
                block_m: int | None = None, precision=None, num_warps: int | None = None,
-               num_stages: int | None = None, schedule: str | None = None):
+               num_stages: int | None = None, schedule: str | None = None,
+               target: str | None = None, vmem_limit_bytes: int | None = None):
     """Forward chunked SSD scan with the Pallas kernel.
 
     Shapes as ``reference.ssd_chunked``: x ``[b, l, h, p]`` (float32 or bfloat16),
@@ -352,37 +406,58 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
     assumed valid (``kernels.ssd.ops.ssd`` validates them). No gradient: use
     ``kernels.ssd.ops.ssd``.
 
+    ``target``: the platform to compile for, "gpu" or "tpu"; None takes it from x's
+    devices (under ``jit``, the mesh of its sharding), then from the mesh set with
+    ``jax.set_mesh``, then ``jax.default_backend()`` (see ``target_platform``), so a
+    program lowered for a TPU topology from a CPU host gets the TPU kernel. Ignored in
+    interpret mode.
     ``variant``: "loop" (GPU, grid (b, h), chunks in an in-kernel loop) or "chunk_grid"
-    (TPU, grid (b, h, c) with the chunk axis "arbitrary"); default by backend, "loop" in
-    interpret mode. ``block_m``: row sub-block of the loop variant (default
+    (TPU, grid (b, h, c) with the chunk axis "arbitrary"); default by target, "loop" in
+    interpret mode. On TPU only "chunk_grid" compiles, with ``chunk_size`` a multiple of
+    128 or at least the length. ``block_m``: row sub-block of the loop variant (default
     ``min(64, chunk_size)`` compiled, ``chunk_size`` interpreted). ``schedule``: test-only
     grid visiting order in interpret mode (None, "reverse", "shuffle").
+    ``vmem_limit_bytes``: Mosaic's scoped VMEM limit for the TPU kernel (None: the
+    compiler's default); ``aot.kernel_vmem_floor`` bisects it to measure the kernel's
+    VMEM.
     """
     f32 = jnp.float32
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
     q = int(chunk_size)
-    platform = "interpret" if interpret else jax.default_backend()
+    platform = "interpret" if interpret else target_platform(target, x)
     if variant is None:
         variant = "chunk_grid" if platform == "tpu" else "loop"
     if variant not in VARIANTS:
         raise ValueError(f"ssd_pallas: variant must be one of {VARIANTS}, got {variant!r}")
-    if platform not in ("interpret", "gpu", "cuda", "rocm", "tpu"):
+    if platform not in ("interpret", "gpu", "tpu"):
         raise ValueError(
-            f"ssd_pallas: compiled Pallas needs a GPU or TPU, the default backend is "
-            f"{platform!r}; pass interpret=True or use impl='reference'")
+            f"ssd_pallas: compiled Pallas needs a GPU or TPU, the target platform is "
+            f"{platform!r} (target=None takes it from x's devices, then the mesh, then the "
+            f"default backend); pass target='tpu' or 'gpu' with inputs for those devices, "
+            f"or pass interpret=True or use impl='reference'")
     if variant == "chunk_grid" and platform not in ("tpu", "interpret"):
         raise ValueError(
             "ssd_pallas: variant 'chunk_grid' carries the state across grid steps, which "
             "only TPU runs in order; use variant='loop' on GPU")
+    if variant == "loop" and platform == "tpu":
+        raise ValueError(
+            "ssd_pallas: variant 'loop' does not compile for TPU: its blocks (None, l, None, p) "
+            "end in a squeezed head axis, and Mosaic needs each block's last two dims "
+            "divisible by 8 and 128 or equal to the array's; use variant='chunk_grid'")
+    if platform == "tpu" and q % 128 and q < l:
+        raise ValueError(
+            f"ssd_pallas on TPU: chunk_size must be a multiple of 128 (the lane width of the "
+            f"(1, chunk) cumulative-sum blocks) or cover the whole sequence, got {q} for "
+            f"length {l}; use impl='reference' for this shape")
     if block_m is None:
         block_m = q if platform == "interpret" else min(64, q)
     if variant == "chunk_grid":
         block_m = q
     if q % block_m:
         raise ValueError(f"ssd_pallas: block_m ({block_m}) must divide chunk_size ({q})")
-    if platform in ("gpu", "cuda", "rocm"):
+    if platform == "gpu":
         _check_triton_tiles(p, n, q, block_m)
 
     # XLA side: pad to whole chunks (dt = 0 keeps the state), within-chunk cumsum of dA.
@@ -408,8 +483,8 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
                       ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # dt
                       ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs
                       ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs_lo
-                      ((None, lp, None, n), lambda bi, hi: (bi, 0, hi // r, 0)),  # B
-                      ((None, lp, None, n), lambda bi, hi: (bi, 0, hi // r, 0)),  # C
+                      ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # B
+                      ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # C
                       ((None, 1, p), lambda bi, hi: (hi, 0, 0)),                 # D
                       ((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0))],      # s0
             out_specs=[((None, lp, None, p), lambda bi, hi: (bi, 0, hi, 0)),
@@ -425,26 +500,23 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
     # chunk_grid: transposed layouts keep each block's last two dims tiles or full dims.
     x_t = jnp.swapaxes(x_p, 1, 2)                                       # [b, h, l, p]
     b_t, c_t = jnp.swapaxes(b_p, 1, 2), jnp.swapaxes(c_p, 1, 2)         # [b, g, l, n]
-    col = lambda a: a[..., None]  # noqa: E731                          # [b, h, l, 1]
+    row = lambda a: a[:, :, None, :]  # noqa: E731                     # [b, h, 1, l]
     y_t, final = _pallas_call(
         functools.partial(_chunk_grid_kernel, q=q, n_chunks=n_chunks, precision=precision),
         grid=(b, h, n_chunks),
         in_specs=[((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0)),       # x
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # dt
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # cs
-                  ((None, None, q, 1), lambda bi, hi, ci: (bi, hi, ci, 0)),       # cs_lo
-                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs row
-                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs_lo row
-                  ((None, None, q, n), lambda bi, hi, ci: (bi, hi // r, ci, 0)),  # B
-                  ((None, None, q, n), lambda bi, hi, ci: (bi, hi // r, ci, 0)),  # C
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # dt
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs
+                  ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs_lo
+                  ((None, None, q, n), lambda bi, hi, ci: (bi, _group(hi, r), ci, 0)),  # B
+                  ((None, None, q, n), lambda bi, hi, ci: (bi, _group(hi, r), ci, 0)),  # C
                   ((None, 1, p), lambda bi, hi, ci: (hi, 0, 0)),                  # D
                   ((None, None, p, n), lambda bi, hi, ci: (bi, hi, 0, 0))],       # s0
         out_specs=[((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0)),
                    ((None, None, p, n), lambda bi, hi, ci: (bi, hi, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, h, lp, p), f32), state_shape],
         scratch_shapes=[_tpu_vmem((p, n))],
-        compiler_params=_tpu_params(),
+        compiler_params=_tpu_params(vmem_limit_bytes),
         interpret=interpret, schedule=schedule, name="ssd_chunked_grid")(
-            x_t, col(dt_t), col(cs), col(cs_lo), cs[:, :, None, :], cs_lo[:, :, None, :],
-            b_t, c_t, d_rows, s0)
+            x_t, row(dt_t), row(cs), row(cs_lo), b_t, c_t, d_rows, s0)
     return jnp.swapaxes(y_t, 1, 2)[:, :l], final

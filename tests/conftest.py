@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+import dynamax_jax as dx
+
 
 EVAL_DATA = Path(__file__).resolve().parents[1] / "eval" / "data"
 
@@ -103,3 +107,32 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     dx.save_pretrained(config, params, path)
     fast.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    config = dx.MistralConfig.tiny(num_layers=2, model_type="llama")
+    params = dx.init_params(config, jax.random.key(0))
+    path = tmp_path / "model"
+    dx.save_pretrained(config, params, path)
+    return path
+
+
+@pytest.fixture
+def exits_dir(tmp_path):
+    import os
+
+    config = dx.MistralConfig.tiny(num_layers=4)
+    exit_config = dx.ExitConfig(layers=(2, 3), kind="calm")
+    params = dx.init_exits(config, exit_config, jax.random.key(0))
+    old = os.umask(0o022)
+    try:
+        dx.save_exits(exit_config, params, tmp_path / "exits")
+    finally:
+        os.umask(old)
+    return tmp_path / "exits"
+
+
+def file_tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory``, by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -241,3 +241,20 @@ def test_a_second_writer_on_the_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"python -m eval.calibrate: error: {exits} is in use by PID {os.getpid()} "), err
     assert "(another calibration)" in err
+
+
+def test_calibrate_refuses_foreign_files_before_any_work(exits_dir, capsys):
+    from dynamax_jax.eval.calibrate import main as calibrate_main
+
+    (exits_dir / "model.safetensors").write_text("not exits")
+    # --model does not exist: the refusal comes before loading anything
+    assert calibrate_main(["--exits", str(exits_dir), "--model", "/nonexistent", "--tasks", "trivia_qa"]) == 2
+    assert "holds files this writer did not make (model.safetensors)" in capsys.readouterr().err
+
+
+def test_calibrate_names_its_own_data_flag(tmp_path, capsys):
+    from dynamax_jax.eval.calibrate import main as calibrate_main
+
+    assert calibrate_main(["--exits", str(tmp_path), "--data", str(tmp_path), "--tasks", "trivia_qa"]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found" in err and "--data-dir" not in err

@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 import dynamax_jax as dx
 from dynamax_jax.convert import checkpoint, safetensors_io
 from dynamax_jax.convert.__main__ import main as convert_main
 from dynamax_jax.convert.errors import (CheckpointError, ConfigError, CorruptFileError, MissingTensorError,
                                         ShapeMismatchError, UnsupportedModelError)
-from tests.conftest import build_hf_model, hf_logits, random_tokens
+from tests.conftest import build_hf_model, file_tree, hf_logits, random_tokens
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,3 +297,72 @@ def test_convert_peak_memory_below_1_5x_params():
     assert result.returncode == 0, result.stderr[-3000:]
     line = [l for l in result.stdout.splitlines() if l.startswith("ratio")][-1]
     assert float(line.split()[1]) < 1.5, result.stdout
+
+
+def test_integer_weight_is_refused_not_cast(tiny_checkpoint):
+    file = tiny_checkpoint / "model.safetensors"
+    with safetensors_io.CheckpointReader(file) as reader:
+        tensors = {name: reader.read(name) for name in reader.names()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = (tensors[name] * 1000).astype(np.int32)
+    safetensors_io.save_file(tensors, file, {"format": "pt"})
+    with safe_open(str(file), framework="numpy") as f:  # a valid file: the reference reads it
+        assert f.get_tensor(name).dtype == np.int32
+    with pytest.raises(CheckpointError, match=rf"model: tensor '{name}' is stored as I32; layers/w_down"):
+        dx.load_pretrained(tiny_checkpoint)
+
+
+def test_float_weights_of_any_width_still_load(tiny_checkpoint):
+    import ml_dtypes
+
+    file = tiny_checkpoint / "model.safetensors"
+    with safetensors_io.CheckpointReader(file) as reader:
+        tensors = {name: reader.read(name) for name in reader.names()}
+    _, want = dx.load_pretrained(tiny_checkpoint)
+    tensors = {k: v.astype(ml_dtypes.bfloat16 if i % 2 else np.float16) for i, (k, v) in enumerate(tensors.items())}
+    safetensors_io.save_file(tensors, file, {"format": "pt"})
+    _, got = dx.load_pretrained(tiny_checkpoint)
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
+def test_convert_refuses_a_shard_size_that_is_not_positive(value, tmp_path, capsys):
+    from dynamax_jax.convert.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(tmp_path / "src"), str(tmp_path / "dst"), "--max-shard-gb", value])
+    assert exit_info.value.code == 2
+    assert "--max-shard-gb" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+        safetensors_io.write_sharded(tmp_path, {"a": ((2,), np.float32)}, lambda name: np.zeros(2, np.float32),
+                                     max_shard_bytes=0)
+
+
+def test_save_pretrained_keeps_other_files(tiny_checkpoint, tmp_path):
+    config, params = dx.load_pretrained(tiny_checkpoint)
+    out = tmp_path / "work"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "data.csv").write_text("a,b\n")
+    with pytest.raises(FileExistsError, match=r"notes\.txt, sub"):
+        dx.save_pretrained(config, params, out)
+    assert file_tree(out) == {"notes.txt": b"mine", "sub/data.csv": b"a,b\n"}
+    dx.save_pretrained(config, params, out, overwrite=True)
+    assert set(file_tree(out)) == {"notes.txt", "sub/data.csv", "config.json", "model.safetensors"}
+    dx.save_pretrained(config, params, tiny_checkpoint)  # only its own files there: replaced, no flag needed
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        dx.save_pretrained(config, params, out / "notes.txt", overwrite=True)
+
+
+def test_convert_overwrite_keeps_foreign_files(tiny_checkpoint, tmp_path, capsys):
+    from dynamax_jax.convert.__main__ import main as convert_main
+
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        convert_main([str(tiny_checkpoint), str(dst), "--quiet"])
+    assert convert_main([str(tiny_checkpoint), str(dst), "--quiet", "--overwrite"]) == 0
+    assert set(file_tree(dst)) == {"notes.txt", "config.json", "model.safetensors"}

@@ -374,3 +374,69 @@ def test_a_distributed_start_without_the_others_gives_up_after_the_timeout(tmp_p
                         f"127.0.0.1:{port} (--distributed-timeout)"), proc.stderr
     assert lines[-1].startswith("python -m train.distill: error: the other processes did not join process 0 of 2")
     assert "Check failure" not in proc.stderr and time.time() - started < 60
+
+
+def test_distill_checkpoint_faults(tmp_path, capsys):
+    """A corrupt latest checkpoint falls back to the one before; a finished run's rerun keeps
+    its summary; lower --steps cannot relabel heads; a moved run directory resumes."""
+    import shutil
+
+    from tests.test_distill import write_tiny_model
+    from dynamax_jax.train import distill as T
+
+    model = write_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+
+    def distill(*extra, out=out):
+        return T.main(["--model", str(model), "--out", str(out), "--exit-kind", "calm", "--exit-layers", "2,3",
+                       "--batch-size", "2", "--seq-len", "16", "--save-every", "2", "--log-every", "1",
+                       "--no-progress", *extra])
+
+    def files(directory):
+        return {name: (directory / name).read_bytes() for name in ("summary.json", "exits/exit_params.safetensors",
+                                                                   "exits/exit_config.json")}
+
+    assert distill("--steps", "6") == 0
+    first = files(out)
+    summary = json.loads(first["summary.json"])
+    assert summary["steps"] == 6 and summary["final"]["loss"] > 0
+    capsys.readouterr()
+
+    assert distill("--steps", "6") == 0  # a finished run: nothing rewritten
+    assert files(out) == first and "finished run of 6 steps; nothing to do" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:  # lower --steps: the step-6 heads stay step-6 heads
+        distill("--steps", "2")
+    assert exit_info.value.code == 2 and "already trained to step 6, past --steps 2" in capsys.readouterr().err
+    assert files(out) == first
+
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert distill("--steps", "6", out=moved) == 0  # the path is no setting
+    assert files(moved) == first
+
+    (moved / "summary.json").unlink()
+    shutil.rmtree(moved / "exits")
+    (moved / "checkpoints" / "6" / "data" / "metadata").write_text('{"parent_window_st')  # corrupt step 6
+    capsys.readouterr()
+    assert distill("--steps", "6", out=moved) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint of step 6 in" in err and "cannot be read (JSONDecodeError" in err
+    assert "falling back to step 4" in err
+    again = files(moved)
+    assert json.loads(again["summary.json"])["resumed_from"] == 4
+    # steps 5 and 6 were trained again from the step-4 state: the same heads as the first run
+    assert again["exits/exit_params.safetensors"] == first["exits/exit_params.safetensors"]
+    assert json.loads(again["summary.json"])["final"] == summary["final"] | {
+        "tokens_per_s": json.loads(again["summary.json"])["final"]["tokens_per_s"]}
+
+
+def test_distill_errors_exit_2_and_debug_shows_the_traceback(tmp_path, capsys):
+    from dynamax_jax.train import distill as T
+
+    argv = ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv)
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(T.DistillError, match="does not exist"):
+        T.main([*argv, "--debug"])

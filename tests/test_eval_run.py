@@ -3,6 +3,7 @@ sweep on a tiny random Llama writes JSON + markdown + PNG, and a second run resu
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import dynamax_jax as dx
 from dynamax_jax.eval import harness, report, run, tasks
 from dynamax_jax.eval.errors import OutputError, RunFileError, SettingsError
+
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "eval" / "data"
@@ -388,3 +390,88 @@ def test_generate_all_times_a_batch_again_only_when_it_compiled(monkeypatch):
 
     assert calls_for("first") in (1, 2)  # 2 when it compiled: once for the program, once timed
     assert calls_for("second") == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--thresholds", ","), ("--thresholds", ""), ("--tasks", " , ")])
+def test_eval_run_refuses_an_empty_list(flag, value, capsys):
+    from dynamax_jax.eval.run import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag}: expected a comma-separated list" in capsys.readouterr().err
+
+
+def _fake_run(out: Path, name: str, task="trivia_qa", data="bundled:evaluation", limit=2, model="m",
+              inputs=None, **spec) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"task": task, "variant": "full", "model": model, "data": data, "limit": limit, "max_new_tokens": 4,
+            "dtype": "float32", "chat_template": True, "exits": None, **spec}
+    (out / f"{name}.json").write_text(json.dumps({"spec": spec, "metrics": {}, **({"inputs": inputs} if inputs else {})}))
+
+
+def test_eval_out_dir_refuses_runs_it_could_not_tell_apart(tmp_path):
+    from dynamax_jax.eval import run, tasks
+
+    out = tmp_path / "out"
+    data = {"trivia_qa": run.data_inputs(tasks.get_task("trivia_qa"), None, "evaluation", 2)}
+    assert data["trivia_qa"]["sha256"] == run.fingerprint(data["trivia_qa"]["file"])
+    settings = {"max_new_tokens": 4, "dtype": "float32"}
+
+    def check(model=("m", "w1"), exits=None):
+        run.check_out_dir(out, data, settings, model, exits or {})
+
+    check()  # no --out yet
+    _fake_run(out, "same", inputs={"data": data["trivia_qa"], "model": {"path": "m", "fingerprint": "w1"}})
+    _fake_run(out, "other-model", model="m2")  # another backbone of the sweep
+    _fake_run(out, "other-task", task="coqa", data="elsewhere:all")  # a task this sweep does not run
+    check()
+    for name, kw, message in [
+        ("part", {"data": "bundled:calibration"}, "trivia_qa runs with data 'bundled:calibration' "
+                                                  "(here 'bundled:evaluation')"),
+        ("dir", {"data": "mine:all"}, "data 'mine:all'"),
+        ("limit", {"limit": 50}, "limit 50 (here 2)"),
+        ("tokens", {"max_new_tokens": 32}, "max_new_tokens 32 (here 4)"),
+        ("content", {"inputs": {"data": {**data["trivia_qa"], "sha256": "0" * 64}}}, "another content of"),
+    ]:
+        _fake_run(out, name, **kw)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check()
+        (out / f"{name}.json").unlink()
+    with pytest.raises(ValueError, match="the model at m has changed"):
+        check(model=("m", "w2"))
+    _fake_run(out, "exits", exits="heads", inputs={"exits": {"path": "heads", "fingerprint": "e1"}})
+    check(exits={"heads": "e1"})
+    with pytest.raises(ValueError, match="the exit heads at heads have changed"):
+        check(exits={"heads": "e2"})
+
+
+def test_eval_run_refuses_to_mix_before_loading_the_model(tiny_checkpoint, tmp_path):
+    from dynamax_jax.eval import run
+
+    out = tmp_path / "out"
+    _fake_run(out, "old", data="bundled:calibration", model=str(tiny_checkpoint))
+    with pytest.raises(ValueError, match="trivia_qa runs with data 'bundled:calibration'"):
+        run.main(["--model", str(tiny_checkpoint), "--tasks", "trivia_qa", "--limit", "2", "--out", str(out)])
+
+
+def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
+    import types
+
+    from dynamax_jax.eval import run, tasks
+
+    backbone = types.SimpleNamespace(config=dx.MistralConfig.tiny(), path="m", chat_template=True)
+    args = types.SimpleNamespace(out=str(tmp_path), data_dir=None, split="evaluation", limit=2,
+                                 max_new_tokens=4, dtype="float32")
+    inputs = {"data": {"trivia_qa": run.data_inputs(tasks.get_task("trivia_qa"), None, "evaluation", 2)},
+              "model": {"path": "m", "fingerprint": "w"}, "exits": {str(exits_dir): run.fingerprint(exits_dir)}}
+    sweep = run.Sweep(args, backbone, log=lambda *a: None, inputs=inputs)
+    spec = sweep.spec("trivia_qa", "exit", exits=str(exits_dir), kind="calm", mode="copy", threshold=0.5,
+                      exit_layers=(2, 3))
+    recorded = sweep.record(spec, {"avg_layers": 3.0, "compute": 0.9}, {}, {"f1": 0.5}, [])["inputs"]
+    assert recorded["data"]["file"].endswith(".jsonl") and len(recorded["data"]["sha256"]) == 64
+    assert recorded["model"] == {"path": "m", "fingerprint": "w"}
+    assert recorded["exits"] == {"path": str(exits_dir), "fingerprint": run.fingerprint(exits_dir)}
+    fingerprint = run.fingerprint(exits_dir)
+    (exits_dir / "exit_config.json").write_text((exits_dir / "exit_config.json").read_text() + " ")
+    assert run.fingerprint(exits_dir) != fingerprint

@@ -10,8 +10,10 @@ import pytest
 
 import dynamax_jax as dx
 from dynamax_jax import exits as ex
-from dynamax_jax.models.layers import rms_norm
 from dynamax_jax.kernels.ssd.reference import ssd_chunked
+from dynamax_jax.models.layers import rms_norm
+from tests.conftest import file_tree
+
 
 CFG = dx.MistralConfig.tiny()  # 4 layers, hidden 64
 
@@ -287,3 +289,35 @@ def test_shipped_heads_record_their_model():
             ex.check_exits(smollm2, config, params)
     config, _ = ex.load_exits(assets / "exits" / "smollm2-135m-instruct-ffn")
     assert config.trained_on == ex.TrainedOn("transformer", 30, 576, 49152, None)
+
+
+def test_exit_files_follow_the_umask(exits_dir):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exits_dir.iterdir()}
+    assert modes == {"exit_config.json": 0o644, "exit_params.safetensors": 0o644}
+    assert exits_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_truncated_exit_params_name_the_file(exits_dir):
+    import os
+
+    file = exits_dir / "exit_params.safetensors"
+    os.truncate(file, file.stat().st_size - 10)
+    with pytest.raises(dx.ExitError, match=r"exits/exit_params\.safetensors: corrupt or truncated"):
+        dx.load_exits(exits_dir)
+    (exits_dir / "exit_config.json").write_text('{"layers": [2, 3')
+    with pytest.raises(dx.ExitError, match=r"exits/exit_config\.json: not valid JSON"):
+        dx.load_exits(exits_dir)
+
+
+def test_save_exits_into_a_model_directory_deletes_nothing(tiny_checkpoint, exits_dir):
+    before = file_tree(tiny_checkpoint)
+    exit_config, exit_params = dx.load_exits(exits_dir)
+    with pytest.raises(FileExistsError, match=r"holds files this writer did not make \(config\.json, model\."):
+        dx.save_exits(exit_config, exit_params, tiny_checkpoint)
+    assert file_tree(tiny_checkpoint) == before
+    dx.save_exits(exit_config, exit_params, tiny_checkpoint, overwrite=True)  # beside the model, keeping it
+    after = file_tree(tiny_checkpoint)
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {
+        "exit_config.json", "exit_params.safetensors"}
+    dx.load_pretrained(tiny_checkpoint)
+    assert sorted(dx.load_exits(tiny_checkpoint)[1]) == sorted(exit_params)

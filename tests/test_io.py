@@ -3,11 +3,15 @@ errors name the 1-based line; dtype names."""
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
+import dynamax_jax as dx
 from dynamax_jax import io
+from tests.conftest import file_tree
 
 
 def _entries(directory):
@@ -128,3 +132,66 @@ def test_fingerprint_names_the_content(tmp_path, monkeypatch):
     big.write_bytes(bytes(data))
     os.utime(big, ns=(1, 1))
     assert io.fingerprint(big) != before
+
+
+def test_overwrite_replaces_only_the_writers_own_files(tmp_path):
+    from dynamax_jax import io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("notes.txt", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "config.json"):
+        (out / name).write_text("old " + name)
+    owned = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+    with pytest.raises(RuntimeError):  # a failed write changes nothing
+        with io.atomic_directory(out, owned=owned, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+            raise RuntimeError
+    assert len(list(out.iterdir())) == 5 and (out / "config.json").read_text() == "old config.json"
+    with io.atomic_directory(out, owned=owned, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_text("new")
+    # the stale shards of the previous checkpoint went with it; the notes stayed
+    assert file_tree(out) == {"config.json": b"new", "model.safetensors": b"new", "notes.txt": b"old notes.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path, exits_dir):
+    import socket
+    import subprocess
+
+    # a write killed mid-way (os._exit skips every cleanup, as SIGKILL would)
+    code = ("import os, sys; from dynamax_jax import io\n"
+            "with io.atomic_directory(sys.argv[1], owned=('*',)) as tmp:\n"
+            "    (tmp / 'big.bin').write_bytes(b'x' * 1000)\n"
+            "    os._exit(9)\n")
+    area = tmp_path / "area"
+    area.mkdir()
+    out = area / "exits"
+    assert subprocess.run([sys.executable, "-c", code, str(out)], cwd=Path(__file__).parents[1]).returncode == 9
+    [left] = [p.name for p in area.iterdir() if p.name.startswith(".exits.tmp-")]
+    host, dead = socket.gethostname(), _dead_pid()
+    keep = [f".exits.tmp-{os.getpid()}@{host}-live0000",  # a write in progress (this process)
+            f".exits.tmp-{dead}@another-host-x1234567",  # another host's (shared file system)
+            ".exits.tmp-abcdefgh",  # no writer named: cannot be proven ours
+            f".other.tmp-{dead}@{host}-x1234567"]  # another destination's
+    stale = [f".exits.old-{dead}@{host}-y1234567", f".exits.json.tmp-{dead}@{host}-z1234567.json"]
+    for name in keep + stale:
+        (area / name).mkdir()
+        (area / name / "f").write_text("x")
+    exit_config, exit_params = dx.load_exits(exits_dir)
+    dx.save_exits(exit_config, exit_params, out)
+    names = {p.name for p in area.iterdir()}
+    assert left not in names and not names & set(stale[:1]) and set(keep) <= names
+    from dynamax_jax import io
+
+    io.write_text_atomic(area / "exits.json", "{}")  # a file's temporaries, likewise
+    assert stale[1] not in {p.name for p in area.iterdir()}

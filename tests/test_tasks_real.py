@@ -273,3 +273,16 @@ def test_calibrate_defaults_to_the_real_calibration_parts(capsys):
     assert calibrate.main(["--exits", "unused", "--delta", "0.001", "--epsilon", "0.001",
                            "--split", "evaluation"]) == 2
     assert "1994 calibration prompts are too few" in capsys.readouterr().err
+
+
+def test_data_errors_name_the_file_and_the_1_based_line(tmp_path):
+    from dynamax_jax.io import DataError
+    from dynamax_jax.eval import tasks
+
+    good = json.dumps({"question": "Q?", "answer": {"value": "A", "aliases": ["A"]}})
+    (tmp_path / "trivia_qa.jsonl").write_text(f"{good}\n{good}\n\n" + json.dumps({"question": "Q?"}) + "\n")
+    with pytest.raises(DataError, match=r"trivia_qa\.jsonl, line 4: .*answer"):
+        tasks.get_task("trivia_qa").load(str(tmp_path))
+    (tmp_path / "trivia_qa.jsonl").write_bytes(good.encode() + b"\n" + good.encode().replace(b"Q?", b"Q\xff?") + b"\n")
+    with pytest.raises(DataError, match=r"trivia_qa\.jsonl, line 2: not valid UTF-8 \(byte b'\\xff'"):
+        tasks.get_task("trivia_qa").load(str(tmp_path))

@@ -328,8 +328,15 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(path: Path) -> str:
+    """The file (path, size, mtime) and the versions of the libraries that converted and will
+    read the tokenizer: another transformers may convert the same file differently, and its
+    saved tokenizer need not read back under another version."""
+    import tokenizers
+    import transformers
+
     stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    ident = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
+             f"|tokenizers {tokenizers.__version__}")
     return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
@@ -359,7 +366,7 @@ def load_gguf_tokenizer(path, cache_dir=None, use_cache: bool = True):
 
     Conversion takes ~15 s for a 49k-token vocabulary, so the result is saved under
     ``cache_dir`` (default ``default_cache_dir()/tokenizers``), keyed by the file's path,
-    size and modification time, and reloaded from there next time. The cache is written to
+    size and modification time and the transformers and tokenizers versions, and reloaded from there next time. The cache is written to
     a temporary directory and renamed when complete; if it cannot be written, the
     tokenizer is still returned."""
     from transformers import AutoTokenizer

@@ -4,6 +4,8 @@ logits match transformers, and damaged files fail with clear errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -305,3 +307,17 @@ def test_float32_rewrite_for_llama_cpp_holds_the_same_weights(tiny_gguf, tmp_pat
     assert config32 == config
     jax.tree.map(np.testing.assert_array_equal, params32, params)
     assert not list(tmp_path.glob("*tmp*")), "no temporary file left behind"
+
+
+def test_tokenizer_cache_is_keyed_by_the_library_versions(tiny_gguf, monkeypatch):
+    # Another transformers may convert the same file differently (and an old version's saved
+    # tokenizer read back under a new one gave byte-level garbage): never share the entry.
+    import transformers
+
+    from dynamax_jax.convert.gguf import _cache_key
+
+    path = Path(tiny_gguf[0])
+    key = _cache_key(path)
+    assert _cache_key(path) == key
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    assert _cache_key(path) != key

@@ -59,6 +59,7 @@ Params = dict[str, Any]
 # Threshold at which the budget controller stops raising thresholds: above every confidence.
 NEVER_EXIT = 1.01
 
+
 class GenerateError(ValueError):
     """Bad input to ``generate`` / ``configure`` / ``prefill`` / ``decode_chunk``."""
 
@@ -600,7 +601,7 @@ def _refuse_if(bad: jax.Array, message: str, *values) -> None:
     def fail(*host_values):
         raise GenerateError(message.format(*(np.asarray(v).tolist() for v in host_values)))
 
-    jax.lax.cond(bad, lambda: jax.debug.callback(fail, *values), lambda: None)
+    jax.lax.cond(bad, lambda: jax.debug.callback(fail, *values, partitioned=True), lambda: None)
 
 
 def _check_prefill(config, model, params: Params, prompt: jax.Array, lengths: jax.Array, cache_len: int) -> None:

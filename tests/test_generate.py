@@ -472,7 +472,8 @@ def test_each_backbone_owns_its_decode_layout():
     assert set(dx.decode_params(PARAMS)["layers"][0]) == set(mistral.decode_layout(
         jax.tree.map(lambda a: a[0], PARAMS["layers"])))
     assert dx.decode_params(MPARAMS, config=MCFG)["layers"][0].keys() == MPARAMS["layers"].keys()
-    with pytest.raises(dx.GenerateError, match=r"params: the layers lack .*in_proj, out_proj, which every layer of dynamax_jax.models.mamba2 has"):
+    with pytest.raises(dx.GenerateError, match=r"params: the layers lack .*in_proj, out_proj, which every "
+                                               r"layer of dynamax_jax.models.mamba2 has"):
         dx.decode_params({**PARAMS, "layers": {**PARAMS["layers"], "norm": 0}}, config=MCFG)
 
 

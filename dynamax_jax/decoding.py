@@ -50,9 +50,8 @@ from dynamax_jax import flops as flops_lib
 from dynamax_jax.exits import (FILL_SHIFT, ExitConfig, adapt, check_exits, classifier_confidence, classifier_sequence,
                                classifier_step, init_exit_state, margin_confidence, saturation_confidence,
                                softmax_confidence)
-from dynamax_jax.models import module_for
+from dynamax_jax.models import module_for, module_for_params
 from dynamax_jax.models.layers import unstack
-from dynamax_jax.models.mistral import fuse_decode_weights
 from dynamax_jax.sampling import apply_repetition_penalty, sample_token
 
 Params = dict[str, Any]
@@ -60,11 +59,13 @@ Params = dict[str, Any]
 # Threshold at which the budget controller stops raising thresholds: above every confidence.
 NEVER_EXIT = 1.01
 
-TRACE_COUNT = {"prefill": 0, "decode": 0}  # incremented when tracing (tests check no retrace)
-
 
 class GenerateError(ValueError):
-    """Bad input to ``generate`` / ``configure``."""
+    """Bad input to ``generate`` / ``configure`` / ``prefill`` / ``decode_chunk``."""
+
+
+class NonFiniteError(GenerateError):
+    """The model produced NaN or infinite logits (broken weights or inputs)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,18 +76,24 @@ def is_decode_layout(params: Params) -> bool:
     return isinstance(params["layers"], (tuple, list))
 
 
-def decode_params(params: Params, donate: bool = False) -> Params:
-    """``params`` with ``layers`` as a tuple of per-layer dicts (the decode layout: a Mistral
-    layer's q/k/v and gate/up projections each one matrix, ``mistral.fuse_decode_weights``);
-    params already in that layout are returned as they are. With ``donate`` each stacked leaf
-    is deleted once split (peak memory: the model plus one stacked leaf or one layer); the
-    caller must then drop ``params``. The stacked layout stays the storage, sharding and
-    training layout."""
+def decode_params(params: Params, donate: bool = False, config=None) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts, each in its backbone's
+    ``decode_layout`` (a Mistral layer's q/k/v and gate/up projections become one matrix each;
+    a Mamba2 layer stays as it is); params already in that layout are returned as they are.
+    The backbone is ``config``'s, or without it the one whose layer params ``params`` holds.
+    With ``donate`` each stacked leaf is deleted once split (peak memory: the model plus one
+    stacked leaf or one layer); the caller must then drop ``params``. The stacked layout stays
+    the storage, sharding and training layout."""
     if is_decode_layout(params):
         return params
+    model = module_for(config) if config is not None else module_for_params(params)
+    missing = model.LAYER_PARAMS - set(params["layers"])
+    if missing:
+        raise GenerateError(f"params: the layers lack {', '.join(sorted(missing))}, which every layer of "
+                            f"{model.__name__} has")
     layers = list(unstack(params["layers"], donate=donate))
     for i, layer in enumerate(layers):
-        layers[i] = fuse_decode_weights(layer)  # the layer's separate matrices go
+        layers[i] = model.decode_layout(layer)  # the layer's stored matrices go
     return {**params, "layers": tuple(layers)}
 
 
@@ -109,8 +116,9 @@ class DecodeSettings:
     """Compile-time settings of prefill and the token loop (hashable; a change recompiles).
 
     exit_config: resolved exits, threshold zeroed (thresholds are traced), or None.
-    mode: what layers a token skipped get (``copy`` / ``propagate`` / ``skip``); None at
-        full depth. static: static layer pruning (``DecodeControls.static_layer``).
+    mode: what layers a token skipped get, one of the backbone's ``SKIPPED_LAYER_MODES``
+        (``dynamax_jax.models``); None at full depth. static: static layer pruning
+        (``DecodeControls.static_layer``).
     segments: ``(start, end)`` 0-based layer ranges the layer loop runs one branch each.
     skip_unfireable: exits whose threshold is above 1 for every row skip their classifier.
     budget: adapt thresholds towards ``DecodeControls.target_layers`` (``update_thresholds``)."""
@@ -152,6 +160,10 @@ class DecodeControls:
     budget_gain: jax.Array
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _segments(num_layers: int, exit_layers: Sequence[int] | None, static: bool) -> tuple[tuple[int, int], ...]:
     if static:
         return tuple((layer, layer + 1) for layer in range(num_layers))
@@ -170,15 +182,15 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
     dtype: heads saved in bfloat16 ran ten times slower than in float32 under XLA:CPU).
     Raises ``GenerateError`` / ``ExitError``."""
     n_layers = config.num_layers
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if exit_config is None and exit_params is not None:
         raise GenerateError("exit_params given without exit_config")
     modes = module_for(config).SKIPPED_LAYER_MODES
     static = static_exit_layer is not None
     if static:
-        if not 1 <= int(static_exit_layer) <= n_layers:
-            raise GenerateError(f"static_exit_layer must be in [1, {n_layers}], got {static_exit_layer}")
+        if not _is_int(static_exit_layer) or not 1 <= static_exit_layer <= n_layers:
+            raise GenerateError(f"static_exit_layer must be in [1, {n_layers}] (an integer), got {static_exit_layer!r}")
         mode = (exit_config.mode if exit_config is not None else None) or modes[0]
         if mode not in modes:
             raise GenerateError(f"mode {mode!r} is not available for a {config.family} backbone; "
@@ -289,12 +301,15 @@ class LayerLoopState:
 class DecodeChunk:
     """What ``decode_chunk`` emits for ``n`` steps: ``tokens [B, n]`` (``pad_token`` after a row
     stopped), ``exit_layers [B, n]`` (layers run, 1-based; 0 for padding), ``positions [B, n]``
-    (of each step's input token) and ``logits [B, n, V]`` when ``return_logits`` (else None)."""
+    (of each step's input token), ``logits [B, n, V]`` when ``return_logits`` (else None) and
+    ``nonfinite [B]``: the row's logits held a NaN or an infinity at some step (broken weights or
+    inputs; its tokens are meaningless)."""
 
     tokens: jax.Array
     exit_layers: jax.Array
     positions: jax.Array
     logits: jax.Array | None = None
+    nonfinite: jax.Array | None = None
 
 
 def _row_where(mask: jax.Array, new, old):
@@ -377,6 +392,138 @@ def _exit_check(config, settings: DecodeSettings, params, exit_params, threshold
     return loop, exit_state
 
 
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    """What every stage of one token's layer loop reads and nothing changes: the static
+    ``settings``, the backbone ``model``, the weights, ``thresholds [B, E]``, the caches (read
+    only; written once the layers are over), ``positions [B]`` and ``done [B]`` of the input
+    tokens, and ``exit_at_end`` (layer count -> index of the exit after it)."""
+
+    config: Any
+    settings: DecodeSettings
+    model: Any
+    params: Params
+    exit_params: Any
+    thresholds: jax.Array
+    caches: tuple
+    positions: jax.Array
+    done: jax.Array
+    exit_at_end: dict
+
+    @property
+    def layers(self):
+        return self.params["layers"]
+
+
+def _skipped_layer_input(token: _Token, loop: LayerLoopState, layer: int) -> jax.Array:
+    """What a row that left gives a layer it skips: its exit hidden state, moved under ``shift``
+    by its exit's average update up to that layer (rows still going: unchanged)."""
+    ec = token.settings.exit_config
+    if token.settings.mode != "shift" or layer < ec.layers[0]:  # (no row has left before the first exit)
+        return loop.hidden
+    row_of_exit = np.full(token.config.num_layers + 1, len(ec.layers), np.int32)  # rows going: the zero row
+    row_of_exit[list(ec.layers)] = np.arange(len(ec.layers))
+    zero = jnp.zeros((1, token.config.hidden_size), token.exit_params[0][FILL_SHIFT].dtype)
+    table = jnp.concatenate([p[FILL_SHIFT][layer][None] for p in token.exit_params] + [zero])  # [E + 1, D]
+    shift = table[jnp.asarray(row_of_exit)[loop.exit_layer]]  # [B, D]
+    return loop.hidden + shift[:, None].astype(loop.hidden.dtype)
+
+
+def _run_segment(token: _Token, index: int, loop: LayerLoopState, exit_state_e):
+    """Segment ``index``'s layers for the rows still going, then the exit at its end. Rows that
+    left keep their exit hidden state: under ``propagate`` / ``shift`` the layers they skip take
+    their entries from it (shifted under ``shift``), under ``skip`` their entries stay, under
+    ``copy`` they are replaced once the token is over (``_copy_exit_entries``), under
+    ``recompute`` they run the layers on. Returns ``(loop, entries, exit_state_e)``."""
+    settings, model = token.settings, token.model
+    recompute = settings.mode == "recompute"
+    start, end = settings.segments[index]
+    hidden = layer_input = loop.hidden
+    entries = []
+    for layer in range(start, end):
+        layer_input = hidden
+        cache = token.caches[layer]
+        x_in = _skipped_layer_input(token, dataclasses.replace(loop, hidden=hidden), layer)
+        new_hidden, entry = model.decode_layer(token.config, token.layers[layer], x_in, cache, token.positions)
+        if settings.mode == "skip":
+            entry = _row_where(loop.active, entry, model.read_entry(cache, token.positions))
+        if recompute:  # the exit hidden state is kept in predicted_hidden
+            hidden = new_hidden.astype(hidden.dtype)
+        else:
+            hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
+        entries.append(_cast_like(entry, cache))
+    loop = dataclasses.replace(loop, segment=jnp.int32(index + 1), hidden=hidden)
+    if end in token.exit_at_end:
+        loop, exit_state_e = _exit_check(token.config, settings, token.params, token.exit_params, token.thresholds,
+                                         loop, token.exit_at_end[end], layer_input, exit_state_e)
+    return loop, entries, exit_state_e
+
+
+def _kept_entries(token: _Token, loop: LayerLoopState, start: int, end: int) -> list:
+    """``skip`` (and ``copy``, whose entries are replaced once the token is over): the skipped
+    layers keep what they store."""
+    return [token.model.read_entry(token.caches[layer], token.positions) for layer in range(start, end)]
+
+
+def _propagated_entries(token: _Token, loop: LayerLoopState, start: int, end: int) -> list:
+    """``propagate`` / ``shift``: each skipped layer's entry for the (shifted) exit hidden state."""
+    return [_cast_like(token.model.propagate_layer(token.config, token.layers[layer],
+                                                   _skipped_layer_input(token, loop, layer), token.caches[layer],
+                                                   token.positions), token.caches[layer])
+            for layer in range(start, end)]
+
+
+# What a segment that no row reached stores, per skipped-layer mode (``recompute`` runs them all).
+_SKIPPED_SEGMENT_ENTRIES = {"copy": _kept_entries, "skip": _kept_entries, "propagate": _propagated_entries,
+                            "shift": _propagated_entries}
+
+
+def _skip_segment(token: _Token, index: int, loop: LayerLoopState, exit_state_e):
+    """A segment no row reached: what its layers store (``_SKIPPED_SEGMENT_ENTRIES``), and the
+    recurrent exit at its end steps on the exit hidden state (see exits.py)."""
+    settings, ec = token.settings, token.settings.exit_config
+    start, end = settings.segments[index]
+    entries = _SKIPPED_SEGMENT_ENTRIES[settings.mode](token, loop, start, end)
+    if settings.dynamic and ec.stateful and end in token.exit_at_end:
+        e = token.exit_at_end[end]
+        runs = jnp.any(~token.done & (token.thresholds[:, e] <= 1.0)) if settings.skip_unfireable else True
+        exit_state_e = jax.lax.cond(
+            runs, lambda: classifier_step(ec, token.exit_params[e], loop.hidden[:, 0], exit_state_e)[1],
+            lambda: exit_state_e)
+    return loop, entries, exit_state_e
+
+
+def _initial_loop(token: _Token, x: jax.Array) -> LayerLoopState:
+    """The layer loop's state before the first layer: every row not done goes, ``x [B, 1, D]``."""
+    settings, ec = token.settings, token.settings.exit_config
+    b = x.shape[0]
+    loop = LayerLoopState(segment=jnp.int32(0), hidden=x, active=~token.done, exit_layer=jnp.zeros((b,), jnp.int32))
+    if settings.dynamic:
+        if ec.confidence == "saturation":
+            loop.saturation_reference = x
+        if ec.confidence in ("softmax", "margin"):
+            loop.exit_logits = jnp.zeros((b, token.config.vocab_size), jnp.float32)
+        elif ec.has_adapter or settings.mode == "recompute":
+            loop.predicted_hidden = x[:, 0]
+    return loop
+
+
+def _token_logits(token: _Token, loop: LayerLoopState) -> jax.Array:
+    """``[B, V]`` float32: rows that ran to the end predict from the last hidden state, rows that
+    left from their exit (the head's logits there, or the adapted exit hidden state)."""
+    settings, ec, model = token.settings, token.settings.exit_config, token.model
+    x = loop.hidden[:, 0]
+    if settings.dynamic and ec.confidence in ("softmax", "margin"):
+        ran_to_end = loop.active
+        return jax.lax.cond(jnp.any(ran_to_end),
+                            lambda: jnp.where(ran_to_end[:, None], model.head(token.config, token.params, x),
+                                              loop.exit_logits),
+                            lambda: loop.exit_logits)
+    if settings.dynamic and (ec.has_adapter or settings.mode == "recompute"):
+        return model.head(token.config, token.params, jnp.where(loop.active[:, None], x, loop.predicted_hidden))
+    return model.head(token.config, token.params, x)
+
+
 def _token_step(config, settings: DecodeSettings, params, exit_params, state: DecodeState, thresholds,
                 static_layer):
     """Run the input tokens of ``state`` through the layers with exits; ``thresholds [B, E]``.
@@ -390,121 +537,38 @@ def _token_step(config, settings: DecodeSettings, params, exit_params, state: De
     loop that carried all layers' entries (a Mamba2 layer's whole state) through a
     ``lax.switch`` per segment ran at half the speed of full depth."""
     model = module_for(config)
-    layers = params["layers"]
-    n_layers = config.num_layers
     ec = settings.exit_config
-    dynamic = settings.dynamic
-    stateful = dynamic and ec.stateful
-    positions = state.positions
-    x = model.embed(config, params, state.tokens[:, None])  # [B, 1, D]
-    b = x.shape[0]
-    exit_at_end = {layer: e for e, layer in enumerate(ec.layers)} if dynamic else {}
-    stop_layer = static_layer if settings.static else n_layers
-    recompute = settings.mode == "recompute"  # rows that left keep running their layers
-    caches = state.caches  # read by the segments; written once they are over
+    stateful = settings.dynamic and ec.stateful
+    token = _Token(config=config, settings=settings, model=model, params=params, exit_params=exit_params,
+                   thresholds=thresholds, caches=state.caches, positions=state.positions, done=state.done,
+                   exit_at_end={layer: e for e, layer in enumerate(ec.layers)} if settings.dynamic else {})
+    stop_layer = static_layer if settings.static else config.num_layers
     exit_state = list(state.exit_state) if stateful else None
-    if settings.mode == "shift":
-        # per layer, each exit's fill_shift and a zero row for rows that did not leave
-        row_of_exit = np.full(n_layers + 1, len(ec.layers), np.int32)
-        row_of_exit[list(ec.layers)] = np.arange(len(ec.layers))
-        zero = jnp.zeros((1, config.hidden_size), exit_params[0][FILL_SHIFT].dtype)
-
-    def skipped_layer_input(loop, layer):
-        """What a row that left gives a layer it skips: its exit hidden state, moved under
-        ``shift`` by its exit's average update up to that layer (rows still going: unchanged)."""
-        if settings.mode != "shift" or layer < ec.layers[0]:  # (no row has left before the first exit)
-            return loop.hidden
-        table = jnp.concatenate([p[FILL_SHIFT][layer][None] for p in exit_params] + [zero])  # [E + 1, D]
-        shift = table[jnp.asarray(row_of_exit)[loop.exit_layer]]  # [B, D]
-        return (loop.hidden + shift[:, None].astype(loop.hidden.dtype))
-
-    def run_segment(index, loop, exit_state_e):
-        """The segment's layers for the rows still going (rows that left keep their exit hidden
-        state: under "propagate" / "shift" the layers they skip take their entries from it,
-        shifted under "shift"; under "copy" these are replaced later), then the exit at its end."""
-        start, end = settings.segments[index]
-        hidden = layer_input = loop.hidden
-        entries = []
-        for layer in range(start, end):
-            layer_input = hidden
-            x_in = skipped_layer_input(dataclasses.replace(loop, hidden=hidden), layer)
-            new_hidden, entry = model.decode_layer(config, layers[layer], x_in, caches[layer], positions)
-            if settings.mode == "skip":
-                entry = _row_where(loop.active, entry, model.read_entry(caches[layer], positions))
-            if recompute:  # the exit hidden state is kept in predicted_hidden
-                hidden = new_hidden.astype(hidden.dtype)
-            else:
-                hidden = jnp.where(loop.active[:, None, None], new_hidden.astype(hidden.dtype), hidden)
-            entries.append(_cast_like(entry, caches[layer]))
-        loop = dataclasses.replace(loop, segment=jnp.int32(index + 1), hidden=hidden)
-        if end in exit_at_end:
-            loop, exit_state_e = _exit_check(config, settings, params, exit_params, thresholds, loop,
-                                             exit_at_end[end], layer_input, exit_state_e)
-        return loop, entries, exit_state_e
-
-    def skip_segment(index, loop, exit_state_e):
-        """A segment no row reached: what its layers store (``propagate`` / ``shift``: their
-        entries from the (shifted) exit hidden state; ``skip``: unchanged; ``copy``: replaced
-        below), and the exit at
-        its end steps on the exit hidden state (see exits.py)."""
-        start, end = settings.segments[index]
-        if settings.mode in ("propagate", "shift"):
-            entries = [_cast_like(model.propagate_layer(config, layers[layer], skipped_layer_input(loop, layer),
-                                                        caches[layer], positions), caches[layer])
-                       for layer in range(start, end)]
-        else:
-            entries = [model.read_entry(caches[layer], positions) for layer in range(start, end)]
-        if stateful and end in exit_at_end:
-            e = exit_at_end[end]
-            runs = jnp.any(~state.done & (thresholds[:, e] <= 1.0)) if settings.skip_unfireable else True
-            exit_state_e = jax.lax.cond(
-                runs, lambda: classifier_step(ec, exit_params[e], loop.hidden[:, 0], exit_state_e)[1],
-                lambda: exit_state_e)
-        return loop, entries, exit_state_e
-
-    loop = LayerLoopState(segment=jnp.int32(0), hidden=x, active=~state.done, exit_layer=jnp.zeros((b,), jnp.int32))
-    if dynamic:
-        if ec.confidence == "saturation":
-            loop.saturation_reference = x
-        if ec.confidence in ("softmax", "margin"):
-            loop.exit_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
-        elif ec.has_adapter or recompute:
-            loop.predicted_hidden = x[:, 0]
+    loop = _initial_loop(token, model.embed(config, params, state.tokens[:, None]))  # hidden [B, 1, D]
     entries = []
     for index, (start, end) in enumerate(settings.segments):
-        e = exit_at_end.get(end)
+        e = token.exit_at_end.get(end)
         exit_state_e = exit_state[e] if stateful and e is not None else None
         with jax.named_scope(f"segment{index}"):  # (tests find the segments by it)
-            if index == 0 or recompute:  # the token loop runs only while some row is going
-                loop, segment_entries, exit_state_e = run_segment(index, loop, exit_state_e)
+            if index == 0 or settings.mode == "recompute":  # the token loop runs only while some row is going
+                loop, segment_entries, exit_state_e = _run_segment(token, index, loop, exit_state_e)
             else:
                 reached = jnp.any(loop.active) & (start < stop_layer)
                 loop, segment_entries, exit_state_e = jax.lax.cond(
-                    reached, functools.partial(run_segment, index), functools.partial(skip_segment, index),
-                    loop, exit_state_e)
+                    reached, functools.partial(_run_segment, token, index),
+                    functools.partial(_skip_segment, token, index), loop, exit_state_e)
         entries += segment_entries
         if exit_state_e is not None:
             exit_state[e] = exit_state_e
     ends = jnp.asarray([0] + [end for _, end in settings.segments], jnp.int32)
     exit_layer = jnp.where(loop.active, ends[loop.segment], loop.exit_layer)  # done rows stay 0
-    x = loop.hidden
-
     if settings.mode == "copy":  # layers a row skipped take its exit layer's entry
-        copied = _copy_exit_entries(_stack(entries), jnp.where(state.done, n_layers, exit_layer))
-        entries = [jax.tree.map(lambda a, layer=layer: a[layer], copied) for layer in range(n_layers)]
-    # after x: every segment's reads of the caches come before these writes (in place)
-    caches = tuple(model.write_entry(cache, entry, positions, after=x) for cache, entry in zip(caches, entries))
-
-    if dynamic and ec.confidence in ("softmax", "margin"):
-        ran_to_end = loop.active
-        logits = jax.lax.cond(jnp.any(ran_to_end),
-                              lambda: jnp.where(ran_to_end[:, None], model.head(config, params, x[:, 0]),
-                                                loop.exit_logits),
-                              lambda: loop.exit_logits)
-    elif dynamic and (ec.has_adapter or recompute):  # rows that left predict from their (adapted) exit state
-        logits = model.head(config, params, jnp.where(loop.active[:, None], x[:, 0], loop.predicted_hidden))
-    else:
-        logits = model.head(config, params, x[:, 0])
+        copied = _copy_exit_entries(_stack(entries), jnp.where(state.done, config.num_layers, exit_layer))
+        entries = [jax.tree.map(lambda a, layer=layer: a[layer], copied) for layer in range(config.num_layers)]
+    # after the hidden state: every segment's reads of the caches come before these writes (in place)
+    caches = tuple(model.write_entry(cache, entry, state.positions, after=loop.hidden)
+                   for cache, entry in zip(state.caches, entries))
+    logits = _token_logits(token, loop)
     return logits, exit_layer, caches, tuple(exit_state) if stateful else state.exit_state
 
 
@@ -529,16 +593,54 @@ def update_thresholds(thresholds, exit_layer, counted, target_layers, gain, num_
     return jnp.clip(thresholds - step, 0.0, NEVER_EXIT)
 
 
+def _refuse_if(bad: jax.Array, message: str, *values) -> None:
+    """Inside a jitted function: raise ``GenerateError(message.format(*values))`` where only
+    the device knows (traced values). A ``jax.debug.callback`` under a ``lax.cond``: nothing
+    runs or waits on the host unless ``bad``; the caller then gets a ``JaxRuntimeError``
+    carrying the message."""
+    def fail(*host_values):
+        raise GenerateError(message.format(*(np.asarray(v).tolist() for v in host_values)))
+
+    jax.lax.cond(bad, lambda: jax.debug.callback(fail, *values, partitioned=True), lambda: None)
+
+
+def _check_prefill(config, model, params: Params, prompt: jax.Array, lengths: jax.Array, cache_len: int) -> None:
+    """Host-side checks of ``prefill``'s arguments (shapes and static values, at trace time)."""
+    if not is_decode_layout(params):
+        raise GenerateError("params: pass the decode layout, decode_params(params) (made once)")
+    if len(params["layers"]) != config.num_layers:
+        raise GenerateError(f"params: {len(params['layers'])} layers for a {config.num_layers}-layer config")
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
+        raise GenerateError(f"prompt must be [B, T] with B, T >= 1 (one token at least), got shape {prompt.shape}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise GenerateError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    if lengths.shape != prompt.shape[:1]:
+        raise GenerateError(f"lengths must have shape ({prompt.shape[0]},) (one per prompt row), got {lengths.shape}")
+    if not _is_int(cache_len) or cache_len < 0:
+        raise GenerateError(f"cache_len must be a non-negative integer, got {cache_len!r}")
+    capacity = model.cache_capacity(jax.eval_shape(lambda: model.init_cache(config, 1, cache_len)))
+    if capacity is not None and capacity < prompt.shape[1]:
+        raise GenerateError(f"cache_len ({cache_len}) is smaller than the prompt width ({prompt.shape[1]} tokens); "
+                            "it must hold the prompt and the tokens to generate")
+
+
 @functools.partial(jax.jit, static_argnames=("config", "settings", "cache_len"))
 def prefill(config, settings: DecodeSettings, params: Params, exit_params, prompt: jax.Array,
             lengths: jax.Array, cache_len: int) -> DecodeState:
     """Full-depth prefill of every prompt token but each row's last one. ``params`` in the
     decode layout, ``exit_params`` per exit (as ``configure`` returns them), ``prompt [B, T]``
-    right-padded, ``lengths [B]``, ``cache_len`` (static) cache slots. Returns the
-    ``DecodeState`` whose next input is the last prompt token of each row."""
-    TRACE_COUNT["prefill"] += 1
+    right-padded, ``lengths [B]`` (in ``[1, T]``), ``cache_len`` (static) cache slots, at
+    least T. Returns the ``DecodeState`` whose next input is the last prompt token of each row.
+    Shapes are checked when tracing (``GenerateError``); token ids outside the vocabulary and
+    lengths outside ``[1, T]`` when running (a ``JaxRuntimeError`` naming the argument)."""
     model = module_for(config)
+    _check_prefill(config, model, params, prompt, lengths, cache_len)
     b, t = prompt.shape
+    valid = jnp.arange(t)[None] < lengths[:, None]  # [B, T]
+    _refuse_if(jnp.any((lengths < 1) | (lengths > t)), "prefill: lengths must be in [1, {}], got {}", t, lengths)
+    _refuse_if(jnp.any(valid & ((prompt < 0) | (prompt >= config.vocab_size))),
+               "prefill: prompt token ids must be in [0, {}) (the vocabulary), got {}", config.vocab_size,
+               jnp.where(valid, prompt, 0))
     ec = settings.exit_config
     stateful = settings.dynamic and ec.stateful
     caches = list(model.init_cache(config, b, cache_len, params["embed"].dtype))
@@ -547,21 +649,43 @@ def prefill(config, settings: DecodeSettings, params: Params, exit_params, promp
         exit_state = unstack(init_exit_state(config, ec, b))
     if t > 1:
         x = model.embed(config, params, prompt[:, :t - 1])
-        valid = lengths - 1
         at_exits = {}
         for layer, layer_params in enumerate(params["layers"]):
-            x, caches[layer] = model.prefill_layer(config, layer_params, x, caches[layer], valid)
+            x, caches[layer] = model.prefill_layer(config, layer_params, x, caches[layer], lengths - 1)
             at_exits[layer + 1] = x
         if stateful:
-            exit_state = tuple(classifier_sequence(ec, p, at_exits[layer], st, valid)[1]
+            exit_state = tuple(classifier_sequence(ec, p, at_exits[layer], st, lengths - 1)[1]
                                for p, layer, st in zip(exit_params, ec.layers, exit_state))
     seen = None
     if settings.use_penalty:
-        valid = jnp.arange(t)[None] < lengths[:, None]
         seen = jnp.zeros((b, config.vocab_size), bool).at[jnp.arange(b)[:, None], prompt].max(valid)
     last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
     return DecodeState(caches=tuple(caches), positions=lengths - 1, tokens=last, exit_state=exit_state, seen=seen,
                        done=jnp.zeros((b,), bool), step=jnp.int32(0))
+
+
+def _check_state(config, settings: DecodeSettings, model, state: DecodeState) -> None:
+    """Host-side check (at trace time) that ``state`` is what ``prefill`` returns for
+    ``config`` and ``settings``: its caches have the backbone's structure and shapes."""
+    b = state.tokens.shape[0]
+    want = jax.eval_shape(lambda: model.init_cache(config, b, 0))
+    kinds_differ = [type(c) for c in state.caches] != [type(c) for c in want]
+    if kinds_differ or jax.tree.structure(state.caches) != jax.tree.structure(want):
+        kinds = sorted({type(c).__name__ for c in state.caches})
+        raise GenerateError(f"state: its caches ({len(state.caches)} x {'/'.join(kinds) or 'nothing'}) are not "
+                            f"those of this config ({config.num_layers} x {type(want[0]).__name__}, a "
+                            f"{config.family} backbone): pass the state prefill returned for this config")
+    capacity = model.cache_capacity(state.caches)
+    want = jax.eval_shape(lambda: model.init_cache(config, b, capacity or 0))
+    for have_leaf, want_leaf in zip(jax.tree.leaves(state.caches), jax.tree.leaves(want)):
+        if have_leaf.shape != want_leaf.shape:
+            raise GenerateError(f"state: a cache of shape {have_leaf.shape} where this config's is "
+                                f"{want_leaf.shape}: pass the state prefill returned for this config")
+    stateful = settings.dynamic and settings.exit_config.stateful
+    for name, needed in (("exit_state", stateful), ("seen", settings.use_penalty)):
+        if (getattr(state, name) is not None) != needed:
+            raise GenerateError(f"state: {name} is {'missing' if needed else 'present'} for these settings: pass "
+                                "the state prefill returned for the same settings")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "num_steps"), donate_argnames=("state",))
@@ -569,14 +693,24 @@ def decode_chunk(config, settings: DecodeSettings, num_steps: int, params: Param
                  state: DecodeState, controls: DecodeControls, key: jax.Array) -> tuple[DecodeChunk, DecodeState]:
     """Decode ``num_steps`` (static) tokens, fewer if every row stopped, continuing from
     ``state`` (donated). ``key``: the sampling PRNG key (folded with the step). Returns
-    ``(DecodeChunk, state)``."""
-    TRACE_COUNT["decode"] += 1
+    ``(DecodeChunk, state)``. A ``state`` of another config or settings is refused when
+    tracing (``GenerateError``); ``num_steps`` past the cache that ``prefill`` made when
+    running (a ``JaxRuntimeError`` naming ``cache_len``), before any token is decoded."""
+    model = module_for(config)
+    _check_state(config, settings, model, state)
+    capacity = model.cache_capacity(state.caches)
+    if capacity is not None:  # each step writes at its input's position
+        last = state.positions + num_steps - 1
+        _refuse_if(jnp.any(~state.done & (last >= capacity)),
+                   "decode_chunk: {} steps from positions {} write up to position {}, past the cache of {} "
+                   "slots (prefill's cache_len)", num_steps, state.positions, jnp.max(last), capacity)
     b = state.tokens.shape[0]
     out = DecodeChunk(tokens=jnp.full((b, num_steps), settings.pad_token, jnp.int32),
                       exit_layers=jnp.zeros((b, num_steps), jnp.int32),
                       positions=jnp.zeros((b, num_steps), jnp.int32),
                       logits=(jnp.zeros((b, num_steps, config.vocab_size), jnp.float32)
-                              if settings.return_logits else None))
+                              if settings.return_logits else None),
+                      nonfinite=jnp.zeros((b,), bool))
 
     def cond(carry):
         i, st, _, _ = carry
@@ -589,20 +723,14 @@ def decode_chunk(config, settings: DecodeSettings, num_steps: int, params: Param
         if settings.budget:
             thr = update_thresholds(thr, exit_layer, ~st.done, controls.target_layers, controls.budget_gain,
                                     config.num_layers)
-        scores = logits
-        if settings.use_penalty:
-            scores = apply_repetition_penalty(scores, st.seen, controls.penalty)
-        if settings.greedy:
-            token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-        else:
-            token = sample_token(scores, jax.random.fold_in(key, st.step), controls.temperature, settings.top_k,
-                                 controls.top_p, settings.use_top_p)
+        token = _next_token(settings, controls, key, st, logits)
         was_done = st.done
         token = jnp.where(was_done, settings.pad_token, token)
         o = DecodeChunk(tokens=o.tokens.at[:, i].set(token),
                         exit_layers=o.exit_layers.at[:, i].set(jnp.where(was_done, 0, exit_layer)),
                         positions=o.positions.at[:, i].set(st.positions),
-                        logits=o.logits.at[:, i].set(logits) if settings.return_logits else None)
+                        logits=o.logits.at[:, i].set(logits) if settings.return_logits else None,
+                        nonfinite=o.nonfinite | (~was_done & ~jnp.all(jnp.isfinite(logits), axis=-1)))
         seen = st.seen
         if settings.use_penalty:
             seen = seen.at[jnp.arange(b), token].set(seen[jnp.arange(b), token] | ~was_done)
@@ -620,6 +748,16 @@ def decode_chunk(config, settings: DecodeSettings, num_steps: int, params: Param
     if settings.budget:
         state = dataclasses.replace(state, thresholds=thr)
     return out, state
+
+
+def _next_token(settings: DecodeSettings, controls: DecodeControls, key, state: DecodeState, logits) -> jax.Array:
+    """The token each row emits for ``logits [B, V]``: penalised, then greedy or sampled."""
+    if settings.use_penalty:
+        logits = apply_repetition_penalty(logits, state.seen, controls.penalty)
+    if settings.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_token(logits, jax.random.fold_in(key, state.step), controls.temperature, settings.top_k,
+                        controls.top_p, settings.use_top_p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,6 +846,15 @@ def check_cache_memory(config, batch: int, cache_len: int, dtype) -> None:
                             f"the {available / 2**30:.1f} GiB of memory available")
 
 
+def check_finite(chunk: DecodeChunk) -> None:
+    """Refuse a chunk whose logits held a NaN or an infinity (``NonFiniteError``): the tokens of
+    such a row are meaningless (argmax of NaN), and the row often stops at once on token 0."""
+    bad = np.flatnonzero(np.asarray(chunk.nonfinite))
+    if bad.size:
+        raise NonFiniteError(f"the logits of prompt row(s) {bad.tolist()} were not finite (NaN or infinity): the "
+                             "weights or the inputs hold non-finite values, so the generated tokens mean nothing")
+
+
 def summarize(config, settings: DecodeSettings, controls: DecodeControls, exit_layers, positions) -> dict:
     """Average layers and FLOPs of the generated tokens (``exit_layers > 0``), see
     ``dynamax_jax.flops.summarize``; exits whose threshold is above 1 ran no classifier."""
@@ -768,13 +915,14 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
         raise GenerateError(f"the cache has {cache_len} slots but the longest prompt ({int(lengths.max())} "
                             f"tokens) plus max_new_tokens ({max_new_tokens}) needs {needed}")
     check_cache_memory(config, prompt.shape[0], int(max(cache_len, t)), params["embed"].dtype)
-    params = decode_params(params)
+    params = decode_params(params, config=config)
     key = jax.random.key(0) if key is None else key
     state = prefill(config, settings, params, exit_params, jnp.asarray(prompt), jnp.asarray(lengths),
                     cache_len=int(max(cache_len, t)))
     chunk, _ = decode_chunk(config, settings, int(max_new_tokens), params, exit_params, state, controls, key)
     tokens, exit_layers, positions = (np.asarray(chunk.tokens), np.asarray(chunk.exit_layers),
                                       np.asarray(chunk.positions))
+    check_finite(chunk)
     summary = summarize(config, settings, controls, exit_layers, positions)
     return GenerateResult(tokens=tokens, exit_layers=exit_layers, num_generated=(exit_layers > 0).sum(axis=1),
                           logits=None if chunk.logits is None else np.asarray(chunk.logits), **summary)

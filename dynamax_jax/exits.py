@@ -12,8 +12,8 @@ of ``hidden_states[18]`` in transformers). A classifier maps that hidden state t
 predicted at an exit comes from the backbone's own final norm and LM head, applied to the
 exit hidden state after the exit's *adapter* when the checkpoint has one (see below).
 
-Classifier params are plain dicts stacked on a leading ``[E]`` axis so that a
-``lax.while_loop`` over layers can ``dynamic_index`` the exit it has reached:
+Classifier params are plain dicts stacked on a leading ``[E]`` axis (the layout of files and
+training; the decode engine splits them into one dict per exit, ``decoding.per_exit``):
 
     calm:  norm [E, D]  w [E, D, 2]  b [E, 2]
     ffn:   norm [E, D]  w_in [E, D, F]  b_in [E, F]  w_out [E, F, 2]  b_out [E, 2]
@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.io import atomic_directory
+from dynamax_jax.models import BACKBONES, skipped_layer_modes
 from dynamax_jax.models.layers import rms_norm
 
 Params = dict[str, Any]
@@ -71,11 +72,6 @@ Params = dict[str, Any]
 KINDS = ("calm", "ffn", "mamba")
 CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
 ADAPTERS = ("none", "affine", "lowrank")
-# "shift": "propagate" from the exit hidden state plus the mean update of the layers in
-# between (the heads' fill_shift). "recompute" (a diagnostic): skipped layers still run, so
-# the cache is full depth's and only the early token differs; it saves no compute
-TRANSFORMER_MODES = ("copy", "propagate", "shift", "recompute")
-MAMBA_MODES = ("skip", "propagate", "shift", "recompute")
 FILL_SHIFT = "fill_shift"  # [E, L, D]: exit e's estimate of layer l's input is h_e + fill_shift[e, l]
 _EPS = 1e-5
 CONFIG_FILE = "exit_config.json"
@@ -150,7 +146,10 @@ class ExitConfig:
         ``skip`` (skipped layers' states unchanged) or ``propagate`` (their state update run
         on the exit hidden state). Both: ``shift`` (``propagate`` from the exit hidden state
         plus the average update of the layers in between, ``fill_shift`` in the exit params,
-        measured by ``train.cached``). ``None``: ``copy`` / ``skip``, the cheap DYNAMAX defaults.
+        measured by ``train.cached``) and ``recompute`` (a diagnostic: the skipped layers still
+        run, so the cache is full depth's and only the early token differs; it saves nothing).
+        ``None``: the backbone's first mode, ``copy`` / ``skip``, the cheap DYNAMAX defaults.
+        Each backbone lists its own (``dynamax_jax.models.skipped_layer_modes``).
     confidence: ``classifier`` (the trained head's p(exit)) or a training-free measure:
         ``softmax`` (max probability of the exit's LM-head distribution), ``margin`` (top-1
         minus top-2 probability) or ``saturation`` (cosine similarity of the exit hidden
@@ -200,9 +199,9 @@ class ExitConfig:
             raise ExitError(f"unknown exit classifier kind {self.kind!r}; supported: {', '.join(KINDS)}")
         if self.confidence not in CONFIDENCES:
             raise ExitError(f"unknown confidence {self.confidence!r}; supported: {', '.join(CONFIDENCES)}")
-        if self.mode is not None and self.mode not in TRANSFORMER_MODES + MAMBA_MODES:
-            raise ExitError(f"unknown mode {self.mode!r}; supported: copy|propagate|shift|recompute (Transformers), "
-                            "skip|propagate|shift|recompute (Mamba2)")
+        if self.mode is not None and self.mode not in skipped_layer_modes():
+            per_family = "; ".join(f"{family}: {'|'.join(skipped_layer_modes(family))}" for family in BACKBONES)
+            raise ExitError(f"unknown mode {self.mode!r}; supported: {per_family}")
         if not isinstance(self.num_exits, (int, np.integer)) or isinstance(self.num_exits, bool) or self.num_exits < 1:
             raise ExitError(f"num_exits must be >= 1 (an integer), got {self.num_exits!r}")
         thr = self.threshold
@@ -247,7 +246,7 @@ class ExitConfig:
             raise ExitError(f"exit layers {bad} out of range for a {n_layers}-layer model: each must be "
                             f"in [1, {n_layers - 1}] (an exit after layer {n_layers} is the full model)")
         family = config.family
-        modes = TRANSFORMER_MODES if family == "transformer" else MAMBA_MODES
+        modes = skipped_layer_modes(family)
         mode = self.mode if self.mode is not None else modes[0]
         if mode not in modes:
             raise ExitError(f"mode {mode!r} is not available for a {family} backbone; supported: {', '.join(modes)}")
@@ -340,7 +339,7 @@ def default_exit_layers(num_layers: int, num_exits: int = 4) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Classifier math (pure functions on one exit's params; vmapped / dynamic-indexed by callers)
+# Classifier math (pure functions on one exit's params; training vmaps them over the exits)
 # --------------------------------------------------------------------------------------------
 
 def _mamba_dims(exit_config: ExitConfig, hidden: int) -> tuple[int, int, int, int, int]:

@@ -34,14 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.io import parse_dtype
-from dynamax_jax.models import mamba2, mistral
+from dynamax_jax.models import BACKBONES, skipped_layer_modes
 from dynamax_jax.eval import tasks
 from dynamax_jax.eval.errors import OutputError, SettingsError
 
 # Skipped-layer handling swept by default per backbone family; the first is the cheap one
 # static pruning uses. "recompute" (a diagnostic that saves nothing) runs only when asked.
-MODES = {family: tuple(m for m in modes if m not in ("shift", "recompute"))
-         for family, modes in (("transformer", mistral.SKIPPED_LAYER_MODES), ("mamba2", mamba2.SKIPPED_LAYER_MODES))}
+MODES = {family: tuple(m for m in skipped_layer_modes(family) if m not in ("shift", "recompute"))
+         for family in BACKBONES}
 
 
 # ----------------------------------------------------------------------------- model + text

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -305,15 +306,22 @@ def test_kv_caches_are_updated_in_place(exit_layers):
     assert [line for line in loop.splitlines() if " copy(" in line and f"= {shape}" in line] == []
 
 
+def _compiled():
+    """Programs in jax's own caches of the two jitted engine functions."""
+    return decoding.prefill._cache_size(), decoding.decode_chunk._cache_size()
+
+
 def test_compiled_once_per_shape_and_setting():
     ec, p = _sharp_exits("calm", threshold=0.5)
     _gen("mistral", PROMPTS, exit_config=ec, exit_params=p)
-    before = dict(decoding.TRACE_COUNT)
+    before = _compiled()
     # other tokens, lengths, thresholds, stop tokens: the same compiled programs
     _gen("mistral", [[4, 5, 6], [9], [1, 1]], exit_config=ec, exit_params=p)
     _gen("mistral", PROMPTS[::-1], exit_config=dataclasses.replace(ec, threshold=0.9), exit_params=p,
          stop_tokens=(7, 9))
-    assert decoding.TRACE_COUNT == before
+    assert _compiled() == before
+    _gen("mistral", PROMPTS, exit_config=ec, exit_params=p, temperature=0.5)  # a static setting: one more each
+    assert _compiled() == (before[0] + 1, before[1] + 1)
 
 
 def test_sampling_reproducible_and_topk1_is_greedy():
@@ -422,3 +430,122 @@ def test_shift_needs_exit_heads_and_costs_one_add_more():
     for config in (CFG, MCFG):
         assert flops.skipped_layer_flops(config, "shift") == flops.skipped_layer_flops(config, "propagate") + \
             config.hidden_size
+
+
+# ----------------------------------------------------------------------------- the backbone protocol
+
+def test_a_backbone_missing_a_protocol_function_is_refused_by_name():
+    import types
+
+    from dynamax_jax import models
+
+    assert models.check_backbone(mistral) is mistral and models.check_backbone(mamba2) is mamba2
+    partial = types.ModuleType("dynamax_jax.models.partial")
+    for name in models.protocol_members():
+        if name not in ("decode_layer", "cache_capacity"):
+            setattr(partial, name, getattr(mistral, name))
+    with pytest.raises(models.BackboneError, match=r"dynamax_jax.models.partial .* lacks cache_capacity, decode_layer"):
+        models.check_backbone(partial)
+    assert {"SKIPPED_LAYER_MODES", "decode_layout", "decode_layer", "write_entry"} <= set(models.protocol_members())
+
+
+def test_skipped_layer_modes_are_listed_once_per_backbone():
+    """Every list of modes (ExitConfig, the CLI's --mode, the evaluation sweeps) derives from
+    the backbones' ``SKIPPED_LAYER_MODES``."""
+    from dynamax_jax.cli import generate as cli
+    from dynamax_jax.eval import harness
+    from dynamax_jax.models import skipped_layer_modes
+
+    union = skipped_layer_modes()
+    assert set(union) == set(mistral.SKIPPED_LAYER_MODES) | set(mamba2.SKIPPED_LAYER_MODES)
+    assert skipped_layer_modes("transformer") == mistral.SKIPPED_LAYER_MODES
+    mode_flag = next(a for a in cli._parser()._actions if a.dest == "mode")
+    assert tuple(mode_flag.choices) == union
+    assert harness.MODES == {"transformer": ("copy", "propagate"), "mamba2": ("skip", "propagate")}
+    with pytest.raises(ex.ExitError, match=re.escape("transformer: copy|propagate|shift|recompute; mamba2: skip|")):
+        dx.ExitConfig(mode="teleport")
+    for config in (CFG, MCFG):
+        assert dx.ExitConfig().resolve(config).mode == module_for(config).SKIPPED_LAYER_MODES[0]
+
+
+def test_each_backbone_owns_its_decode_layout():
+    assert set(dx.decode_params(PARAMS)["layers"][0]) == set(mistral.decode_layout(
+        jax.tree.map(lambda a: a[0], PARAMS["layers"])))
+    assert dx.decode_params(MPARAMS, config=MCFG)["layers"][0].keys() == MPARAMS["layers"].keys()
+    with pytest.raises(dx.GenerateError, match=r"params: the layers lack .*in_proj, out_proj, which every "
+                                               r"layer of dynamax_jax.models.mamba2 has"):
+        dx.decode_params({**PARAMS, "layers": {**PARAMS["layers"], "norm": 0}}, config=MCFG)
+
+
+# ----------------------------------------------------------------------------- refusing what it cannot do right
+
+def _prefilled(backbone="mistral", cache_len=8, max_new_tokens=4):
+    config, params = MODELS[backbone]
+    params = dx.decode_params(params)
+    settings, controls, p = dx.configure(config, max_new_tokens)
+    prompt = jnp.asarray([[5, 7, 9, 11, 3]], jnp.int32)
+    state = dx.prefill(config, settings, params, p, prompt, jnp.asarray([5]), cache_len=cache_len)
+    return config, params, settings, controls, p, state
+
+
+def test_decode_chunk_past_the_cache_is_refused():
+    """5 prompt tokens and cache_len 8: the loop's inputs sit at positions 4..7, so four steps fit
+    and a fifth would write past the cache (it used to return wrong tokens)."""
+    config, params, settings, controls, p, state = _prefilled()
+    chunk, state = dx.decode_chunk(config, settings, 3, params, p, state, controls, jax.random.key(0))
+    assert chunk.positions.tolist() == [[4, 5, 6]]
+    with pytest.raises(RuntimeError, match=r"decode_chunk: 2 steps from positions \[7\] write up to position 8, "
+                                           r"past the cache of 8 slots \(prefill's cache_len\)"):
+        jax.block_until_ready(dx.decode_chunk(config, settings, 2, params, p, state, controls, jax.random.key(0)))
+    config, params, settings, controls, p, state = _prefilled("mamba2")  # a recurrent state has no end
+    chunk, _ = dx.decode_chunk(config, settings, 6, params, p, state, controls, jax.random.key(0))
+    assert chunk.positions.tolist() == [[4, 5, 6, 7, 8, 9]]
+
+
+def test_prefill_refuses_what_does_not_fit():
+    config, params = MODELS["mistral"]
+    params = dx.decode_params(params)
+    settings, _, p = dx.configure(config, 2)
+    prompt = jnp.asarray([[5, 7, 9, 11, 3]], jnp.int32)
+    with pytest.raises(dx.GenerateError, match=r"cache_len \(4\) is smaller than the prompt width \(5 tokens\)"):
+        dx.prefill(config, settings, params, p, prompt, jnp.asarray([5]), cache_len=4)
+    with pytest.raises(RuntimeError, match=r"prompt token ids must be in \[0, 128\) \(the vocabulary\)"):
+        jax.block_until_ready(dx.prefill(config, settings, params, p, prompt.at[0, 2].set(128), jnp.asarray([5]),
+                                         cache_len=8))
+    dx.prefill(config, settings, params, p, prompt.at[0, 4].set(128), jnp.asarray([4]), cache_len=8)  # padding
+    with pytest.raises(RuntimeError, match=r"lengths must be in \[1, 5\], got \[0\]"):
+        jax.block_until_ready(dx.prefill(config, settings, params, p, prompt, jnp.asarray([0]), cache_len=8))
+    with pytest.raises(dx.GenerateError, match=r"prompt must be \[B, T\] with B, T >= 1"):
+        dx.prefill(config, settings, params, p, jnp.zeros((1, 0), jnp.int32), jnp.asarray([0]), cache_len=8)
+    with pytest.raises(dx.GenerateError, match=r"params: pass the decode layout"):
+        dx.prefill(config, settings, MODELS["mistral"][1], p, prompt, jnp.asarray([5]), cache_len=8)
+
+
+def test_decode_chunk_refuses_another_configs_state():
+    config, params, settings, controls, p, state = _prefilled("mistral")
+    mconfig, mparams, msettings, mcontrols, mp, mstate = _prefilled("mamba2")
+    with pytest.raises(dx.GenerateError, match=r"state: its caches \(4 x KVCache\) are not those of this config "
+                                               r"\(4 x Mamba2State, a mamba2 backbone\)"):
+        dx.decode_chunk(mconfig, msettings, 2, mparams, mp, state, mcontrols, jax.random.key(0))
+    wider = dataclasses.replace(CFG, num_kv_heads=4)
+    with pytest.raises(dx.GenerateError, match="state: a cache of shape"):
+        dx.decode_chunk(wider, settings, 2, params, p, state, controls, jax.random.key(0))
+    penalised, _, _ = dx.configure(config, 2, repetition_penalty=1.3)
+    with pytest.raises(dx.GenerateError, match="state: seen is missing for these settings"):
+        dx.decode_chunk(config, penalised, 2, params, p, state, controls, jax.random.key(0))
+
+
+def test_static_exit_layer_must_be_an_integer():
+    for bad in (2.7, 2.0, True, "2"):
+        with pytest.raises(dx.GenerateError, match=r"static_exit_layer must be in \[1, 4\] \(an integer\)"):
+            dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, static_exit_layer=bad)
+    assert dx.generate(CFG, PARAMS, [PROMPTS[0]], max_new_tokens=2, static_exit_layer=np.int64(2)).avg_layers == 2
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "mamba2"])
+def test_a_nan_in_the_weights_is_reported(backbone):
+    config, params = MODELS[backbone]
+    first = "wo" if backbone == "mistral" else "out_proj"
+    broken = {**params, "layers": {**params["layers"], first: params["layers"][first].at[1, 0, 0].set(jnp.nan)}}
+    with pytest.raises(decoding.NonFiniteError, match=r"logits of prompt row\(s\) \[0, 1, 2\] were not finite"):
+        dx.generate(config, broken, *_padded(PROMPTS)[:1], prompt_lengths=_padded(PROMPTS)[1], max_new_tokens=N)

@@ -65,3 +65,46 @@ def test_the_command_line_leaves_the_generate_function_alone():
     assert callable(dx.generate) and dx.generate is dx.decoding.generate
     proc = subprocess.run([sys.executable, "-m", "dynamax_jax", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m dynamax_jax ")
+
+
+def test_an_empty_prompt_is_refused(tiny_llama_dir, capsys):
+    """``--no-chat ""`` encodes to no tokens: refused (it used to decode from index -1 and exit 0)."""
+    status = run_cli(G.main, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "2", ""],
+                     prog=G.PROG)
+    err = capsys.readouterr().err
+    assert status == 2 and "the prompt is empty: it encodes to no tokens" in err and "Traceback" not in err
+
+
+def test_the_model_is_checked_before_its_tokenizer(tiny_llama_dir, tmp_path, capsys):
+    """5 heads over 2 KV heads: the project's own check names it (transformers' tokenizer loading
+    used to crash on the config first)."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(num_attention_heads=5, num_key_value_heads=2)
+    (model / "config.json").write_text(json.dumps(config))
+    status = run_cli(G.main, ["--model", str(model), "--no-chat", "--max-new-tokens", "2", "hello"], prog=G.PROG)
+    err = capsys.readouterr().err
+    assert status == 2 and "num_heads (5) must be a multiple of num_kv_heads (2)" in err and "Traceback" not in err
+
+
+def test_non_finite_logits_fail_the_command(tiny_llama_dir, tmp_path, capsys):
+    """A NaN in one weight: one line naming the problem and exit 2 (it used to print one token
+    and exit 0)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors")
+    status = run_cli(G.main, ["--model", str(model), "--no-chat", "--max-new-tokens", "3", "the river"],
+                     prog=G.PROG)
+    err = capsys.readouterr().err
+    assert status == 2 and "were not finite (NaN or infinity)" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, utf8_text
+from dynamax_jax.models import BACKBONES, skipped_layer_modes
 
 # Trained exit heads shipped for the default model (SmolLM2-135M-Instruct): ``--exits shipped``.
 # Not the default: on the real TriviaQA evaluation questions it saves 2.9 % of the FLOPs and no
@@ -46,11 +47,13 @@ def _parser() -> argparse.ArgumentParser:
                         "FLOPs on real questions)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when p(exit) >= this; overrides the saved threshold (> 1: never exit)")
-    p.add_argument("--mode", default=None, choices=["copy", "propagate", "skip", "shift", "recompute"],
-                   help="skipped layers: copy|propagate (Transformer), skip|propagate (Mamba2); shift (either; "
-                        "heads with a fill_shift): propagate from the exit state moved by the average update of "
-                        "the skipped layers; recompute (either; a diagnostic): they still run, the cache stays "
-                        "full depth's")
+    per_family = "; ".join(f"{family}: {'|'.join(skipped_layer_modes(family))}" for family in BACKBONES)
+    p.add_argument("--mode", default=None, choices=skipped_layer_modes(),
+                   help=f"what the layers a token skipped store ({per_family}; the first is the default): copy "
+                        "the exit layer's K/V, skip (states unchanged), propagate (their update from the exit "
+                        "state), shift (heads with a fill_shift: propagate from the exit state moved by the "
+                        "average update of the skipped layers), recompute (a diagnostic: they still run, the "
+                        "cache stays full depth's)")
     p.add_argument("--confidence", default=None, choices=["classifier", "softmax", "margin", "saturation"],
                    help="training-free confidence instead of the exit classifiers (needs no --exits; "
                         "exits placed at the default layers)")
@@ -100,35 +103,18 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"{flag}: {path!r} does not exist")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    utf8_text(args.prompt, "the prompt")
-
-    import jax
-    import jax.numpy as jnp
-
-    import dynamax_jax as dx
-    from dynamax_jax import decoding
-    from dynamax_jax.prompts import encode_prompt, stop_ids
-
-    model_path = args.model
-    if model_path is None:
-        from dynamax_jax.default_model import smollm2_gguf_path
-        model_path = smollm2_gguf_path()
-    tokenizer = dx.load_tokenizer(model_path)
-    ids = encode_prompt(tokenizer, args.prompt, not args.no_chat)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    config, params = dx.load_pretrained(model_path, dtype=dtype)
-    n = args.max_new_tokens
-    decoding.check_context(config, len(ids), n)
-    decoding.check_cache_memory(config, 1, len(ids) + n, dtype)
+def _exit_config(args, dx, config, model_path):
+    """The exits the flags ask for: ``(exit_config, exit_params)``, both None at full depth.
+    Heads trained on another architecture are refused; on other weights, warned about."""
+    from dynamax_jax.exits import check_trained_on
+    from dynamax_jax.io import fingerprint
 
     exits_path = DEFAULT_EXITS_PATH if args.exits == "shipped" else args.exits
     exit_config, exit_params = (None, None)
     if exits_path:
         exit_config, exit_params = dx.load_exits(exits_path)
+        check_trained_on(exit_config, config, fingerprint=fingerprint(model_path),
+                         where=f"the exit heads in {exits_path}")
     if args.confidence and args.confidence != "classifier":
         exit_config = dataclasses.replace(exit_config or dx.ExitConfig(), confidence=args.confidence)
         if not exit_config.has_adapter:  # an adapter still maps the exit's hidden state
@@ -143,13 +129,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_config = dataclasses.replace(exit_config, **changes)
     elif args.threshold is not None:
         print("note: --threshold has no effect without --exits or --confidence", file=sys.stderr)
+    return exit_config, exit_params
 
-    stops = stop_ids(config, tokenizer)
-    settings, controls, exit_params = decoding.configure(
-        config, n, exit_config=exit_config, exit_params=exit_params, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_tokens=stops,
-        static_exit_layer=args.static_exit, target_layers=args.target_layers, dtype=dtype)
-    params = decoding.decode_params(params, donate=True)
+
+def _load(args):
+    """``(model path, config, params, tokenizer, prompt ids)``: the model first, so that a model this project
+    cannot run is named before its tokenizer is read."""
+    import jax.numpy as jnp
+
+    import dynamax_jax as dx
+    from dynamax_jax.prompts import encode_prompt
+
+    model_path = args.model
+    if model_path is None:
+        from dynamax_jax.default_model import smollm2_gguf_path
+        model_path = smollm2_gguf_path()
+    config, params = dx.load_pretrained(model_path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    tokenizer = dx.load_tokenizer(model_path)
+    ids = encode_prompt(tokenizer, args.prompt, not args.no_chat)
+    if not ids:
+        raise dx.GenerateError("the prompt is empty: it encodes to no tokens (--no-chat adds none)")
+    return model_path, config, params, tokenizer, ids
+
+
+def _stream(args, config, params, exit_params, settings, controls, tokenizer, ids, stops):
+    """Decode chunk by chunk, printing the text as it grows. Returns the generated tokens,
+    their exit layers and positions, the seconds taken and the tokens/s after the first chunk."""
+    import jax
+    import jax.numpy as jnp
+
+    from dynamax_jax import decoding
+
+    n = args.max_new_tokens
     key = jax.random.key(args.seed)
     state = decoding.prefill(config, settings, params, exit_params, jnp.asarray([ids], jnp.int32),
                              jnp.asarray([len(ids)], jnp.int32), cache_len=len(ids) + n)
@@ -162,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_first, n_first = time.perf_counter(), len(generated)
         chunk, state = decoding.decode_chunk(config, settings, min(args.chunk, n - len(generated)), params,
                                              exit_params, state, controls, key)
+        decoding.check_finite(chunk)
         toks, exl, pos = np.asarray(chunk.tokens[0]), np.asarray(chunk.exit_layers[0]), np.asarray(chunk.positions[0])
         keep = exl > 0
         generated += toks[keep].tolist()
@@ -173,9 +185,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         printed = text
     seconds = time.perf_counter() - t0
     sys.stdout.write("\n")
-    summary = decoding.summarize(config, settings, controls, np.asarray([layers]), np.asarray([positions]))
     rate = ((len(generated) - n_first) / (time.perf_counter() - t_first) if t_first and len(generated) > n_first
             else float("nan"))
+    return generated, layers, positions, seconds, rate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    utf8_text(args.prompt, "the prompt")
+
+    import dynamax_jax as dx
+    from dynamax_jax import decoding
+    from dynamax_jax.prompts import stop_ids
+
+    model_path, config, params, tokenizer, ids = _load(args)
+    n = args.max_new_tokens
+    decoding.check_context(config, len(ids), n)
+    decoding.check_cache_memory(config, 1, len(ids) + n, params["embed"].dtype)
+    exit_config, exit_params = _exit_config(args, dx, config, model_path)
+    stops = stop_ids(config, tokenizer)
+    settings, controls, exit_params = decoding.configure(
+        config, n, exit_config=exit_config, exit_params=exit_params, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_tokens=stops,
+        static_exit_layer=args.static_exit, target_layers=args.target_layers, dtype=params["embed"].dtype)
+    params = decoding.decode_params(params, donate=True, config=config)
+    generated, layers, positions, seconds, rate = _stream(args, config, params, exit_params, settings, controls,
+                                                          tokenizer, ids, stops)
+    summary = decoding.summarize(config, settings, controls, np.asarray([layers]), np.asarray([positions]))
     rate_text = f"{rate:.1f} tokens/s after the first chunk; " if rate == rate else ""
     print(f"[{len(generated)} tokens in {seconds:.2f} s incl. compilation; {rate_text}"
           f"average layers {summary['avg_layers']:.2f} of {config.num_layers}; FLOPs "

@@ -29,11 +29,12 @@ Entry points (the per-layer interface every backbone follows):
   ``state``. ``lengths [B]`` (int, ``0 <= lengths <= T``) marks right-padded rows: the
   positions ``t >= lengths[b]`` leave row ``b``'s state untouched (their outputs are
   meaningless). T == 1 is one decode step (direct recurrence, no chunking).
-- the decode protocol (shared with Mistral, used by ``dynamax_jax.decoding``):
+- the decode protocol (``dynamax_jax.models.Backbone``, used by ``dynamax_jax.decoding``):
   ``init_cache`` (one state per layer), ``prefill_layer(config, layer_params, x, layer_state,
   lengths)`` -> ``(x, layer_state)`` on hidden states ``x [B, T, D]`` (T >= 1, float32 out)
   with one layer's params and state slice, ``decode_layer`` / ``propagate_layer`` (one token,
-  returning the layer's new state as its entry), ``read_entry`` / ``write_entry`` and
+  returning the layer's new state as its entry), ``read_entry`` / ``write_entry``,
+  ``decode_layout`` (the stored layout), ``cache_capacity`` (no limit) and
   ``SKIPPED_LAYER_MODES``.
 - ``embed`` (float32: the residual stream's dtype), ``head`` (final norm + LM head ->
   float32 logits), ``init_params``, ``init_state`` / ``Mamba2State.init(config, batch, dtype)``.
@@ -317,10 +318,21 @@ def apply(config: Mamba2Config, params: Params, tokens: jax.Array, state: Mamba2
 
 
 # ----------------------------------------------------------------------------- decode protocol
-# One layer at a time on per-layer buffers (``dynamax_jax.decoding``); Mistral implements the same.
+# ``dynamax_jax.models.Backbone``: one layer at a time on per-layer buffers (``dynamax_jax.decoding``).
 # A layer's *entry* (what a decode step writes) is its whole new state.
 
 SKIPPED_LAYER_MODES = ("skip", "propagate", "shift", "recompute")  # the first is the default
+LAYER_PARAMS = frozenset(("norm", "in_proj", "conv_w", "dt_bias", "A_log", "D", "gate_norm", "out_proj"))
+
+
+def decode_layout(layer_params: Params) -> Params:
+    """The decode layout of one layer is the stored one (each projection is one matrix already)."""
+    return layer_params
+
+
+def cache_capacity(caches: tuple[Mamba2State, ...]) -> None:
+    """A recurrent state holds any number of positions."""
+    return None
 
 
 def init_cache(config: Mamba2Config, batch: int, cache_len: int = 0, dtype=jnp.float32) -> tuple[Mamba2State, ...]:

@@ -260,13 +260,14 @@ def apply(config: MistralConfig, params: Params, tokens, cache: KVCache, start, 
 
 
 # ----------------------------------------------------------------------------- decode protocol
-# One layer at a time on per-layer buffers (``dynamax_jax.decoding``); Mamba2 implements the same.
+# ``dynamax_jax.models.Backbone``: one layer at a time on per-layer buffers (``dynamax_jax.decoding``).
 # A decode step reads the caches and returns each layer's *entry* (here the new token's K/V);
 # the engine writes every entry once the layer loop is over. Written inside the loop, each
 # cache would be read (attention) and updated in place in one loop body, and XLA:CPU then
 # copies the whole cache of every layer on every token.
 
 SKIPPED_LAYER_MODES = ("copy", "propagate", "shift", "recompute")  # the first is the default
+LAYER_PARAMS = frozenset(("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"))
 PREFILL_BLOCK = 128  # query block of causal_attention (measured: 2,048-token prefill 5.9 s at 128, 6.5 s at 256, 8.3 s at 512)
 
 
@@ -274,6 +275,16 @@ def init_cache(config: MistralConfig, batch: int, cache_len: int, dtype=jnp.floa
     """One empty ``KVCache`` (``k, v [B, K, S, H]``) per layer, ``S = cache_len``."""
     shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
     return tuple(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def decode_layout(layer_params: Params) -> Params:
+    """The decode layout of one layer: ``fuse_decode_weights``."""
+    return fuse_decode_weights(layer_params)
+
+
+def cache_capacity(caches: tuple[KVCache, ...]) -> int:
+    """Positions the caches hold: their slots ``S``."""
+    return caches[0].k.shape[-2]
 
 
 def prefill_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache, lengths):

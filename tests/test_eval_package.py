@@ -11,13 +11,6 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def test_no_function_is_longer_than_80_lines():
-    long = [f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in MODULES for node in ast.walk(_tree(path))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
-    assert not long, long
-
-
 def test_library_code_raises_typed_errors_not_exit_codes():
     """``SystemExit`` and bare ``RuntimeError`` are for command lines: a library function raises
     one of ``eval.errors``' classes (or another ``ValueError``), which ``run_cli`` turns into

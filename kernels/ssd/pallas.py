@@ -392,41 +392,9 @@ def _tpu_vmem(shape):
     return pltpu.VMEM(shape, jnp.float32)
 
 
-def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
-               interpret: bool = False, variant: str | None = None,
-               block_m: int | None = None, precision=None, num_warps: int | None = None,
-               num_stages: int | None = None, schedule: str | None = None,
-               target: str | None = None, vmem_limit_bytes: int | None = None):
-    """Forward chunked SSD scan with the Pallas kernel.
-
-    Shapes as ``reference.ssd_chunked``: x ``[b, l, h, p]`` (float32 or bfloat16),
-    dt ``[b, l, h]`` float32, A ``[h]``, B, C ``[b, l, g, n]`` (same dtype as x or
-    float32), D ``[h]`` or None, initial_state ``[b, h, p, n]`` or None. Returns
-    ``y [b, l, h, p]`` float32 and ``final_state [b, h, p, n]`` float32. Shapes are
-    assumed valid (``kernels.ssd.ops.ssd`` validates them). No gradient: use
-    ``kernels.ssd.ops.ssd``.
-
-    ``target``: the platform to compile for, "gpu" or "tpu"; None takes it from x's
-    devices (under ``jit``, the mesh of its sharding), then from the mesh set with
-    ``jax.set_mesh``, then ``jax.default_backend()`` (see ``target_platform``), so a
-    program lowered for a TPU topology from a CPU host gets the TPU kernel. Ignored in
-    interpret mode.
-    ``variant``: "loop" (GPU, grid (b, h), chunks in an in-kernel loop) or "chunk_grid"
-    (TPU, grid (b, h, c) with the chunk axis "arbitrary"); default by target, "loop" in
-    interpret mode. On TPU only "chunk_grid" compiles, with ``chunk_size`` a multiple of
-    128 or at least the length. ``block_m``: row sub-block of the loop variant (default
-    ``min(64, chunk_size)`` compiled, ``chunk_size`` interpreted). ``schedule``: test-only
-    grid visiting order in interpret mode (None, "reverse", "shuffle").
-    ``vmem_limit_bytes``: Mosaic's scoped VMEM limit for the TPU kernel (None: the
-    compiler's default); ``aot.kernel_vmem_floor`` bisects it to measure the kernel's
-    VMEM.
-    """
-    f32 = jnp.float32
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    r = h // g
-    q = int(chunk_size)
-    platform = "interpret" if interpret else target_platform(target, x)
+def _check_settings(platform: str, variant: str | None, block_m: int | None, q: int, l: int, p: int,
+                    n: int) -> tuple[str, int]:
+    """The kernel variant and row block for ``platform``, refusing what would not compile."""
     if variant is None:
         variant = "chunk_grid" if platform == "tpu" else "loop"
     if variant not in VARIANTS:
@@ -459,8 +427,15 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
         raise ValueError(f"ssd_pallas: block_m ({block_m}) must divide chunk_size ({q})")
     if platform == "gpu":
         _check_triton_tiles(p, n, q, block_m)
+    return variant, block_m
 
-    # XLA side: pad to whole chunks (dt = 0 keeps the state), within-chunk cumsum of dA.
+
+def _prepare(x, dt, A, B, C, D, initial_state, q: int) -> dict:
+    """XLA side of the kernel: pad to whole chunks (dt = 0 keeps the state) and take the
+    within-chunk cumulative sum of dA (``jnp.cumsum`` is not available inside a TPU kernel)."""
+    f32 = jnp.float32
+    b, l, h, p = x.shape
+    n = B.shape[3]
     pad = (-l) % q
     n_chunks = (l + pad) // q
     lp = l + pad
@@ -473,37 +448,46 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
                               (h, 1, p))                                # [h, 1, p]
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
     state_shape = jax.ShapeDtypeStruct((b, h, p, n), f32)
+    return dict(x=x_p, dt=dt_t, cs=cs, cs_lo=cs_lo, B=b_p, C=c_p, D=d_rows, s0=s0, state_shape=state_shape,
+                n_chunks=n_chunks)
 
-    if variant == "loop":
-        y, final = _pallas_call(
-            functools.partial(_loop_kernel, q=q, m=block_m, n_chunks=n_chunks,
-                              precision=precision),
-            grid=(b, h),
-            in_specs=[((None, lp, None, p), lambda bi, hi: (bi, 0, hi, 0)),      # x
-                      ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # dt
-                      ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs
-                      ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs_lo
-                      ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # B
-                      ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # C
-                      ((None, 1, p), lambda bi, hi: (hi, 0, 0)),                 # D
-                      ((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0))],      # s0
-            out_specs=[((None, lp, None, p), lambda bi, hi: (bi, 0, hi, 0)),
-                       ((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0))],
-            out_shape=[jax.ShapeDtypeStruct((b, lp, h, p), f32), state_shape],
-            scratch_shapes=(),
-            compiler_params=(None if platform in ("interpret", "tpu")
-                             else _triton_params(num_warps, num_stages)),
-            interpret=interpret, schedule=schedule, name="ssd_chunked_loop")(
-                x_p, dt_t, cs, cs_lo, b_p, c_p, d_rows, s0)
-        return y[:, :l], final
 
-    # chunk_grid: transposed layouts keep each block's last two dims tiles or full dims.
-    x_t = jnp.swapaxes(x_p, 1, 2)                                       # [b, h, l, p]
-    b_t, c_t = jnp.swapaxes(b_p, 1, 2), jnp.swapaxes(c_p, 1, 2)         # [b, g, l, n]
-    row = lambda a: a[:, :, None, :]  # noqa: E731                     # [b, h, 1, l]
+def _run_loop(a: dict, *, q: int, r: int, block_m: int, precision, compiler_params, interpret: bool, schedule):
+    """The ``loop`` variant on ``_prepare``'s arrays: grid (b, h), the chunks in an in-kernel
+    loop. Returns ``y [b, l_padded, h, p]`` and the final state."""
+    b, lp, h, p = a["x"].shape
+    n = a["B"].shape[3]
+    return _pallas_call(
+        functools.partial(_loop_kernel, q=q, m=block_m, n_chunks=a["n_chunks"], precision=precision),
+        grid=(b, h),
+        in_specs=[((None, lp, None, p), lambda bi, hi: (bi, 0, hi, 0)),      # x
+                  ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # dt
+                  ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs
+                  ((None, None, lp), lambda bi, hi: (bi, hi, 0)),            # cs_lo
+                  ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # B
+                  ((None, lp, None, n), lambda bi, hi: (bi, 0, _group(hi, r), 0)),  # C
+                  ((None, 1, p), lambda bi, hi: (hi, 0, 0)),                 # D
+                  ((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0))],      # s0
+        out_specs=[((None, lp, None, p), lambda bi, hi: (bi, 0, hi, 0)),
+                   ((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, lp, h, p), jnp.float32), a["state_shape"]],
+        scratch_shapes=(), compiler_params=compiler_params,
+        interpret=interpret, schedule=schedule, name="ssd_chunked_loop")(
+            a["x"], a["dt"], a["cs"], a["cs_lo"], a["B"], a["C"], a["D"], a["s0"])
+
+
+def _run_chunk_grid(a: dict, *, q: int, r: int, precision, vmem_limit_bytes, interpret: bool, schedule):
+    """The ``chunk_grid`` variant on ``_prepare``'s arrays: grid (b, h, c), the state carried
+    across the chunk axis. Returns ``y [b, l_padded, h, p]`` and the final state."""
+    b, lp, h, p = a["x"].shape
+    n = a["B"].shape[3]
+    # Transposed layouts keep each block's last two dims tiles or full dims.
+    x_t = jnp.swapaxes(a["x"], 1, 2)                                    # [b, h, l, p]
+    b_t, c_t = jnp.swapaxes(a["B"], 1, 2), jnp.swapaxes(a["C"], 1, 2)   # [b, g, l, n]
+    row = lambda v: v[:, :, None, :]  # noqa: E731                     # [b, h, 1, l]
     y_t, final = _pallas_call(
-        functools.partial(_chunk_grid_kernel, q=q, n_chunks=n_chunks, precision=precision),
-        grid=(b, h, n_chunks),
+        functools.partial(_chunk_grid_kernel, q=q, n_chunks=a["n_chunks"], precision=precision),
+        grid=(b, h, a["n_chunks"]),
         in_specs=[((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0)),       # x
                   ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # dt
                   ((None, None, 1, q), lambda bi, hi, ci: (bi, hi, 0, ci)),       # cs
@@ -514,9 +498,52 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
                   ((None, None, p, n), lambda bi, hi, ci: (bi, hi, 0, 0))],       # s0
         out_specs=[((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0)),
                    ((None, None, p, n), lambda bi, hi, ci: (bi, hi, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, h, lp, p), f32), state_shape],
+        out_shape=[jax.ShapeDtypeStruct((b, h, lp, p), jnp.float32), a["state_shape"]],
         scratch_shapes=[_tpu_vmem((p, n))],
         compiler_params=_tpu_params(vmem_limit_bytes),
         interpret=interpret, schedule=schedule, name="ssd_chunked_grid")(
-            x_t, row(dt_t), row(cs), row(cs_lo), b_t, c_t, d_rows, s0)
-    return jnp.swapaxes(y_t, 1, 2)[:, :l], final
+            x_t, row(a["dt"]), row(a["cs"]), row(a["cs_lo"]), b_t, c_t, a["D"], a["s0"])
+    return jnp.swapaxes(y_t, 1, 2), final
+
+
+def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None,
+               interpret: bool = False, variant: str | None = None,
+               block_m: int | None = None, precision=None, num_warps: int | None = None,
+               num_stages: int | None = None, schedule: str | None = None,
+               target: str | None = None, vmem_limit_bytes: int | None = None):
+    """Forward chunked SSD scan with the Pallas kernel.
+
+    Shapes as ``reference.ssd_chunked``: x ``[b, l, h, p]`` (float32 or bfloat16),
+    dt ``[b, l, h]`` float32, A ``[h]``, B, C ``[b, l, g, n]`` (same dtype as x or
+    float32), D ``[h]`` or None, initial_state ``[b, h, p, n]`` or None. Returns
+    ``y [b, l, h, p]`` float32 and ``final_state [b, h, p, n]`` float32. Shapes are
+    assumed valid (``kernels.ssd.ops.ssd`` validates them). No gradient: use
+    ``kernels.ssd.ops.ssd``.
+
+    ``target``: the platform to compile for, "gpu" or "tpu"; None takes it from x's
+    devices (under ``jit``, the mesh of its sharding), then from the mesh set with
+    ``jax.set_mesh``, then ``jax.default_backend()`` (see ``target_platform``), so a
+    program lowered for a TPU topology from a CPU host gets the TPU kernel. Ignored in
+    interpret mode.
+    ``variant``: "loop" (GPU, grid (b, h), chunks in an in-kernel loop) or "chunk_grid"
+    (TPU, grid (b, h, c) with the chunk axis "arbitrary"); default by target, "loop" in
+    interpret mode. On TPU only "chunk_grid" compiles, with ``chunk_size`` a multiple of
+    128 or at least the length. ``block_m``: row sub-block of the loop variant (default
+    ``min(64, chunk_size)`` compiled, ``chunk_size`` interpreted). ``schedule``: test-only
+    grid visiting order in interpret mode (None, "reverse", "shuffle").
+    ``vmem_limit_bytes``: Mosaic's scoped VMEM limit for the TPU kernel (None: the
+    compiler's default); ``aot.kernel_vmem_floor`` bisects it to measure the kernel's
+    VMEM.
+    """
+    b, l, h, p = x.shape
+    q = int(chunk_size)
+    platform = "interpret" if interpret else target_platform(target, x)
+    variant, block_m = _check_settings(platform, variant, block_m, q, l, p, B.shape[3])
+    arrays = _prepare(x, dt, A, B, C, D, initial_state, q)
+    common = dict(q=q, r=h // B.shape[2], precision=precision, interpret=interpret, schedule=schedule)
+    if variant == "loop":
+        compiler_params = None if platform in ("interpret", "tpu") else _triton_params(num_warps, num_stages)
+        y, final = _run_loop(arrays, block_m=block_m, compiler_params=compiler_params, **common)
+    else:
+        y, final = _run_chunk_grid(arrays, vmem_limit_bytes=vmem_limit_bytes, **common)
+    return y[:, :l], final

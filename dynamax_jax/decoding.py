@@ -179,7 +179,8 @@ def configure(config, max_new_tokens: int, *, exit_config: ExitConfig | None = N
     """Check the arguments of a generation (see ``generate``) and split them into static
     ``DecodeSettings``, traced ``DecodeControls`` and the exit params the loop reads (one dict
     per exit, or None when no classifier runs), cast to ``dtype`` (pass the backbone's weight
-    dtype: heads saved in bfloat16 ran ten times slower than in float32 under XLA:CPU).
+    dtype: XLA:CPU runs bfloat16 dots far slower than float32 ones, so heads saved in bfloat16
+    must not slow a float32 backbone).
     Raises ``GenerateError`` / ``ExitError``."""
     n_layers = config.num_layers
     if not _is_int(max_new_tokens) or max_new_tokens < 1:

@@ -6,8 +6,8 @@ closed form, train every classifier kind on the cache.
 
 Shape legend: R cached rows, E exits, T tokens per row, D hidden, K the final layer's top-k.
 
-``train.distill`` runs the backbone at every step of every head kind; on a CPU that is 90 %
-of a step. Here it runs once:
+``train.distill`` runs the backbone at every step of every head kind, where it is most of a
+step's work. Here it runs once:
 
 1. **Cache** (``out/cache``): rows of ``--seq-len`` tokens from each ``--data`` source up to
    its token quota (the ``train.data`` pipeline: documents shuffled with the seed, packed);

@@ -116,7 +116,7 @@ def comment_blocks(source: str) -> list[str]:
 
     A line-based scan: a ``#`` line inside a multi-line string is taken as a comment too,
     which is rare and harmless for a language-model corpus (``tokenize`` would be exact
-    but is ~20x slower over the whole standard library)."""
+    but is much slower over the whole standard library)."""
     blocks, current = [], []
     for line in source.splitlines():
         match = _COMMENT_LINE.match(line)

@@ -138,9 +138,9 @@ def fuse_decode_weights(p: Params) -> Params:
     """One layer's params in the decode layout: the projections that read the same input
     as one matrix each, ``w_qkv [D, (N + 2K) H]`` (replacing ``wq``) and ``w_gate_up [D, 2F]``
     (replacing ``w_gate`` and ``w_up``): four matmuls a layer per token instead of seven. At
-    batch 1 each matmul is a small matrix-vector product, and XLA:CPU streamed SmolLM2's at
-    10-16 GB/s against 24 GB/s for the LM head's single large one; fused, 18.5 GB/s
-    (``benchmarks/profile_decode.py``). ``wk`` and ``wv`` stay for
+    batch 1 each matmul is a small matrix-vector product, and XLA:CPU streams a few large
+    ones faster than many small ones (``benchmarks/profile_decode.py`` measures it;
+    docs/performance.md). ``wk`` and ``wv`` stay for
     ``kv_projection`` (a slice of a weight is a copy on XLA:CPU). Params without ``wq`` (a
     Mamba2 layer, or fused already) are returned as they are."""
     if "wq" not in p:
@@ -268,7 +268,7 @@ def apply(config: MistralConfig, params: Params, tokens, cache: KVCache, start, 
 
 SKIPPED_LAYER_MODES = ("copy", "propagate", "shift", "recompute")  # the first is the default
 LAYER_PARAMS = frozenset(("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"))
-PREFILL_BLOCK = 128  # query block of causal_attention (measured: 2,048-token prefill 5.9 s at 128, 6.5 s at 256, 8.3 s at 512)
+PREFILL_BLOCK = 128  # query block of causal_attention: the fastest of 128/256/512 for long prefills on XLA:CPU
 
 
 def init_cache(config: MistralConfig, batch: int, cache_len: int, dtype=jnp.float32) -> tuple[KVCache, ...]:

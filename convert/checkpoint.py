@@ -38,7 +38,7 @@ from dynamax_jax.convert.errors import (CheckpointError, ConfigError, CorruptFil
                                         ShapeMismatchError, UnsupportedModelError)
 from dynamax_jax.convert.safetensors_io import CheckpointReader, write_sharded
 from dynamax_jax.convert.tables import architecture, architecture_for_config, hf_tensors, load_params
-from dynamax_jax.io import atomic_directory
+from dynamax_jax.io import atomic_directory, read_json_object
 
 # What ``save_hf`` writes (fnmatch patterns): weights, their index, config.json.
 HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
@@ -53,13 +53,7 @@ def read_hf_config(path) -> dict:
     file = Path(path) / "config.json"
     if not file.exists():
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as err:
-        raise CorruptFileError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CorruptFileError(f"{file}: expected a JSON object")
-    return config
+    return read_json_object(file, CorruptFileError)
 
 
 def load_checkpoint(path, dtype=jnp.float32, progress: bool = False):

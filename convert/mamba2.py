@@ -18,7 +18,6 @@ directory; the ``mamba2`` model_type is registered with ``convert.tables`` on im
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from dynamax_jax.convert.errors import CheckpointError, CorruptFileError
 from dynamax_jax.convert.safetensors_io import CheckpointReader
 from dynamax_jax.convert.tables import Architecture, Row, identity, load_params, register
 from dynamax_jax.config import Mamba2Config
+from dynamax_jax.io import read_json_object
 
 CODESTRAL_PARAMS = "params.json"
 CODESTRAL_WEIGHTS = "consolidated.safetensors"
@@ -103,13 +103,7 @@ def read_codestral_params(path) -> dict:
     file = Path(path) / CODESTRAL_PARAMS
     if not file.exists():
         raise CheckpointError(f"{path}: no {CODESTRAL_PARAMS}")
-    try:
-        params = json.loads(file.read_text())
-    except ValueError as err:
-        raise CorruptFileError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(params, dict):
-        raise CorruptFileError(f"{file}: expected a JSON object")
-    return params
+    return read_json_object(file, CorruptFileError)
 
 
 def load_codestral(path, dtype=jnp.float32, progress: bool = False):

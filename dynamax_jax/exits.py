@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamax_jax.io import atomic_directory
+from dynamax_jax.io import atomic_directory, read_json_object
 from dynamax_jax.models import BACKBONES, skipped_layer_modes
 from dynamax_jax.models.layers import rms_norm
 
@@ -634,13 +634,7 @@ def load_exits(path) -> tuple[ExitConfig, Params | None]:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ExitError(f"{path} is not an exit checkpoint: {CONFIG_FILE} not found")
-    try:
-        settings = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExitError(f"{cfg_file}: not valid JSON ({err})") from None
-    if not isinstance(settings, dict):
-        raise ExitError(f"{cfg_file}: expected a JSON object of exit settings, found {type(settings).__name__} "
-                        f"{json.dumps(settings)[:80]}")
+    settings = read_json_object(cfg_file, ExitError, "a JSON object of exit settings")
     try:
         exit_config = ExitConfig.from_json(settings)
     except (ExitError, TypeError) as err:

@@ -231,6 +231,21 @@ def write_json_atomic(path, obj: Any, *, indent: int | None = 2, default=None) -
     write_text_atomic(path, json.dumps(obj, indent=indent, default=default) + "\n")
 
 
+def read_json_object(path, error: type[Exception] = DataError, what: str = "a JSON object", hint: str = "") -> dict:
+    """The JSON object in file ``path``. When it is not UTF-8 JSON, or not an object, raises
+    ``error`` naming the file, saying what was expected (``what``) and adding ``hint`` (the
+    flag that starts over, say)."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}){tail}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected {what}, found {type(value).__name__}{tail}")
+    return value
+
+
 def read_jsonl(path) -> Iterator[tuple[int, Any]]:
     """``(line_number, value)`` for every non-blank line of the JSON-lines file ``path``,
     line numbers counted from 1. A line that is not UTF-8 or not valid JSON raises
@@ -320,5 +335,5 @@ def fingerprint(path, exclude: Iterable = ()) -> str:
 
 
 __all__ = ["DTYPES", "DataError", "LOCK_NAME", "OutputLockedError", "atomic_directory", "atomic_file",
-           "check_destination", "fingerprint", "output_lock", "parse_dtype", "read_jsonl", "remove_stale_temporaries",
+           "check_destination", "fingerprint", "output_lock", "parse_dtype", "read_json_object", "read_jsonl", "remove_stale_temporaries",
            "write_json_atomic", "write_text_atomic"]

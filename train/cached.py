@@ -64,7 +64,8 @@ import numpy as np
 
 from dynamax_jax import exits as ex
 from dynamax_jax.cli import add_debug_flag, run_cli
-from dynamax_jax.io import DataError, atomic_directory, atomic_file, check_destination, parse_dtype, write_json_atomic
+from dynamax_jax.io import (DataError, atomic_directory, atomic_file, check_destination, parse_dtype, read_json_object,
+                            write_json_atomic)
 from dynamax_jax.models import module_for
 from dynamax_jax.prompts import reply_marker
 from dynamax_jax.train.distill import DistillError, DistillSettings, int_list, make_classifier_step, make_optimizer
@@ -263,13 +264,7 @@ REBUILD_HINT = "pass --rebuild-cache to compute it again"
 
 def read_meta(path: Path) -> dict:
     """A cache's ``meta.json``; ``DataError`` naming the file when it is not a JSON object."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err}); {REBUILD_HINT}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(meta).__name__}; {REBUILD_HINT}")
-    return meta
+    return read_json_object(path, DataError, hint=REBUILD_HINT)
 
 
 def load_array(path: Path, mmap_mode: str | None = None, hint: str = REBUILD_HINT) -> np.ndarray:

@@ -68,7 +68,7 @@ from dynamax_jax import exits as ex
 from dynamax_jax import sharding as S
 from dynamax_jax.cli import add_debug_flag, debug_requested, run_cli
 from dynamax_jax.default_model import smollm2_gguf_path
-from dynamax_jax.io import parse_dtype, write_json_atomic, write_text_atomic
+from dynamax_jax.io import parse_dtype, read_json_object, write_json_atomic, write_text_atomic
 from dynamax_jax.train import optim
 from dynamax_jax.train.objective import adapted_exits, backbone_outputs, exit_counts, exit_labels, exit_loss, summarize
 
@@ -359,12 +359,7 @@ def _check_restart(out: Path, settings: DistillSettings, inputs: dict | None = N
     file = out / CONFIG_FILE
     if not file.exists() or settings.restart:
         return
-    try:
-        old = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DistillError(f"{file}: not valid JSON ({err}); pass --restart to start over") from None
-    if not isinstance(old, dict):
-        raise DistillError(f"{file}: expected a JSON object of settings; pass --restart to start over")
+    old = read_json_object(file, DistillError, "a JSON object of settings", hint="pass --restart to start over")
     new = settings.to_json()
     missing = object()
     changed = [f"{k}: {old.get(k, '(not recorded)')!r} -> {new[k]!r}" for k in new

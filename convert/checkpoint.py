@@ -48,12 +48,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def read_checkpoint_json(path, name: str) -> dict:
+    """The JSON object in file ``name`` of checkpoint directory ``path``; ``CheckpointError``
+    when it is absent, ``CorruptFileError`` naming it when it is not a JSON object."""
+    file = Path(path) / name
+    if not file.exists():
+        raise CheckpointError(f"{path}: no {name}")
+    return read_json_object(file, CorruptFileError)
+
+
 def read_hf_config(path) -> dict:
     """``config.json`` of a checkpoint directory as a dict (clear errors when absent/corrupt)."""
-    file = Path(path) / "config.json"
-    if not file.exists():
-        raise CheckpointError(f"{path}: no config.json")
-    return read_json_object(file, CorruptFileError)
+    return read_checkpoint_json(path, "config.json")
 
 
 def load_checkpoint(path, dtype=jnp.float32, progress: bool = False):

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from dynamax_jax.convert.errors import CheckpointError, CorruptFileError
+from dynamax_jax.convert.errors import CheckpointError
 from dynamax_jax.convert.safetensors_io import CheckpointReader
 from dynamax_jax.convert.tables import Architecture, Row, identity, load_params, register
 from dynamax_jax.config import Mamba2Config
-from dynamax_jax.io import read_json_object
 
 CODESTRAL_PARAMS = "params.json"
 CODESTRAL_WEIGHTS = "consolidated.safetensors"
@@ -100,10 +99,9 @@ CODESTRAL = Architecture(
 
 def read_codestral_params(path) -> dict:
     """``params.json`` of a Codestral Mamba directory as a dict."""
-    file = Path(path) / CODESTRAL_PARAMS
-    if not file.exists():
-        raise CheckpointError(f"{path}: no {CODESTRAL_PARAMS}")
-    return read_json_object(file, CorruptFileError)
+    from dynamax_jax.convert.checkpoint import read_checkpoint_json
+
+    return read_checkpoint_json(path, CODESTRAL_PARAMS)
 
 
 def load_codestral(path, dtype=jnp.float32, progress: bool = False):

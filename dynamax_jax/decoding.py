@@ -605,16 +605,21 @@ def _refuse_if(bad: jax.Array, message: str, *values) -> None:
     jax.lax.cond(bad, lambda: jax.debug.callback(fail, *values, partitioned=True), lambda: None)
 
 
+def _check_prompt_array(prompt, name: str) -> None:
+    """``prompt`` (numpy or jax) is ``[B, T]`` integer token ids with B, T >= 1."""
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
+        raise GenerateError(f"{name} must be [B, T] with B, T >= 1 (one token at least), got shape {prompt.shape}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise GenerateError(f"{name} must hold integer token ids, got dtype {prompt.dtype}")
+
+
 def _check_prefill(config, model, params: Params, prompt: jax.Array, lengths: jax.Array, cache_len: int) -> None:
     """Host-side checks of ``prefill``'s arguments (shapes and static values, at trace time)."""
     if not is_decode_layout(params):
         raise GenerateError("params: pass the decode layout, decode_params(params) (made once)")
     if len(params["layers"]) != config.num_layers:
         raise GenerateError(f"params: {len(params['layers'])} layers for a {config.num_layers}-layer config")
-    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
-        raise GenerateError(f"prompt must be [B, T] with B, T >= 1 (one token at least), got shape {prompt.shape}")
-    if not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise GenerateError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    _check_prompt_array(prompt, "prompt")
     if lengths.shape != prompt.shape[:1]:
         raise GenerateError(f"lengths must have shape ({prompt.shape[0]},) (one per prompt row), got {lengths.shape}")
     if not _is_int(cache_len) or cache_len < 0:
@@ -800,10 +805,7 @@ def as_prompt(prompt_tokens, prompt_lengths, vocab_size: int) -> tuple[np.ndarra
     prompt = np.asarray(prompt_tokens)
     if prompt.ndim == 1:
         prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
-        raise GenerateError(f"prompt_tokens must be [B, T] with T >= 1, got shape {prompt.shape}")
-    if not np.issubdtype(prompt.dtype, np.integer):
-        raise GenerateError(f"prompt_tokens must be integers, got dtype {prompt.dtype}")
+    _check_prompt_array(prompt, "prompt_tokens")
     b, t = prompt.shape
     lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths, np.int32)
     if lengths.shape != (b,):

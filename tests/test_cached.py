@@ -187,12 +187,17 @@ def test_bad_sources_are_refused(text, message):
     assert C.parse_sources("a=1_000,b/c=5") == [C.Source("a", 1000), C.Source("b/c", 5)]
 
 
+def _write_corpus(path, rows: int):
+    """A JSON-lines corpus of ``rows`` short numbered sentences."""
+    path.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                            for i in range(rows)))
+    return path
+
+
 @pytest.mark.slow
 def test_cli_writes_loadable_heads_and_reuses_its_cache(tmp_path):
     model = write_tiny_model(tmp_path / "tiny")
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
-                              for i in range(40)))
+    corpus = _write_corpus(tmp_path / "corpus.jsonl", 40)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dynamax_jax.train.cached", "--model", str(model), "--data", f"{corpus}=1200",
            "--exit-layers", "2,3", "--kinds", "calm,ffn", "--ffn-expand", "1", "--batch-size", "4",
@@ -237,9 +242,7 @@ def test_a_cache_of_other_weights_or_data_is_refused_naming_what_changed(tmp_pat
     weights or an edited data file under the same names are refused, naming what changed and
     the flag that starts over; --rebuild-cache computes the cache (and its labels) again."""
     model = write_tiny_model(tmp_path / "tiny")
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
-                              for i in range(24)))
+    corpus = _write_corpus(tmp_path / "corpus.jsonl", 24)
     out = tmp_path / "run"
     argv = ["--model", str(model), "--data", f"{corpus}=512", "--exit-layers", "2,3", "--batch-size", "4",
             "--seq-len", "32", "--epochs", "1", "--fill-rows", "4", "--out", str(out), "--no-progress", "--overwrite"]

@@ -26,7 +26,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dynamax_jax.kernels.ssd import ops, reference
 
@@ -35,16 +34,8 @@ TINY = dict(h=4, p=16, g=2, n=16, chunk=32)
 
 
 def make_inputs(b, l, h, p, g, n, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
-    return dict(
-        x=jnp.asarray(normal(b, l, h, p), dtype),
-        dt=jnp.asarray(np.logaddexp(0.0, normal(b, l, h) - 3.0), jnp.float32),
-        A=jnp.asarray(-np.exp(rng.uniform(0.0, 2.5, h)), jnp.float32),
-        B=jnp.asarray(normal(b, l, g, n), dtype),
-        C=jnp.asarray(normal(b, l, g, n), dtype),
-        D=jnp.asarray(normal(h)),
-        initial_state=jnp.asarray(normal(b, h, p, n)))
+    """Inputs in a Mamba2 layer's ranges, dt somewhat smaller than the tests' (softplus(N - 3))."""
+    return reference.random_inputs(b, l, h, p, g, n, seed=seed, dtype=dtype, dt_bias=-3.0, log_a_max=2.5)
 
 
 def traffic_bytes(b, l, h, p, g, n, itemsize):

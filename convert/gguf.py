@@ -403,6 +403,14 @@ __all__ = ["GGUF_TABLE", "GGUFTensors", "SUPPORTED_ARCHITECTURES", "config_from_
            "field_value", "load_gguf", "load_gguf_tokenizer", "open_gguf", "permute_rows", "unpermute_rows"]
 
 
+def finish_gguf(writer) -> None:
+    """Write out and close a ``gguf.GGUFWriter`` whose fields and tensors are all added."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_float32_gguf(src, dst) -> Path:
     """Write ``src`` (a GGUF file) to ``dst`` with every tensor stored as float32 (metadata
     copied unchanged), for engines that should stream the same float32 weights as ours
@@ -423,8 +431,5 @@ def write_float32_gguf(src, dst) -> Path:
         for tensor in reader.tensors:
             data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
             writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish_gguf(writer)
     return dst

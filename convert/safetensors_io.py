@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from dynamax_jax.convert.errors import CheckpointError, CorruptFileError, MissingTensorError
+from dynamax_jax.io import atomic_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -259,10 +260,8 @@ def write_safetensors(path, specs: Mapping[str, TensorSpec], get_tensor: Callabl
                       metadata: Mapping[str, str] | None = None, on_tensor: Callable[[str], None] | None = None):
     """Write one safetensors file holding the tensors named in ``specs`` (name -> (shape,
     dtype)), asking ``get_tensor(name)`` for each in turn, so only one tensor need exist at
-    a time. Written to a temp file beside ``path`` and renamed when complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    a time. Written atomically (``dynamax_jax.io.atomic_file``)."""
+    with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(_header_bytes(specs, metadata))
             for name, (shape, dtype) in specs.items():
@@ -274,10 +273,6 @@ def write_safetensors(path, specs: Mapping[str, TensorSpec], get_tensor: Callabl
                 f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
                 if on_tensor is not None:
                     on_tensor(name)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path, metadata: Mapping[str, str] | None = None) -> None:

@@ -48,14 +48,14 @@ from typing import Sequence
 import numpy as np
 
 from dynamax_jax.cli import add_debug_flag, run_cli
-from dynamax_jax.io import atomic_directory, atomic_file, write_json_atomic, write_text_atomic
+from dynamax_jax.io import atomic_directory, write_json_atomic, write_text_atomic
 from dynamax_jax.eval import metrics, tasks
 from dynamax_jax.eval.errors import BudgetError, OutputError
 from dynamax_jax.eval.harness import (MODES, Backbone, Generation, HelpFormatter, check_settings, command_line,
                                       compute_summary, csv_list, generate_all, load_backbone, model_path,
                                       output_directory, shared_flags)
 from dynamax_jax.eval.metrics import rouge_inconsistency, token_disagreement
-from dynamax_jax.eval.report import fmt, interpolate
+from dynamax_jax.eval.report import fmt, interpolate, save_figure
 
 QUALITY = ("token_disagreement", "rouge_inconsistency")  # lower is better
 CURVES = ("threshold", "static")
@@ -206,10 +206,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{Path(result['settings']['model']).name}: budget vs thresholds vs static", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI

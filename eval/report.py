@@ -34,6 +34,16 @@ TASK_COLUMNS = {
 _VARIANT_ORDER = {"full": 0, "oracle": 1, "exit": 2, "static": 3}
 
 
+
+def save_figure(fig, path) -> None:
+    """Lay out ``fig``, write it to ``path`` atomically (PNG at 110 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
 def read_json(path) -> object:
     """The JSON value in ``path``; a file that is not UTF-8 JSON (a truncated copy, say) raises
     ``RunFileError`` naming it."""
@@ -243,10 +253,7 @@ def plot_group(model: str, task: str, group: list[dict], path: Path) -> None:
     if series or full:
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{model} — {task}", fontsize=11)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out_dir) -> tuple[Path, list[Path]]:

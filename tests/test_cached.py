@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from dynamax_jax import exits as ex
-from dynamax_jax.io import DataError, OutputLockedError
+from dynamax_jax.io import DataError
 from dynamax_jax.config import Mamba2Config, MistralConfig
 from dynamax_jax.models import module_for
-from tests.test_distill import hold_when_locked, write_tiny_model
+from tests.test_distill import assert_second_writer_refused, write_tiny_model
 from dynamax_jax.train import cached as C
 from dynamax_jax.train import distill as T
 from dynamax_jax.train.distill import DistillError
@@ -274,15 +274,8 @@ def test_a_second_writer_on_one_output_is_refused_with_the_first_pid(tmp_path):
     out = tmp_path / "run"
     argv = ["--model", str(model), "--data", f"{corpus}=256", "--exit-layers", "2,3", "--batch-size", "4",
             "--seq-len", "32", "--out", str(out), "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "dynamax_jax.train.cached", *argv, "--seed", "0"], cwd=ROOT,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
-    try:
-        hold_when_locked(first, out)
-        with pytest.raises(OutputLockedError, match=rf"in use by PID {first.pid} on .*train.cached"):
-            C.main(argv + ["--seed", "1"])
-    finally:
-        first.kill()
-        first.communicate()
+    assert_second_writer_refused([sys.executable, "-m", "dynamax_jax.train.cached", *argv, "--seed", "0"], out,
+                                 lambda: C.main(argv + ["--seed", "1"]), "train.cached")
 
 
 def test_damaged_cache_files_are_named(tmp_path):

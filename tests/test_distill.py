@@ -72,6 +72,22 @@ def hold_when_locked(process, directory: Path, timeout: float = 120.0) -> None:
     raise AssertionError(f"{process.pid} never locked {directory}")
 
 
+def assert_second_writer_refused(first_argv: list[str], out: Path, second, command: str) -> None:
+    """Start the command line ``first_argv`` writing into ``out``, stop it once it holds the
+    lock, and check that ``second()`` is refused naming the first's PID and ``command``."""
+    from dynamax_jax.io import OutputLockedError
+
+    first = subprocess.Popen(first_argv, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        hold_when_locked(first, out)
+        with pytest.raises(OutputLockedError, match=rf"in use by PID {first.pid} on .*{command}"):
+            second()
+    finally:
+        first.kill()
+        first.communicate()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
@@ -341,18 +357,10 @@ def test_resume_after_the_backbone_changed_is_refused_naming_it(tmp_path, capsys
 
 @pytest.mark.slow
 def test_a_second_run_in_one_folder_is_refused_with_the_first_pid(tiny_model, tmp_path):
-    from dynamax_jax.io import OutputLockedError
-
     out = tmp_path / "run"
-    first = subprocess.Popen(cli(tiny_model, out, "--steps", "50", "--seed", "0"), cwd=ROOT,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
-    try:
-        hold_when_locked(first, out)
-        with pytest.raises(OutputLockedError, match=rf"in use by PID {first.pid} on .*train.distill"):
-            T.main(cli(tiny_model, out, "--steps", "50", "--seed", "1")[3:])
-    finally:
-        first.kill()
-        first.communicate()
+    assert_second_writer_refused(cli(tiny_model, out, "--steps", "50", "--seed", "0"), out,
+                                 lambda: T.main(cli(tiny_model, out, "--steps", "50", "--seed", "1")[3:]),
+                                 "train.distill")
 
 
 def test_a_distributed_start_without_the_others_gives_up_after_the_timeout(tmp_path):

@@ -8,9 +8,18 @@ from dynamax_jax.assets import ASSET_DIR, asset_path
 from dynamax_jax.cli import generate as G, run_cli
 
 
+MODEL = str(asset_path("mamba2-small"))
+
+
+def _fails_with(capsys, argv, message: str) -> None:
+    """The command line exits 2 with ``message`` on one line, no traceback."""
+    status = run_cli(G.main, argv, prog=G.PROG)
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err, err
+
+
 def test_cli_streams_text_and_prints_savings(capsys):
-    model = str(asset_path("mamba2-small"))
-    exits = str(ASSET_DIR / "exits" / "mamba2-small-calm")
+    model, exits = MODEL, str(ASSET_DIR / "exits" / "mamba2-small-calm")
     assert G.main(["--model", model, "--exits", exits, "--threshold", "0", "--max-new-tokens", "6",
                    "--chunk", "3", "The function returns"]) == 0
     out = capsys.readouterr()
@@ -24,8 +33,7 @@ def test_cli_streams_text_and_prints_savings(capsys):
 
 def test_threshold_above_one_runs_no_classifier(capsys):
     """An exit that cannot fire costs nothing: the FLOPs equal full depth's, not more."""
-    model = str(asset_path("mamba2-small"))
-    exits = str(ASSET_DIR / "exits" / "mamba2-small-mamba")
+    model, exits = MODEL, str(ASSET_DIR / "exits" / "mamba2-small-mamba")
     assert G.main(["--model", model, "--exits", exits, "--threshold", "2", "--max-new-tokens", "4",
                    "The function returns"]) == 0
     assert "average layers 8.00 of 8; FLOPs 100.0% of full depth" in capsys.readouterr().err
@@ -69,10 +77,8 @@ def test_the_command_line_leaves_the_generate_function_alone():
 
 def test_an_empty_prompt_is_refused(tiny_llama_dir, capsys):
     """``--no-chat ""`` encodes to no tokens: refused (it used to decode from index -1 and exit 0)."""
-    status = run_cli(G.main, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "2", ""],
-                     prog=G.PROG)
-    err = capsys.readouterr().err
-    assert status == 2 and "the prompt is empty: it encodes to no tokens" in err and "Traceback" not in err
+    _fails_with(capsys, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "2", ""],
+                "the prompt is empty: it encodes to no tokens")
 
 
 def test_the_model_is_checked_before_its_tokenizer(tiny_llama_dir, tmp_path, capsys):
@@ -86,9 +92,8 @@ def test_the_model_is_checked_before_its_tokenizer(tiny_llama_dir, tmp_path, cap
     config = json.loads((model / "config.json").read_text())
     config.update(num_attention_heads=5, num_key_value_heads=2)
     (model / "config.json").write_text(json.dumps(config))
-    status = run_cli(G.main, ["--model", str(model), "--no-chat", "--max-new-tokens", "2", "hello"], prog=G.PROG)
-    err = capsys.readouterr().err
-    assert status == 2 and "num_heads (5) must be a multiple of num_kv_heads (2)" in err and "Traceback" not in err
+    _fails_with(capsys, ["--model", str(model), "--no-chat", "--max-new-tokens", "2", "hello"],
+                "num_heads (5) must be a multiple of num_kv_heads (2)")
 
 
 def test_non_finite_logits_fail_the_command(tiny_llama_dir, tmp_path, capsys):
@@ -104,7 +109,5 @@ def test_non_finite_logits_fail_the_command(tiny_llama_dir, tmp_path, capsys):
     name = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))
     weights[name][0, 0] = float("nan")
     save_file(weights, model / "model.safetensors")
-    status = run_cli(G.main, ["--model", str(model), "--no-chat", "--max-new-tokens", "3", "the river"],
-                     prog=G.PROG)
-    err = capsys.readouterr().err
-    assert status == 2 and "were not finite (NaN or infinity)" in err and "Traceback" not in err
+    _fails_with(capsys, ["--model", str(model), "--no-chat", "--max-new-tokens", "3", "the river"],
+                "were not finite (NaN or infinity)")

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 from dynamax_jax.convert.errors import (CheckpointError, CorruptFileError, MissingTensorError, ShapeMismatchError,
                                         UnsupportedModelError)
-from dynamax_jax.convert.gguf import field_value, load_gguf, open_gguf, permute_rows, unpermute_rows
+from dynamax_jax.convert.gguf import field_value, finish_gguf, load_gguf, open_gguf, permute_rows, unpermute_rows
 from dynamax_jax.models import mistral
 from tests.conftest import TINY_HF, build_hf_model, hf_logits, random_tokens
 
@@ -101,10 +101,7 @@ def write_gguf(path, tensors: dict[str, np.ndarray], arch: str = "llama", layers
             data = gguf.quants.quantize(w, qtype)
             writer.add_tensor(name, data, raw_dtype=qtype)
             stored[name] = gguf.quants.dequantize(data, qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return stored
 
 

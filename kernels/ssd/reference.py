@@ -32,6 +32,25 @@ import jax
 import jax.numpy as jnp
 
 
+def random_inputs(b, l, h, p, g, n, *, seed: int = 0, dtype=jnp.float32, with_d: bool = True,
+                  with_state: bool = True, dt_bias: float = -1.0, log_a_max: float = 2.0) -> dict:
+    """Random ``ssd`` inputs in the ranges a Mamba2 layer sees, for tests and benchmarks:
+    dt = softplus(N(0, 1) + dt_bias), A = -exp(U(0, log_a_max)), so decays span from ~1 to
+    underflow within a chunk. numpy draws them: no per-shape compilation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    return dict(
+        x=jnp.asarray(normal(b, l, h, p), dtype),
+        dt=jnp.asarray(np.logaddexp(0.0, normal(b, l, h) + dt_bias), jnp.float32),
+        A=jnp.asarray(-np.exp(rng.uniform(0.0, log_a_max, h)), jnp.float32),
+        B=jnp.asarray(normal(b, l, g, n), dtype),
+        C=jnp.asarray(normal(b, l, g, n), dtype),
+        D=jnp.asarray(normal(h)) if with_d else None,
+        initial_state=jnp.asarray(normal(b, h, p, n)) if with_state else None)
+
+
 def segment_sum(a: jax.Array) -> jax.Array:
     """``a [..., t] -> [..., t, t]`` with ``out[..., i, j] = sum(a[..., j+1 : i+1])`` for
     ``i >= j`` and ``-inf`` above the diagonal, so that ``exp(out)`` is the decay from

@@ -118,7 +118,7 @@ class DistillSettings:
     log_every: int = 10
     distributed: bool = False
     progress: bool = True
-    restart: bool = False             # discard what --out holds of an earlier run and start over
+    restart: bool = False             # discard what --out holds of a previous run and start over
 
     def check(self) -> None:
         """Raise ``DistillError`` for any setting that can be judged without the model."""
@@ -697,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with one error line and exit status 2")
     p.add_argument("--restart", action="store_true",
                    help="start over in --out: discard the checkpoints, metrics, settings, exits and summary of an "
-                        "earlier run there (which is otherwise resumed, or refused when its settings, model or "
+                        "previous run there (which is otherwise resumed, or refused when its settings, model or "
                         "data differ)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_debug_flag(p)

@@ -11,12 +11,9 @@ import dataclasses
 import math
 import numbers
 from typing import Any, Mapping
+from dynamax_jax.errors import ConfigError  # noqa: F401  (importable from here too)
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama", "mamba2")
-
-
-class ConfigError(ValueError):
-    """A checkpoint configuration is missing a field or asks for something unsupported."""
 
 
 _REQUIRED = object()

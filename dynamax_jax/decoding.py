@@ -53,19 +53,12 @@ from dynamax_jax.exits import (FILL_SHIFT, ExitConfig, adapt, check_exits, class
 from dynamax_jax.models import module_for, module_for_params
 from dynamax_jax.models.layers import unstack
 from dynamax_jax.sampling import apply_repetition_penalty, sample_token
+from dynamax_jax.errors import GenerateError, NonFiniteError  # noqa: F401  (importable from here too)
 
 Params = dict[str, Any]
 
 # Threshold at which the budget controller stops raising thresholds: above every confidence.
 NEVER_EXIT = 1.01
-
-
-class GenerateError(ValueError):
-    """Bad input to ``generate`` / ``configure`` / ``prefill`` / ``decode_chunk``."""
-
-
-class NonFiniteError(GenerateError):
-    """The model produced NaN or infinite logits (broken weights or inputs)."""
 
 
 # --------------------------------------------------------------------------------------------

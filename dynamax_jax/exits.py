@@ -66,6 +66,7 @@ import numpy as np
 from dynamax_jax.io import atomic_directory, read_json_object
 from dynamax_jax.models import BACKBONES, skipped_layer_modes
 from dynamax_jax.models.layers import rms_norm
+from dynamax_jax.errors import ExitError, OtherWeightsWarning  # noqa: F401  (importable from here too)
 
 Params = dict[str, Any]
 
@@ -77,15 +78,6 @@ _EPS = 1e-5
 CONFIG_FILE = "exit_config.json"
 PARAMS_FILE = "exit_params.safetensors"
 EXIT_FILES = (CONFIG_FILE, PARAMS_FILE)  # what save_exits writes
-
-
-class ExitError(ValueError):
-    """Bad exit settings, or exit heads that do not fit the model."""
-
-
-class OtherWeightsWarning(UserWarning):
-    """Exit heads are used on a model of their architecture whose weights differ from the ones
-    they were trained on."""
 
 
 @dataclasses.dataclass(frozen=True)

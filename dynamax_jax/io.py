@@ -38,20 +38,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import jax.numpy as jnp
+from dynamax_jax.errors import DataError, OutputLockedError  # noqa: F401  (importable from here too)
 
 # The weight dtypes a command line may name (``choices=DTYPES``).
 DTYPES = ("float32", "bfloat16", "float16")
 # The lock file ``output_lock`` keeps inside a directory it guards; writers never move it.
 LOCK_NAME = ".dynamax.lock"
-
-
-class DataError(ValueError):
-    """Input data cannot be used: unparsable, missing a field, empty or out of range. The
-    message names the file (and line or row) at fault."""
-
-
-class OutputLockedError(ValueError):
-    """Another process is writing into the same output directory."""
 
 
 def parse_dtype(name: str):

@@ -30,13 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from dynamax_jax.errors import ShardingError  # noqa: F401  (importable from here too)
 
 DATA, MODEL = "data", "model"
 AXIS_NAMES = (DATA, MODEL)
-
-
-class ShardingError(ValueError):
-    """A mesh that cannot be built, or a param tree that does not match its spec table."""
 
 
 @dataclasses.dataclass(frozen=True)

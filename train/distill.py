@@ -71,6 +71,7 @@ from dynamax_jax.default_model import smollm2_gguf_path
 from dynamax_jax.io import parse_dtype, read_json_object, write_json_atomic, write_text_atomic
 from dynamax_jax.train import optim
 from dynamax_jax.train.objective import adapted_exits, backbone_outputs, exit_counts, exit_labels, exit_loss, summarize
+from dynamax_jax.train.errors import DistillError  # noqa: F401  (importable from here too)
 
 EXIT_WEIGHTINGS = ("position", "uniform")
 CLASS_WEIGHTINGS = ("balanced", "none")
@@ -83,10 +84,6 @@ _RESTART_FREE = ("log_every", "save_every", "distributed", "progress", "steps", 
 # What a run is computed from besides its settings, recorded beside them in CONFIG_FILE.
 _INPUTS = ("model_fingerprint", "data_fingerprint")
 PROG = "python -m train.distill"
-
-
-class DistillError(ValueError):
-    """A bad distillation setting, found before any work."""
 
 
 @dataclasses.dataclass(frozen=True)

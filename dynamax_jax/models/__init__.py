@@ -14,15 +14,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import Any, Protocol
+from dynamax_jax.errors import BackboneError  # noqa: F401  (importable from here too)
 
 Params = dict[str, Any]
 
 # family (``config.family``) -> the module implementing it; the order is the listing order
 BACKBONES = {"transformer": "dynamax_jax.models.mistral", "mamba2": "dynamax_jax.models.mamba2"}
-
-
-class BackboneError(TypeError):
-    """A backbone module that does not implement the decode protocol."""
 
 
 class Backbone(Protocol):

@@ -341,9 +341,15 @@ def _cache_key(path: Path) -> str:
 
 
 def _convert_tokenizer(path: Path):
-    """transformers' own GGUF tokenizer conversion, with the GGUF chat template enforced."""
+    """transformers' own GGUF tokenizer conversion, with the GGUF chat template enforced.
+    transformers reads a GGUF file through PyTorch, even for its tokenizer alone."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
+    if importlib.util.find_spec("torch") is None:
+        raise CheckpointError(f"{path}: transformers needs PyTorch to read the tokenizer of a GGUF file, and torch is "
+                              "not installed; install it (the CPU build is enough: pip install torch)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # transformers fails with assorted types on odd GGUF tokenizers

@@ -318,3 +318,16 @@ def test_tokenizer_cache_is_keyed_by_the_library_versions(tiny_gguf, monkeypatch
     assert _cache_key(path) == key
     monkeypatch.setattr(transformers, "__version__", "0.0.1")
     assert _cache_key(path) != key
+
+
+def test_a_gguf_tokenizer_without_torch_says_what_to_install(tiny_gguf, monkeypatch):
+    # transformers reads GGUF files through PyTorch, even for the tokenizer alone.
+    import importlib.util
+
+    from dynamax_jax.convert.gguf import load_gguf_tokenizer
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    with pytest.raises(CheckpointError, match="transformers needs PyTorch to read the tokenizer of a GGUF file"):
+        load_gguf_tokenizer(tiny_gguf[0], use_cache=False)

@@ -174,13 +174,12 @@ def score_examples(task: tasks.Task, examples: list[tasks.Example], texts: list[
 
 # ----------------------------------------------------------------------------- sweep
 
-def _exit_sources(args, backbone: Backbone):
+def _exit_sources(args, backbone: Backbone, model_fingerprint: str):
     """``(tag, exit_config, exit_params)`` for each ``--exits`` checkpoint and ``--random-exits``
     kind. Heads trained on another architecture are refused; on other weights, warned about."""
     import dynamax_jax as dx
     from dynamax_jax.exits import check_trained_on
     sources = []
-    model_fingerprint = fingerprint(args.model, exclude=(args.out,)) if args.exits else None
     for path in args.exits:
         exit_config, exit_params = dx.load_exits(path)
         check_trained_on(exit_config, backbone.config, fingerprint=model_fingerprint, where=f"the exit heads in {path}")
@@ -445,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       (args.model, inputs["model"]["fingerprint"]), inputs["exits"])
         backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
         sweep = Sweep(args, backbone, inputs=inputs)
-        sources = _exit_sources(args, backbone)
+        sources = _exit_sources(args, backbone, inputs["model"]["fingerprint"])
         exit_runs = sweep.exit_runs(sources)  # exits that do not fit the model: refused before any run
         sweep.check_static_layers()
         for name in args.tasks:

@@ -16,8 +16,8 @@ MARKDOWN = [README, *DOCS]
 
 # Work-log narration: history lives in git, not in the text.
 NARRATION = [
-    re.compile(r"\bsessions?[- ]\d+", re.IGNORECASE),            # "session 9", "session-3 heads", "sessions 1-2"
-    re.compile(r"\b[Rr]uns? \d+\b(?![.,]\d)(?!\s*(?:%|x\b|s\b|tokens|layers|steps|times|processes))"),  # "run 13", "runs 7 and 8"
+    re.compile(r"\bsessions?[- ]\d+", re.IGNORECASE),            # a session number (also hyphenated, plural)
+    re.compile(r"\b[Rr]uns? \d+\b(?![.,]\d)(?!\s*(?:%|x\b|s\b|tokens|layers|steps|times|processes))"),  # a run number
     re.compile(r"\bearlier (?:heads?|runs?|sessions?)\b", re.IGNORECASE),
     re.compile(r"\bbefore this (?:change|engine|session)\b", re.IGNORECASE),
     re.compile(r"\bissue #\d+", re.IGNORECASE),
@@ -115,15 +115,13 @@ def test_readme_commands_are_what_ci_runs():
 # of its code span or line (a trailing backslash continues it).
 COMMAND = re.compile(r"python (?:-m ([\w.]+)|(benchmarks/\w+\.py))((?:[^`\n]|\\\n)*)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
-# Commands named only to say what they were called before.
-RENAMED = {"dynamax_jax.generate"}
 
 
 def _documented_flags() -> dict[tuple[str, str], set[str]]:
     found: dict[tuple[str, str], set[str]] = {}
     for path in MARKDOWN:
         for module, script, rest in COMMAND.findall(path.read_text(encoding="utf-8")):
-            if module in ("pytest", *RENAMED):
+            if module == "pytest":
                 continue
             key = ("-m", module) if module else ("", script)
             found.setdefault(key, set()).update(FLAG.findall(rest))

@@ -490,7 +490,7 @@ def _prefilled(backbone="mistral", cache_len=8, max_new_tokens=4):
 
 def test_decode_chunk_past_the_cache_is_refused():
     """5 prompt tokens and cache_len 8: the loop's inputs sit at positions 4..7, so four steps fit
-    and a fifth would write past the cache (it used to return wrong tokens)."""
+    and a fifth would write past the cache: refused, not decoded into wrong tokens."""
     config, params, settings, controls, p, state = _prefilled()
     chunk, state = dx.decode_chunk(config, settings, 3, params, p, state, controls, jax.random.key(0))
     assert chunk.positions.tolist() == [[4, 5, 6]]

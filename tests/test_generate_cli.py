@@ -76,14 +76,14 @@ def test_the_command_line_leaves_the_generate_function_alone():
 
 
 def test_an_empty_prompt_is_refused(tiny_llama_dir, capsys):
-    """``--no-chat ""`` encodes to no tokens: refused (it used to decode from index -1 and exit 0)."""
+    """``--no-chat ""`` encodes to no tokens: refused, not decoded from index -1."""
     _fails_with(capsys, ["--model", str(tiny_llama_dir), "--no-chat", "--max-new-tokens", "2", ""],
                 "the prompt is empty: it encodes to no tokens")
 
 
 def test_the_model_is_checked_before_its_tokenizer(tiny_llama_dir, tmp_path, capsys):
-    """5 heads over 2 KV heads: the project's own check names it (transformers' tokenizer loading
-    used to crash on the config first)."""
+    """5 heads over 2 KV heads: the project's own check names it, before transformers' tokenizer
+    loading reads the config."""
     import json
     import shutil
 
@@ -97,8 +97,8 @@ def test_the_model_is_checked_before_its_tokenizer(tiny_llama_dir, tmp_path, cap
 
 
 def test_non_finite_logits_fail_the_command(tiny_llama_dir, tmp_path, capsys):
-    """A NaN in one weight: one line naming the problem and exit 2 (it used to print one token
-    and exit 0)."""
+    """A NaN in one weight: one line naming the problem and exit 2, not a one-token answer
+    with exit 0."""
     import shutil
 
     from safetensors.numpy import load_file, save_file

@@ -37,6 +37,7 @@ Public, pure and traceable (research code may call them inside its own ``jax.jit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax import flops as flops_lib
+from dynamax_jax import sharding as S
 from dynamax_jax.exits import (FILL_SHIFT, ExitConfig, adapt, check_exits, classifier_confidence, classifier_sequence,
                                classifier_step, init_exit_state, margin_confidence, saturation_confidence,
                                softmax_confidence)
@@ -646,6 +648,7 @@ def prefill(config, settings: DecodeSettings, params: Params, exit_params, promp
     exit_state = None
     if stateful:
         exit_state = unstack(init_exit_state(config, ec, b))
+        exit_state = S.constrain(exit_state, S.state_specs(exit_state, exit_state=True))
     if t > 1:
         x = model.embed(config, params, prompt[:, :t - 1])
         at_exits = {}
@@ -659,7 +662,8 @@ def prefill(config, settings: DecodeSettings, params: Params, exit_params, promp
     if settings.use_penalty:
         seen = jnp.zeros((b, config.vocab_size), bool).at[jnp.arange(b)[:, None], prompt].max(valid)
     last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
-    return DecodeState(caches=tuple(caches), positions=lengths - 1, tokens=last, exit_state=exit_state, seen=seen,
+    caches = S.constrain(tuple(caches), S.state_specs(tuple(caches)))
+    return DecodeState(caches=caches, positions=lengths - 1, tokens=last, exit_state=exit_state, seen=seen,
                        done=jnp.zeros((b,), bool), step=jnp.int32(0))
 
 
@@ -719,6 +723,7 @@ def decode_chunk(config, settings: DecodeSettings, num_steps: int, params: Param
         i, st, o, thr = carry
         logits, exit_layer, caches, exit_state = _token_step(config, settings, params, exit_params, st, thr,
                                                              controls.static_layer)
+        caches = S.constrain(caches, S.state_specs(caches))
         if settings.budget:
             thr = update_thresholds(thr, exit_layer, ~st.done, controls.target_layers, controls.budget_gain,
                                     config.num_layers)
@@ -913,12 +918,26 @@ def generate(config, params, prompt_tokens, *, max_new_tokens: int, exit_config:
     check_cache_memory(config, prompt.shape[0], int(max(cache_len, t)), params["embed"].dtype)
     params = decode_params(params, config=config)
     key = jax.random.key(0) if key is None else key
-    state = prefill(config, settings, params, exit_params, jnp.asarray(prompt), jnp.asarray(lengths),
-                    cache_len=int(max(cache_len, t)))
-    chunk, _ = decode_chunk(config, settings, int(max_new_tokens), params, exit_params, state, controls, key)
-    tokens, exit_layers, positions = (np.asarray(chunk.tokens), np.asarray(chunk.exit_layers),
-                                      np.asarray(chunk.positions))
+    chunk = _prefill_and_decode(config, settings, controls, params, exit_params, prompt, lengths,
+                                int(max(cache_len, t)), int(max_new_tokens), key)
     check_finite(chunk)
-    summary = summarize(config, settings, controls, exit_layers, positions)
-    return GenerateResult(tokens=tokens, exit_layers=exit_layers, num_generated=(exit_layers > 0).sum(axis=1),
-                          logits=None if chunk.logits is None else np.asarray(chunk.logits), **summary)
+    summary = summarize(config, settings, controls, chunk.exit_layers, chunk.positions)
+    return GenerateResult(tokens=chunk.tokens, exit_layers=chunk.exit_layers,
+                          num_generated=(chunk.exit_layers > 0).sum(axis=1), logits=chunk.logits, **summary)
+
+
+def _prefill_and_decode(config, settings: DecodeSettings, controls: DecodeControls, params: Params, exit_params,
+                        prompt: np.ndarray, lengths: np.ndarray, cache_len: int, num_steps: int,
+                        key: jax.Array) -> DecodeChunk:
+    """``prefill`` then one ``decode_chunk`` of ``num_steps``; the chunk on the host. With
+    params on a mesh (``sharding.mesh_of``) the prompt rows are split over its ``data`` axis
+    and both run under ``jax.set_mesh``, so that the caches follow the sharding table."""
+    mesh = S.mesh_of(params)
+    if mesh is None:
+        prompt, lengths, context = jnp.asarray(prompt), jnp.asarray(lengths), contextlib.nullcontext()
+    else:
+        prompt, lengths, context = S.place_rows(mesh, prompt), S.place_rows(mesh, lengths), jax.set_mesh(mesh)
+    with context:
+        state = prefill(config, settings, params, exit_params, prompt, lengths, cache_len=cache_len)
+        chunk, _ = decode_chunk(config, settings, num_steps, params, exit_params, state, controls, key)
+    return S.to_host(chunk)

@@ -85,6 +85,15 @@ class ShardingTable:
     exit_adapter_down_edr: P = P(None, None, None)
     exit_adapter_up_erd: P = P(None, None, None)
     exit_adapter_b_ed: P = P(None, None)
+    exit_fill_shift_eld: P = P(None, None, None)
+    # decode state, one layer's (or one exit's) slice: rows over data; a Transformer's key /
+    # value heads and a Mamba2 layer's heads over model, like the weights that write them
+    rows_b: P = P(DATA)
+    kv_cache_bksh: P = P(DATA, MODEL, None, None)
+    mamba_conv_state_bwc: P = P(DATA, None, None)
+    mamba_ssm_state_bjpn: P = P(DATA, MODEL, None, None)
+    exit_mamba_conv_state_bwc: P = P(DATA, None, None)
+    exit_mamba_ssm_state_bjpn: P = P(DATA, None, None, None)
 
 
 TABLE = ShardingTable()
@@ -158,16 +167,28 @@ def param_specs(config, table: ShardingTable = TABLE) -> dict[str, Any]:
     return specs
 
 
-def exit_param_specs(kind: str, adapter: str = "none", table: ShardingTable = TABLE) -> dict[str, P]:
+def exit_param_specs(kind: str, adapter: str = "none", fill_shift: bool = False,
+                     table: ShardingTable = TABLE) -> dict[str, P]:
     """Spec tree of exit-classifier params of ``kind`` with an ``adapter`` (``none``,
-    ``affine`` or ``lowrank``; ``dynamax_jax.exits`` layout)."""
+    ``affine`` or ``lowrank``; ``dynamax_jax.exits`` layout), and the ``fill_shift`` that
+    ``train.cached`` measures for the ``shift`` mode when ``fill_shift``."""
     specs = {"none": {},
              "affine": {"adapter_w": table.exit_adapter_w_edd, "adapter_b": table.exit_adapter_b_ed},
              "lowrank": {"adapter_down": table.exit_adapter_down_edr, "adapter_up": table.exit_adapter_up_erd,
                          "adapter_b": table.exit_adapter_b_ed}}
     if adapter not in specs:
         raise ShardingError(f"no sharding table for exit adapter {adapter!r}; supported: {', '.join(specs)}")
-    return {**_classifier_specs(kind, table), **specs[adapter]}
+    shift = {"fill_shift": table.exit_fill_shift_eld} if fill_shift else {}
+    return {**_classifier_specs(kind, table), **specs[adapter], **shift}
+
+
+def shard_exit_params(mesh: Mesh, exit_config, exit_params):
+    """Exit params (stacked ``[E, ...]``, ``dynamax_jax.exits`` layout) placed on ``mesh`` by
+    the table; ``None`` (training-free confidences) stays ``None``."""
+    if exit_params is None:
+        return None
+    specs = exit_param_specs(exit_config.kind, exit_config.adapter, fill_shift="fill_shift" in exit_params)
+    return shard(mesh, specs, exit_params)
 
 
 def _classifier_specs(kind: str, table: ShardingTable) -> dict[str, P]:
@@ -235,6 +256,62 @@ def global_batch(mesh: Mesh, local: np.ndarray, spec: P = TABLE.tokens_bt) -> ja
     """One global array from each process's rows ``local [B / processes, ...]`` (on one
     process: the whole batch)."""
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh of more than one device that the arrays of ``tree`` are placed on, or None
+    (host arrays, one device)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def place_rows(mesh: Mesh, rows: np.ndarray, spec: P = TABLE.rows_b) -> jax.Array:
+    """A host array whose first axis is the batch, placed on ``mesh`` by ``spec`` (fit to its
+    shape). Every process passes the same whole array (each keeps what its devices hold)."""
+    rows = np.asarray(rows)
+    spec = P(*spec, *(None,) * (rows.ndim - len(spec)))
+    sharding = NamedSharding(mesh, fit_spec(spec, rows.shape, mesh))
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+
+def state_specs(caches, exit_state: bool = False, table: ShardingTable = TABLE):
+    """Spec tree of decode caches (a tuple of per-layer ``KVCache`` / ``Mamba2State``) or,
+    with ``exit_state``, of per-exit ``MambaExitState``s, by their field names."""
+    by_name = ({"conv": table.exit_mamba_conv_state_bwc, "ssm": table.exit_mamba_ssm_state_bjpn} if exit_state else
+               {"k": table.kv_cache_bksh, "v": table.kv_cache_bksh, "conv": table.mamba_conv_state_bwc,
+                "ssm": table.mamba_ssm_state_bjpn})
+
+    def spec(path, _):
+        name = getattr(path[-1], "name", None)
+        if name not in by_name:
+            raise ShardingError(f"decode state leaf {jax.tree_util.keystr(path)}: the sharding table names "
+                                f"only {', '.join(sorted(by_name))}")
+        return by_name[name]
+
+    return jax.tree_util.tree_map_with_path(spec, caches)
+
+
+def constrain(tree, specs):
+    """Inside a traced function: ``tree`` pinned to its spec tree (fit to each shape) on the
+    mesh that ``jax.set_mesh`` set; ``tree`` itself when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tree is None:
+        return tree
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(lambda s, a: jax.lax.with_sharding_constraint(a, fit_spec(s, a.shape, mesh)),
+                        specs, tree, is_leaf=is_spec)
+
+
+def to_host(tree):
+    """A host (numpy) copy of a pytree of arrays, also of global arrays that span processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -582,7 +582,7 @@ class Run:
         bar.close()
         manager.wait_until_finished()
         manager.close()
-        exit_params = _fetch(self.exit_params)
+        exit_params = S.to_host(self.exit_params)
         summary = {"steps": s.steps, "seed": s.seed, "resumed_from": start, "train_seconds": time.time() - started,
                    "tokens_this_run": tokens_seen, "exit_layers": list(layers), "kind": self.exit_config.kind,
                    "num_layers": self.config.num_layers, "final": last}
@@ -623,15 +623,6 @@ def _gather_json(value) -> list:
     padded[:raw.size] = raw
     rows = multihost_utils.process_allgather(padded)
     return [json.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes.reshape(-1))]
-
-
-def _fetch(tree):
-    """A host copy of a pytree of global arrays, also when they span several processes."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ----------------------------------------------------------------------------- CLI

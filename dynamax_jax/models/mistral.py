@@ -142,8 +142,10 @@ def fuse_decode_weights(p: Params) -> Params:
     ones faster than many small ones (``benchmarks/profile_decode.py`` measures it;
     docs/performance.md). ``wk`` and ``wv`` stay for
     ``kv_projection`` (a slice of a weight is a copy on XLA:CPU). Params without ``wq`` (a
-    Mamba2 layer, or fused already) are returned as they are."""
-    if "wq" not in p:
+    Mamba2 layer, or fused already) are returned as they are, and so are params split over
+    several devices (tensor parallelism): the columns of a fused matrix split over devices would
+    mix queries, keys and values on each device."""
+    if "wq" not in p or not getattr(getattr(p["wq"], "sharding", None), "is_fully_replicated", True):
         return p
     d = p["wq"].shape[0]
     out = {k: v for k, v in p.items() if k not in ("wq", "w_gate", "w_up")}

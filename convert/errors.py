@@ -29,5 +29,11 @@ class UnsupportedModelError(CheckpointError):
     """The checkpoint's model type (or file format) has no converter."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "CorruptFileError", "MissingTensorError",
+class HubCheckpointError(CheckpointError):
+    """A Hugging Face hub id could not be resolved to local files: not in the local cache
+    with the hub out of reach (offline), or refused by the hub (no such repository or
+    revision, gated)."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "CorruptFileError", "HubCheckpointError", "MissingTensorError",
            "ShapeMismatchError", "UnsupportedModelError"]

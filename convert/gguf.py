@@ -283,9 +283,15 @@ def _check_supported_tensors(reader, path) -> None:
                                     f"(biases, RoPE frequency scaling or experts), e.g. {odd[:5]}")
 
 
-def load_gguf(path, dtype=jnp.float32, progress: bool = False):
+def load_gguf(path, dtype=jnp.float32, progress: bool = False, mesh=None):
     """Load ``(MistralConfig, params)`` from a llama-architecture GGUF file, params cast to
     ``dtype`` and laid out as in ``dynamax_jax/models/mistral.py`` (stacked ``[L, ...]``).
+
+    With ``mesh`` every param is created sharded by the sharding table
+    (``convert.tables.load_params``). Quantized blocks do not line up with shards, so each
+    tensor is dequantized whole, once for every distinct shard that needs part of it:
+    the host holds one dequantized float32 tensor at a time, and loading takes about as
+    many dequantizations as there are distinct shards per param.
 
     Raises ``CorruptFileError`` for a truncated/corrupt file, ``UnsupportedModelError``
     listing the supported architectures, ``MissingTensorError`` / ``ShapeMismatchError``
@@ -299,7 +305,7 @@ def load_gguf(path, dtype=jnp.float32, progress: bool = False):
     _check_supported_tensors(reader, path)
     tensors = GGUFTensors(reader, config, path)
     try:
-        params = load_params(tensors, config, MISTRAL, dtype=dtype, progress=progress)
+        params = load_params(tensors, config, MISTRAL, dtype=dtype, progress=progress, mesh=mesh)
     except (MissingTensorError, ShapeMismatchError) as err:
         raise type(err)(_gguf_names(str(err), tensors)) from None
     return config, params

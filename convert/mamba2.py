@@ -104,10 +104,11 @@ def read_codestral_params(path) -> dict:
     return read_checkpoint_json(path, CODESTRAL_PARAMS)
 
 
-def load_codestral(path, dtype=jnp.float32, progress: bool = False):
+def load_codestral(path, dtype=jnp.float32, progress: bool = False, mesh=None):
     """``(config, params)`` from a Codestral Mamba release directory (``params.json`` +
-    ``consolidated.safetensors``), params cast to ``dtype``. The mixer sizes params.json
-    leaves out are read from the layer-0 tensor shapes (``Mamba2Config.from_codestral_params``)."""
+    ``consolidated.safetensors``), params cast to ``dtype`` (created sharded on ``mesh`` when
+    one is given, see ``convert.tables.load_params``). The mixer sizes params.json leaves
+    out are read from the layer-0 tensor shapes (``Mamba2Config.from_codestral_params``)."""
     path = Path(path)
     raw = read_codestral_params(path)
     weights = path / CODESTRAL_WEIGHTS
@@ -116,5 +117,5 @@ def load_codestral(path, dtype=jnp.float32, progress: bool = False):
     with CheckpointReader(weights) as reader:
         shapes = {name: reader.shape(name) for name in reader.names()}
         config = Mamba2Config.from_codestral_params(raw, shapes)
-        params = load_params(reader, config, CODESTRAL, dtype, progress=progress)
+        params = load_params(reader, config, CODESTRAL, dtype, progress=progress, mesh=mesh)
     return config, params

@@ -4,8 +4,10 @@ The format is an 8-byte little-endian header length, a JSON header mapping each 
 name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end
 of the header), then the raw little-endian bytes. The header is parsed here rather than
 through ``safetensors.safe_open`` so that every tensor is read with ``readinto`` into a
-fresh buffer: nothing is memory-mapped, so host memory holds only the tensors the caller
-keeps (a mapped file's touched pages would count as resident until unmapped).
+fresh buffer: host memory holds only the tensors the caller keeps (a mapped file's
+touched pages count as resident until unmapped). Loading onto a mesh needs slices rather
+than whole tensors, so ``CheckpointReader.view`` maps one tensor at a time, for the
+length of a ``with`` block, and the caller copies out the slice it needs.
 
 ``CheckpointReader`` opens ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; ``write_safetensors`` / ``write_sharded`` write files
@@ -15,12 +17,13 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -226,6 +229,18 @@ class CheckpointReader:
         if got != info.end - info.begin:
             raise CorruptFileError(f"{info.file}: truncated safetensors file (tensor '{name}' is cut short)")
         return out
+
+    @contextlib.contextmanager
+    def view(self, name: str) -> Iterator[np.ndarray]:
+        """Tensor ``name`` memory-mapped read-only in its stored dtype, for the ``with`` block.
+        Slicing it (after any transpose or reshape that numpy can do as a view) touches only
+        the pages the slice covers; copy what you keep, as the map is released when the
+        last view of it is gone."""
+        info = self.info(name)
+        if info.end == info.begin:  # nothing to map (an empty tensor)
+            yield self.read(name)
+            return
+        yield np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.begin, shape=info.shape)
 
     def close(self) -> None:
         for handle in self._handles.values():

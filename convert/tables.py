@@ -26,15 +26,24 @@ Readers: ``load_params`` takes any object with ``path``, ``name in reader``, ``n
 ``shape(name)`` and ``read(name) -> numpy array`` in Hugging Face names and layout
 (``safetensors_io.CheckpointReader``; ``convert.gguf.GGUFTensors`` presents a GGUF file so).
 A reader with ``dtype(name)`` has each tensor's stored dtype checked: every param is a
-floating-point weight, so an integer or boolean tensor is refused rather than cast.
+floating-point weight, so an integer or boolean tensor is refused rather than cast. A
+reader with ``view(name)`` (a context manager giving the tensor memory-mapped) lets a
+sharded load read only the slices it needs; others are read whole, one tensor at a time.
 
-Memory: the loader preallocates each stacked param (64-byte aligned so ``jax.device_put``
-on CPU aliases it instead of copying) and reads one checkpoint tensor at a time into it,
-so peak host memory is the output params plus one tensor.
+Memory: without a mesh the loader preallocates each stacked param (64-byte aligned so
+``jax.device_put`` on CPU aliases it instead of copying) and reads one checkpoint tensor
+at a time into it, so peak host memory is the output params plus one tensor. With a mesh
+(``load_params(..., mesh=...)``) each param is built block by block, one block per
+distinct shard on this process's devices (``sharded_param``): the host holds one block
+and one tensor's mapped pages beyond what the devices hold, and a process of a
+multi-host mesh reads only the blocks its own devices hold. The sharding comes from
+``dynamax_jax.sharding.param_specs`` and the layouts from the same rows, so neither is
+written twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import warnings
@@ -179,61 +188,153 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="tensor")
 
 
-def load_params(reader: CheckpointReader, config, arch: Architecture, dtype=jnp.float32,
-                progress: bool = False) -> Params:
-    """Read our param tree for ``config`` from ``reader`` using ``arch``'s table.
-
-    Every tensor's presence and shape is checked before any data is read: a missing one
-    raises ``MissingTensorError`` naming it, a wrong one ``ShapeMismatchError`` naming it
-    with the expected and found shapes. Stacked params are filled layer by layer into
-    preallocated arrays cast to ``dtype``."""
+def _plan(reader: CheckpointReader, config, arch: Architecture, expected) -> list[tuple[Row, list[str], tuple]]:
+    """``(row, checkpoint names, our stacked shape)`` per row of ``arch``'s table, after
+    checking every tensor's presence, shape and stored dtype (before any data is read),
+    and warning about checkpoint tensors no row uses."""
     rows = arch.table(config)
-    expected = expected_shapes(config, dtype)
     _check_table(rows, expected, "/".join(arch.model_types))
-    np_dtype = np.dtype(dtype)
-
-    plan = []  # (row, [hf names], our per-tensor shape)
+    plan = []
     for row in rows:
-        shape = expected[row.ours].shape
+        shape = tuple(expected[row.ours].shape)
         per_tensor = shape[1:] if row.per_layer else shape
         want = _hf_shape(row, config, per_tensor)
         names = [row.hf.format(i=i) for i in range(shape[0])] if row.per_layer else [row.hf]
         for name in names:
-            if name not in reader:
-                raise MissingTensorError(f"{reader.path}: checkpoint has no tensor '{name}' "
-                                         f"(needed for {row.ours}, expected shape {want})")
-            found = reader.shape(name)
-            if found != want:
-                raise ShapeMismatchError(f"{reader.path}: tensor '{name}' has the wrong shape: "
-                                         f"expected {want}, found {found}")
-            stored = reader.dtype(name) if hasattr(reader, "dtype") else None
-            if stored is not None and stored not in FLOAT_DTYPES:  # an integer/bool tensor is no weight
-                raise CheckpointError(f"{reader.path}: tensor '{name}' is stored as {dtype_name(stored)}; "
-                                      f"{row.ours} is a floating-point weight (expected one of "
-                                      f"{', '.join(sorted(dtype_name(d) for d in FLOAT_DTYPES))})")
+            _check_tensor(reader, row, name, want)
         plan.append((row, names, shape))
 
     used = {name for _, names, _ in plan for name in names}
     leftover = [n for n in reader.names() if n not in used and not arch.ignored(n)]
     if leftover:
         warnings.warn(f"{reader.path}: {len(leftover)} checkpoint tensors are not used, "
-                      f"e.g. {leftover[:5]}", stacklevel=3)
+                      f"e.g. {leftover[:5]}", stacklevel=4)
+    return plan
 
+
+def _check_tensor(reader, row: Row, name: str, want: tuple[int, ...]) -> None:
+    if name not in reader:
+        raise MissingTensorError(f"{reader.path}: checkpoint has no tensor '{name}' "
+                                 f"(needed for {row.ours}, expected shape {want})")
+    found = reader.shape(name)
+    if found != want:
+        raise ShapeMismatchError(f"{reader.path}: tensor '{name}' has the wrong shape: "
+                                 f"expected {want}, found {found}")
+    stored = reader.dtype(name) if hasattr(reader, "dtype") else None
+    if stored is not None and stored not in FLOAT_DTYPES:  # an integer/bool tensor is no weight
+        raise CheckpointError(f"{reader.path}: tensor '{name}' is stored as {dtype_name(stored)}; "
+                              f"{row.ours} is a floating-point weight (expected one of "
+                              f"{', '.join(sorted(dtype_name(d) for d in FLOAT_DTYPES))})")
+
+
+def load_params(reader: CheckpointReader, config, arch: Architecture, dtype=jnp.float32,
+                progress: bool = False, mesh=None) -> Params:
+    """Read our param tree for ``config`` from ``reader`` using ``arch``'s table.
+
+    Every tensor's presence and shape is checked before any data is read: a missing one
+    raises ``MissingTensorError`` naming it, a wrong one ``ShapeMismatchError`` naming it
+    with the expected and found shapes.
+
+    Without ``mesh``, stacked params are filled layer by layer into preallocated host
+    arrays cast to ``dtype`` (on the default device). With a ``jax.sharding.Mesh``
+    (axes ``data``, ``model``), every param is created already sharded as
+    ``dynamax_jax.sharding.param_specs(config)`` says (``shardings_for``): see
+    ``sharded_param``."""
+    expected = expected_shapes(config, dtype)
+    plan = _plan(reader, config, arch, expected)
+    np_dtype = np.dtype(dtype)
+    shardings = _param_shardings(config, mesh, expected) if mesh is not None else None
     flat = {}
-    with _progress(len(used), progress, "loading") as bar:
+    with _progress(sum(len(names) for _, names, _ in plan), progress, "loading") as bar:
         for row, names, shape in plan:
-            out = aligned_empty(shape, np_dtype)
-            for i, name in enumerate(names):
-                tensor = row.to_ours(reader.read(name), config)
-                if row.per_layer:
-                    out[i] = tensor  # casts to the output dtype in place
-                else:
-                    out[...] = tensor
-                del tensor
-                bar.update(1)
-            flat[row.ours] = jax.device_put(out)  # aliases `out` on CPU (aligned), no copy
-            del out
+            if shardings is None:
+                flat[row.ours] = _host_param(reader, config, row, names, shape, np_dtype, bar.update)
+            else:
+                flat[row.ours] = sharded_param(reader, config, row, names, shape, np_dtype, shardings[row.ours])
+                bar.update(len(names))
     return unflatten(flat)
+
+
+def _host_param(reader, config, row: Row, names: Sequence[str], shape: tuple[int, ...], dtype,
+                on_tensor: Callable[[int], Any]) -> jax.Array:
+    """One param on the default device, filled one checkpoint tensor at a time."""
+    out = aligned_empty(shape, dtype)
+    for i, name in enumerate(names):
+        tensor = row.to_ours(reader.read(name), config)
+        if row.per_layer:
+            out[i] = tensor  # casts to the output dtype in place
+        else:
+            out[...] = tensor
+        del tensor
+        on_tensor(1)
+    return jax.device_put(out)  # aliases `out` on CPU (aligned), no copy
+
+
+def _param_shardings(config, mesh, expected) -> dict[str, Any]:
+    """Our param paths -> ``NamedSharding`` on ``mesh``, from the one sharding table."""
+    from dynamax_jax.sharding import param_specs, shardings_for
+
+    return flatten(shardings_for(mesh, param_specs(config), unflatten(expected)))
+
+
+@contextlib.contextmanager
+def _tensor(reader, name: str):
+    """Tensor ``name`` in Hugging Face layout for the duration of a ``with``: the reader's
+    memory-mapped ``view`` where it has one, else a fresh ``read``."""
+    if hasattr(reader, "view"):
+        with reader.view(name) as tensor:
+            yield tensor
+    else:
+        yield reader.read(name)
+
+
+def _shard_shape(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+def read_shard(reader, config, row: Row, names: Sequence[str], shape: tuple[int, ...], index, dtype) -> np.ndarray:
+    """The block ``index`` (a tuple of slices into our ``shape``) of the param that ``row``
+    fills from tensors ``names``, as a new host array of ``dtype``. Each checkpoint tensor
+    is seen through ``row.to_ours`` (on a memory map that is a view), sliced, then copied
+    and cast, so only the slice is materialised; a stacked ``[L, ...]`` param reads the
+    layers in ``index[0]`` one at a time."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    out = aligned_empty(_shard_shape(index, shape), dtype)
+    if row.per_layer:
+        for j, i in enumerate(range(shape[0])[index[0]]):
+            _copy_slice(reader, config, row, names[i], index[1:], out, j)
+    else:
+        _copy_slice(reader, config, row, names[0], index, out, Ellipsis)
+    return out
+
+
+def _copy_slice(reader, config, row: Row, name: str, index, out: np.ndarray, at) -> None:
+    """``out[at] = row.to_ours(tensor name)[index]``, cast to ``out``'s dtype; the tensor
+    (or its map) is released on return."""
+    with _tensor(reader, name) as tensor:
+        out[at] = row.to_ours(tensor, config)[index]
+
+
+def sharded_param(reader, config, row: Row, names: Sequence[str], shape: tuple[int, ...], dtype,
+                  sharding) -> jax.Array:
+    """One param as a global ``jax.Array`` with ``sharding``, built from this process's
+    devices' blocks only (``read_shard``). Devices holding the same block (replicas along
+    an axis the spec does not use) share one read. Each block goes to its devices before
+    the next is read, so the host holds one block (plus one tensor's mapped pages) beyond
+    what the devices hold; ``jax.make_array_from_callback`` would gather every local block
+    first."""
+    local = sharding.addressable_devices_indices_map(shape)
+    blocks: dict[tuple, list] = {}
+    for device, index in local.items():
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        blocks.setdefault(key, [index, []])[1].append(device)
+    on_device = {}
+    for index, devices in blocks.values():
+        block = read_shard(reader, config, row, names, shape, index, dtype)
+        for device in devices:
+            on_device[device] = jax.device_put(block, device)
+        del block
+    return jax.make_array_from_single_device_arrays(shape, sharding, [on_device[d] for d in local])
 
 
 def hf_tensors(config, params: Params, arch: Architecture):

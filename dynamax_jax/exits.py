@@ -1,4 +1,4 @@
-"""Early-exit classifiers (calm, ffn, mamba), training-free confidence measures, and
+"""Early-exit classifiers (calm, ffn, mamba, hybrid), training-free confidence measures, and
 saving/loading exit heads.
 
 Shape legend: E exits, B batch, T tokens, D hidden (the backbone's), F classifier FFN width
@@ -20,6 +20,9 @@ training; the decode engine splits them into one dict per exit, ``decoding.per_e
     mamba: norm [E, D]  in_proj [E, D, 2I + 2N + J]  conv_w [E, W, C]  conv_b [E, C]
            dt_bias [E, J]  A_log [E, J]  D [E, J]  gate_norm [E, I]  out_proj [E, I, 2]
            out_bias [E, 2]
+    hybrid: the mamba tensors without out_bias, out_proj [E, I, D]; then the ffn tensors
+           prefixed ``ffn_``: ffn_norm [E, D]  ffn_w_in [E, D, F]  ffn_b_in [E, F]
+           ffn_w_out [E, F, 2]  ffn_b_out [E, 2]
 
 Adapters ("tuned lens", optional, ``ExitConfig.adapter``) map an exit's hidden state before
 the shared final norm and head, so that the token predicted at the exit agrees more often
@@ -48,6 +51,15 @@ adjacent, a pattern never seen in training. Under "copy" the skipped layers beha
 identity, so the exit hidden state *is* the best available estimate of the later layers'
 hidden state. The cost (one classifier step per later exit) is counted in the FLOPs
 (``dynamax_jax.flops``).
+
+The ``hybrid`` classifier is the ``mamba`` classifier's mixer followed by the ``ffn``
+classifier (the paper's proposed check: Mamba for the state, an FFN for the decision). Its
+mixer projects back to D (``out_proj [I, D]``) and adds to the exit hidden state, a pre-norm
+residual Mamba2 block like the backbone's: the FFN reads the token's own hidden state plus
+what the mixer carries from earlier tokens, and with the small initial ``out_proj`` the hybrid
+starts as the ``ffn`` classifier on the hidden state. D (not the inner width I) is what feeds
+the FFN, so its ``ffn_norm`` and ``ffn_w_in`` have the ``ffn`` kind's shapes. It carries the
+``mamba`` kind's state, stepped the same way at exits a token never reached.
 """
 
 from __future__ import annotations
@@ -70,7 +82,9 @@ from dynamax_jax.errors import ExitError, OtherWeightsWarning  # noqa: F401  (im
 
 Params = dict[str, Any]
 
-KINDS = ("calm", "ffn", "mamba")
+KINDS = ("calm", "ffn", "mamba", "hybrid")
+STATEFUL_KINDS = ("mamba", "hybrid")  # kinds with a Mamba2 mixer and its recurrent state
+HYBRID_FFN = "ffn_"  # prefix of the ffn classifier's tensors inside a hybrid's params
 CONFIDENCES = ("classifier", "softmax", "margin", "saturation")
 ADAPTERS = ("none", "affine", "lowrank")
 FILL_SHIFT = "fill_shift"  # [E, L, D]: exit e's estimate of layer l's input is h_e + fill_shift[e, l]
@@ -128,8 +142,9 @@ class ExitConfig:
         ``num_exits`` exits evenly over the latter half of the model (``resolve``), e.g.
         18, 21, 24, 27 of 30.
     kind: classifier architecture, one of ``calm`` (one linear layer), ``ffn`` (FFN with
-        ``ffn_expand`` x expansion, 4 as in the paper, then 2 outputs) or ``mamba`` (one Mamba2 mixer with 2 outputs; carries
-        state across tokens).
+        ``ffn_expand`` x expansion, 4 as in the paper, then 2 outputs), ``mamba`` (one Mamba2 mixer
+        with 2 outputs; carries state across tokens) or ``hybrid`` (the ``mamba`` mixer as a
+        residual block, then the ``ffn`` classifier; carries the same state).
     threshold: exit when the confidence reaches it. One float, or one per exit. Must be
         >= 0 and not NaN; above 1 means never exit (every confidence measure is <= 1).
     mode: what the layers a token skipped store at its position. Transformers: ``copy``
@@ -151,8 +166,8 @@ class ExitConfig:
     adapter: per-exit map applied before the shared final norm and head at an exit:
         ``none`` (the plain logit lens), ``affine`` (tuned lens, full D x D) or ``lowrank``
         (rank ``adapter_rank``).
-    ffn_expand: width of the ``ffn`` classifier's hidden layer in units of D.
-    mamba_*: size of the ``mamba`` classifier's mixer (inner width ``expand * D``; head dim
+    ffn_expand: width of the ``ffn`` (and ``hybrid``) classifier's hidden layer in units of D.
+    mamba_*: size of the ``mamba`` (and ``hybrid``) classifier's mixer (inner width ``expand * D``; head dim
         ``None`` = the largest of 64, 32, 16, ... dividing it).
     trained_on: the model the heads were trained on (``TrainedOn``; ``None``: not recorded).
         ``check_exits`` refuses heads of another architecture.
@@ -242,8 +257,8 @@ class ExitConfig:
         mode = self.mode if self.mode is not None else modes[0]
         if mode not in modes:
             raise ExitError(f"mode {mode!r} is not available for a {family} backbone; supported: {', '.join(modes)}")
-        if self.kind == "mamba" and self.mamba_head_dim and (self.mamba_expand * config.hidden_size) % self.mamba_head_dim:
-            raise ExitError(f"mamba classifier: inner width {self.mamba_expand * config.hidden_size} is not a "
+        if self.kind in STATEFUL_KINDS and self.mamba_head_dim and (self.mamba_expand * config.hidden_size) % self.mamba_head_dim:
+            raise ExitError(f"{self.kind} classifier: inner width {self.mamba_expand * config.hidden_size} is not a "
                             f"multiple of mamba_head_dim {self.mamba_head_dim}")
         if self.adapter == "lowrank" and self.adapter_rank >= config.hidden_size:
             raise ExitError(f"adapter_rank {self.adapter_rank} is not below the hidden size {config.hidden_size}: "
@@ -266,7 +281,7 @@ class ExitConfig:
     @property
     def stateful(self) -> bool:
         """Whether the classifier carries recurrent state across tokens."""
-        return self.confidence == "classifier" and self.kind == "mamba"
+        return self.confidence == "classifier" and self.kind in STATEFUL_KINDS
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -395,28 +410,53 @@ def mamba_config(exit_config: ExitConfig, hidden: int):
                         conv_kernel=exit_config.mamba_conv_kernel, chunk_size=64, rms_norm_eps=_EPS)
 
 
-def mamba_logits(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
-                 lengths: jax.Array | None = None):
-    """One exit's Mamba2 mixer over ``x [B, T, D]`` continuing from ``state`` (leaves
-    ``[B, ...]``) -> ``(logits [B, T, 2] float32, state)``. T == 1 is the one-token
-    recurrence; with ``lengths [B]`` padded positions leave the state untouched."""
+def mamba_mix(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
+              lengths: jax.Array | None = None):
+    """One exit's Mamba2 mixer on the normed ``x [B, T, D]`` continuing from ``state`` (leaves
+    ``[B, ...]``) -> ``(out [B, T, O] float32, state)``, O the width of ``out_proj`` (2 for
+    ``mamba``, D for ``hybrid``). T == 1 is the one-token recurrence; with ``lengths [B]``
+    padded positions leave the state untouched."""
     from dynamax_jax.models.mamba2 import mixer
 
     u = rms_norm(x, p["norm"], _EPS).astype(p["in_proj"].dtype)
     out, conv, ssm = mixer(mamba_config(exit_config, x.shape[-1]), p, u, state.conv, state.ssm, lengths)
-    return out.astype(jnp.float32) + p["out_bias"].astype(jnp.float32), MambaExitState(conv=conv, ssm=ssm)
+    return out.astype(jnp.float32), MambaExitState(conv=conv, ssm=ssm)
+
+
+def mamba_logits(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
+                 lengths: jax.Array | None = None):
+    """The ``mamba`` classifier over ``x [B, T, D]``: its mixer's 2 outputs plus ``out_bias``
+    -> ``(logits [B, T, 2] float32, state)`` (``mamba_mix`` for ``state`` and ``lengths``)."""
+    out, state = mamba_mix(exit_config, p, x, state, lengths)
+    return out + p["out_bias"].astype(jnp.float32), state
+
+
+def hybrid_ffn_params(p: Params) -> Params:
+    """The ``ffn`` classifier inside a ``hybrid`` exit's params (its ``ffn_`` tensors, unprefixed)."""
+    return {k[len(HYBRID_FFN):]: v for k, v in p.items() if k.startswith(HYBRID_FFN)}
+
+
+def hybrid_logits(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
+                  lengths: jax.Array | None = None):
+    """The ``hybrid`` classifier over ``x [B, T, D]``: ``ffn_logits`` of ``x + mamba_mix(x)``
+    (the mixer as a residual block, output width D) -> ``(logits [B, T, 2] float32, state)``."""
+    out, state = mamba_mix(exit_config, p, x, state, lengths)
+    return ffn_logits(hybrid_ffn_params(p), x.astype(jnp.float32) + out), state
+
+
+_STATEFUL_LOGITS = {"mamba": mamba_logits, "hybrid": hybrid_logits}
 
 
 def mamba_step(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState):
-    """One token through one exit's Mamba2 mixer: ``x [B, D]``, ``state`` with leaves
-    ``[B, ...]`` -> ``(logits [B, 2] float32, state)``."""
-    logits, state = mamba_logits(exit_config, p, x[:, None], state)
+    """One token through one exit's stateful classifier (``mamba`` or ``hybrid``): ``x [B, D]``,
+    ``state`` with leaves ``[B, ...]`` -> ``(logits [B, 2] float32, state)``."""
+    logits, state = _STATEFUL_LOGITS[exit_config.kind](exit_config, p, x[:, None], state)
     return logits[:, 0], state
 
 
 def classifier_step(exit_config: ExitConfig, p: Params, x: jax.Array, state):
     """One exit's classifier on one token: ``x [B, D]`` -> ``(logits [B, 2] float32, state)``.
-    ``state`` is that exit's ``MambaExitState`` slice for ``mamba``, else ``None``."""
+    ``state`` is that exit's ``MambaExitState`` slice for ``mamba`` and ``hybrid``, else ``None``."""
     if exit_config.kind == "calm":
         return calm_logits(p, x), state
     if exit_config.kind == "ffn":
@@ -438,12 +478,12 @@ def init_exit_state(config, exit_config: ExitConfig, batch: int) -> MambaExitSta
 def classifier_sequence(exit_config: ExitConfig, p: Params, hidden: jax.Array, state=None,
                         lengths: jax.Array | None = None):
     """One exit's classifier over a sequence (training, prefill): ``hidden [B, T, D]`` ->
-    ``(logits [B, T, 2] float32, final state)``. With ``lengths [B]`` a ``mamba`` state stops
-    advancing after each row's last real token (right-padded batches); ``mamba`` runs the
-    chunked SSD scan for T > 1."""
-    if exit_config.kind != "mamba":
+    ``(logits [B, T, 2] float32, final state)``. With ``lengths [B]`` a stateful classifier's
+    (``mamba``, ``hybrid``) state stops advancing after each row's last real token
+    (right-padded batches); its mixer runs the chunked SSD scan for T > 1."""
+    if exit_config.kind not in STATEFUL_KINDS:
         return classifier_step(exit_config, p, hidden, None)[0], state
-    return mamba_logits(exit_config, p, hidden, state, lengths)
+    return _STATEFUL_LOGITS[exit_config.kind](exit_config, p, hidden, state, lengths)
 
 
 def exit_logits(config, exit_config: ExitConfig, exit_params: Params, hidden: jax.Array,
@@ -502,30 +542,42 @@ def _adapter_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...
     return {}
 
 
-def _param_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
-    """Per-exit shapes (without the leading ``[E]``): the classifier's, then the adapter's
-    (and ``fill_shift`` under mode ``shift``)."""
-    d = config.hidden_size
-    adapter = _adapter_shapes(config, exit_config)
-    if exit_config.mode == "shift":
-        adapter[FILL_SHIFT] = (config.num_layers, d)
-    if exit_config.kind == "calm":
-        return {"norm": (d,), "w": (d, 2), "b": (2,), **adapter}
-    if exit_config.kind == "ffn":
+def _classifier_shapes(exit_config: ExitConfig, d: int) -> dict[str, tuple[int, ...]]:
+    """Per-exit shapes of the classifier of ``exit_config.kind`` on hidden size ``d``; a
+    ``hybrid``'s are the ``mamba`` mixer's (output width D, no ``out_bias``) and the ``ffn``
+    classifier's, prefixed."""
+    kind = exit_config.kind
+    if kind == "calm":
+        return {"norm": (d,), "w": (d, 2), "b": (2,)}
+    if kind == "ffn":
         f = exit_config.ffn_expand * d
-        return {"norm": (d,), "w_in": (d, f), "b_in": (f,), "w_out": (f, 2), "b_out": (2,), **adapter}
+        return {"norm": (d,), "w_in": (d, f), "b_in": (f,), "w_out": (f, 2), "b_out": (2,)}
+    if kind == "hybrid":
+        mixer = _classifier_shapes(dataclasses.replace(exit_config, kind="mamba"), d)
+        ffn = _classifier_shapes(dataclasses.replace(exit_config, kind="ffn"), d)
+        del mixer["out_bias"]
+        return {**mixer, "out_proj": (mixer["out_proj"][0], d), **{HYBRID_FFN + k: v for k, v in ffn.items()}}
     inner, n, heads, _, conv_dim = _mamba_dims(exit_config, d)
     return {"norm": (d,), "in_proj": (d, 2 * inner + 2 * n + heads),
             "conv_w": (exit_config.mamba_conv_kernel, conv_dim), "conv_b": (conv_dim,),
             "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "gate_norm": (inner,),
-            "out_proj": (inner, 2), "out_bias": (2,), **adapter}
+            "out_proj": (inner, 2), "out_bias": (2,)}
+
+
+def _param_shapes(config, exit_config: ExitConfig) -> dict[str, tuple[int, ...]]:
+    """Per-exit shapes (without the leading ``[E]``): the classifier's, then the adapter's
+    (and ``fill_shift`` under mode ``shift``)."""
+    adapter = _adapter_shapes(config, exit_config)
+    if exit_config.mode == "shift":
+        adapter[FILL_SHIFT] = (config.num_layers, config.hidden_size)
+    return {**_classifier_shapes(exit_config, config.hidden_size), **adapter}
 
 
 def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random exit-classifier params stacked ``[E, ...]`` (normal std 0.02 for matrices, norms
     at one, zero biases; the Mamba mixer's ``A`` in [1, 16] and ``dt`` in [1e-3, 1e-1] as in
     Mamba2; adapters start as the identity: ``adapter_w``, ``adapter_up`` and ``adapter_b``
-    zero)."""
+    zero). A ``hybrid``'s ``ffn_`` tensors start as the ``ffn`` kind's."""
     ec = exit_config.resolve(config)
     e = ec.num_exits
     shapes = _param_shapes(config, ec)
@@ -534,16 +586,17 @@ def init_exits(config, exit_config: ExitConfig, key: jax.Array, dtype=jnp.float3
     for name, shape in shapes.items():
         full = (e,) + shape
         k = keys[name]
-        if name in ("norm", "gate_norm", "D"):
+        base = name.removeprefix(HYBRID_FFN)  # a hybrid's ffn tensors start as the ffn kind's
+        if base in ("norm", "gate_norm", "D"):
             v = jnp.ones(full, jnp.float32)
-        elif name in ("b", "b_in", "b_out", "conv_b", "out_bias", "adapter_b", "adapter_w", "adapter_up", FILL_SHIFT):
+        elif base in ("b", "b_in", "b_out", "conv_b", "out_bias", "adapter_b", "adapter_w", "adapter_up", FILL_SHIFT):
             v = jnp.zeros(full, jnp.float32)
-        elif name == "A_log":
+        elif base == "A_log":
             v = jnp.log(jax.random.uniform(k, full, jnp.float32, 1.0, 16.0))
-        elif name == "dt_bias":
+        elif base == "dt_bias":
             dt = jnp.exp(jax.random.uniform(k, full, jnp.float32, math.log(1e-3), math.log(1e-1)))
             v = dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
-        elif name == "conv_w":
+        elif base == "conv_w":
             bound = 1.0 / math.sqrt(shape[0])
             v = jax.random.uniform(k, full, jnp.float32, -bound, bound)
         else:

@@ -11,6 +11,8 @@ still going; those extra computations are not charged to the rows that already l
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from dynamax_jax.exits import ExitConfig, _mamba_dims
@@ -76,9 +78,18 @@ def classifier_flops(config, exit_config: ExitConfig) -> float:
     if exit_config.kind == "ffn":
         f = exit_config.ffn_expand * d
         return float(2 * d * f + 2 * f * 2)
+    if exit_config.kind == "hybrid":  # the mamba mixer with output width D, then the ffn classifier
+        ffn = classifier_flops(config, dataclasses.replace(exit_config, kind="ffn"))
+        return mixer_flops(exit_config, d, out_width=d) + ffn
+    return mixer_flops(exit_config, d, out_width=2)
+
+
+def mixer_flops(exit_config: ExitConfig, d: int, out_width: int) -> float:
+    """One token through a ``mamba`` / ``hybrid`` classifier's Mamba2 mixer on hidden size
+    ``d`` whose output projection gives ``out_width`` values."""
     inner, n, heads, head_dim, conv_dim = _mamba_dims(exit_config, d)
     return float(2 * d * (2 * inner + 2 * n + heads) + 2 * conv_dim * exit_config.mamba_conv_kernel
-                 + 5 * heads * head_dim * n + 2 * inner * 2)
+                 + 5 * heads * head_dim * n + 2 * inner * out_width)
 
 
 def adapter_flops(config, exit_config: ExitConfig) -> float:

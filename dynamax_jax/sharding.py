@@ -81,6 +81,7 @@ class ShardingTable:
     exit_mamba_head_ej: P = P(None, None)
     exit_mamba_gate_norm_ei: P = P(None, None)
     exit_mamba_out_proj_eix: P = P(None, None, None)
+    exit_hybrid_out_proj_eid: P = P(None, None, None)
     exit_adapter_w_edd: P = P(None, None, MODEL)
     exit_adapter_down_edr: P = P(None, None, None)
     exit_adapter_up_erd: P = P(None, None, None)
@@ -203,7 +204,13 @@ def _classifier_specs(kind: str, table: ShardingTable) -> dict[str, P]:
                 "dt_bias": table.exit_mamba_head_ej, "A_log": table.exit_mamba_head_ej,
                 "D": table.exit_mamba_head_ej, "gate_norm": table.exit_mamba_gate_norm_ei,
                 "out_proj": table.exit_mamba_out_proj_eix, "out_bias": table.exit_bias_ex}
-    raise ShardingError(f"no sharding table for exit classifier kind {kind!r}; supported: calm, ffn, mamba")
+    from dynamax_jax.exits import HYBRID_FFN, KINDS
+
+    if kind == "hybrid":  # the mamba mixer (output width D, no out_bias), then the ffn classifier
+        mixer = {k: v for k, v in _classifier_specs("mamba", table).items() if k != "out_bias"}
+        ffn = {HYBRID_FFN + k: v for k, v in _classifier_specs("ffn", table).items()}
+        return {**mixer, "out_proj": table.exit_hybrid_out_proj_eid, **ffn}
+    raise ShardingError(f"no sharding table for exit classifier kind {kind!r}; supported: {', '.join(KINDS)}")
 
 
 def _check_structure(specs, tree, path: str = "params") -> None:

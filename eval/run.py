@@ -384,6 +384,8 @@ def _static_layers(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynamax_jax.exits import KINDS
+
     shared = shared_flags(("--model", "--dtype", "--tasks", "--data-dir", "--split", "--limit", "--max-new-tokens",
                            "--batch-size", "--pad-multiple", "--no-chat-template", "--out"), out="eval_results")
     p = argparse.ArgumentParser(
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exits", nargs="*", default=[],
                    help="exit checkpoints (dx.save_exits directories), one per classifier kind to compare")
     p.add_argument("--random-exits", type=csv_list(str), default=[],
-                   help="also sweep untrained exit heads of these kinds (calm,ffn,mamba): a pipeline check, "
+                   help=f"also sweep untrained exit heads of these kinds ({','.join(KINDS)}): a pipeline check, "
                         "not a quality result")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-exits")
     p.add_argument("--thresholds", type=csv_list(float), default=None,

@@ -43,7 +43,7 @@ def _sharp_exits(kind="mamba", backbone="mistral", **kw):
     sitting near 0.5, so that exit decisions are not decided by rounding."""
     ec = dx.ExitConfig(kind=kind, **kw)
     p = dx.init_exits(MODELS[backbone][0], ec, jax.random.key(1))
-    out = "out_proj" if kind == "mamba" else ("w" if kind == "calm" else "w_out")
+    out = {"mamba": "out_proj", "calm": "w", "ffn": "w_out", "hybrid": "ffn_w_out"}[kind]
     p[out] = p[out] * 40.0
     if ec.mode == "shift":  # init_exits makes it zero (= propagate): give it something to do
         p["fill_shift"] = jax.random.normal(jax.random.key(2), p["fill_shift"].shape)
@@ -86,7 +86,8 @@ def test_full_depth_matches_uncached_forward(backbone):
 
 
 @pytest.mark.parametrize("backbone, kind, mode", [
-    ("mistral", "mamba", "copy"), ("mistral", "ffn", "propagate"), ("mamba2", "mamba", "propagate")])
+    ("mistral", "mamba", "copy"), ("mistral", "ffn", "propagate"), ("mamba2", "mamba", "propagate"),
+    ("mamba2", "hybrid", "skip")])
 def test_threshold_above_one_is_full_depth(backbone, kind, mode):
     ec, p = _sharp_exits(kind, backbone, mode=mode, threshold=1.5)
     full = _full_depth(backbone)
@@ -123,12 +124,12 @@ def test_static_pruning_equals_truncated_model(backbone):
         assert (r.exit_layers == k).all()
 
 
-@pytest.mark.parametrize("backbone, mode", [
-    ("mistral", "copy"), ("mistral", "propagate"), ("mistral", "shift"),
-    pytest.param("mamba2", "skip", marks=pytest.mark.slow), ("mamba2", "propagate"),
-    pytest.param("mamba2", "shift", marks=pytest.mark.slow)])
-def test_batch_rows_match_single_prompts(backbone, mode):
-    ec, p = _sharp_exits("mamba", backbone, threshold=0.5, mode=mode)
+@pytest.mark.parametrize("backbone, mode, kind", [
+    ("mistral", "copy", "mamba"), ("mistral", "propagate", "mamba"), ("mistral", "shift", "mamba"),
+    pytest.param("mamba2", "skip", "mamba", marks=pytest.mark.slow), ("mamba2", "propagate", "mamba"),
+    pytest.param("mamba2", "shift", "mamba", marks=pytest.mark.slow), ("mamba2", "skip", "hybrid")])
+def test_batch_rows_match_single_prompts(backbone, mode, kind):
+    ec, p = _sharp_exits(kind, backbone, threshold=0.5, mode=mode)
     batch = _gen(backbone, PROMPTS, exit_config=ec, exit_params=p)
     assert len(set(batch.exit_layers.ravel().tolist())) > 1, "exits should vary for this test to bite"
     for i, prompt in enumerate(PROMPTS):

@@ -57,7 +57,7 @@ def test_table_covers_every_mamba2_param(overrides):
     assert jax.tree.structure(shardings) == jax.tree.structure(params)
 
 
-@pytest.mark.parametrize("kind", ["calm", "ffn", "mamba"])
+@pytest.mark.parametrize("kind", ["calm", "ffn", "mamba", "hybrid"])
 @pytest.mark.parametrize("adapter", ["none", "affine", "lowrank"])
 def test_table_covers_every_exit_param(kind, adapter):
     from dynamax_jax.exits import ExitConfig, init_exits

@@ -412,8 +412,8 @@ def mamba_config(exit_config: ExitConfig, hidden: int):
 
 def mamba_mix(exit_config: ExitConfig, p: Params, x: jax.Array, state: MambaExitState,
               lengths: jax.Array | None = None):
-    """One exit's Mamba2 mixer on the normed ``x [B, T, D]`` continuing from ``state`` (leaves
-    ``[B, ...]``) -> ``(out [B, T, O] float32, state)``, O the width of ``out_proj`` (2 for
+    """One exit's Mamba2 mixer on ``x [B, T, D]`` after the exit's RMSNorm, continuing from
+    ``state`` (leaves ``[B, ...]``) -> ``(out [B, T, O] float32, state)``, O the width of ``out_proj`` (2 for
     ``mamba``, D for ``hybrid``). T == 1 is the one-token recurrence; with ``lengths [B]``
     padded positions leave the state untouched."""
     from dynamax_jax.models.mamba2 import mixer

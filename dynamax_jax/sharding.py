@@ -58,9 +58,12 @@ class ShardingTable:
     attn_out_lnhd: P = P(None, MODEL, None, None)
     mlp_in_ldf: P = P(None, None, MODEL)
     mlp_out_lfd: P = P(None, MODEL, None)
-    # Mamba2 layers: in_proj's output mixes z, x, B, C and dt, so it stays whole; the
-    # inner width I (gate norm, out_proj) is split over model.
-    mamba_in_proj_ldz: P = P(None, None, None)
+    # Mamba2 layers: the inner width I (gate norm, out_proj) and in_proj's output columns Z are
+    # split over model. A column block of in_proj mixes parts of z, x, B, C and dt, so XLA
+    # gathers its output where they are split apart (one token's at decode); a whole in_proj
+    # would be held and read by every device, and XLA:TPU keeps a copy of each device's block
+    # besides, to split the matmul anyway.
+    mamba_in_proj_ldz: P = P(None, None, MODEL)
     mamba_conv_w_lwc: P = P(None, None, None)
     mamba_conv_b_lc: P = P(None, None)
     mamba_head_lj: P = P(None, None)

@@ -23,15 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dynamax_jax import aot as shared_aot
 from dynamax_jax.kernels.ssd import ops
 from dynamax_jax.kernels.ssd import pallas as ssd_pallas_lib
 
-# 8-chip slices: a v5e-8 (one TensorCore per chip) and a v4-8 (megacore: the two
-# TensorCores of a chip act as one device).
-TOPOLOGIES = {
-    "v5e": dict(topology_name="v5e:2x4", chip_config_name="default", chips_per_host_bounds=(2, 4, 1)),
-    "v4": dict(topology_name="v4:2x2x1", chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1)),
-}
+# One chip of each TPU generation the kernel is checked on (dynamax_jax.aot holds the slices).
+TOPOLOGIES = {name: shared_aot.TOPOLOGIES[name] for name in ("v5e", "v4")}
+tpu_device = shared_aot.tpu_device
 DIRECTIONS = ("forward", "backward")
 
 
@@ -47,14 +45,6 @@ class SsdShape:
 
 
 CODESTRAL = SsdShape(b=1, l=2048, h=128, p=64, g=8, n=128, q=256)
-
-
-def tpu_device(topology: str):
-    """The first chip of ``topology`` ("v5e" or "v4"). Needs libtpu, not a TPU."""
-    from jax.experimental import topologies
-    desc = topologies.get_topology_desc(platform="tpu", num_slices=1, wrap=(False, False, False),
-                                        **TOPOLOGIES[topology])
-    return desc.devices[0]
 
 
 def abstract_inputs(device, shape: SsdShape, dtype=jnp.bfloat16):

@@ -3,6 +3,9 @@ attention over all the keys (``mistral.attention`` with an explicit mask), float
 
 from __future__ import annotations
 
+import importlib.util
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,9 +87,10 @@ def test_splash_kernel_interpreted_equals_blocked(window):
     np.testing.assert_allclose(got, _reference(q, k, v, window), rtol=1e-5, atol=1e-5)
 
 
-def test_default_implementation_by_backend():
+def test_default_implementation_by_platform():
     assert attention.default_implementation("cpu") == "blocked"
     assert attention.default_implementation("gpu") == "cudnn"
+    assert attention.default_implementation("cuda") == "cudnn"
     assert attention.default_implementation("tpu") == "splash"
     assert attention.default_implementation() == "blocked"  # these tests run on CPU
     with pytest.raises(ConfigError, match="implementation"):
@@ -104,3 +108,46 @@ def test_prefill_layers_equal_the_stacked_forward(window):
     want = jax.jit(lambda p, t: dx.forward(config, p, t))(params, tokens)
     got = jax.jit(lambda p, t: dx.forward(config, p, t))(dx.decode_params(params), tokens)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'), so there is no TPU compiler")
+@pytest.mark.parametrize("topology", ["v5e", "v4"])
+@pytest.mark.parametrize("t,heads,kv_heads,head_dim,window", [(2047, 9, 3, 64, None), (300, 32, 8, 128, 100)])
+def test_attention_on_tpu_inputs_compiles_the_splash_kernel(monkeypatch, topology, t, heads, kv_heads, head_dim,
+                                                             window):
+    """``causal_attention`` lowered on abstract bfloat16 inputs placed on one chip of a TPU
+    topology (no TPU needed: libtpu's compiler runs here) picks the splash kernel from the
+    inputs' devices, and Mosaic compiles it: SmolLM2's heads over 2,047 tokens, and Mistral 7B's
+    with a sliding window over a prompt that is not a multiple of the kernel's block."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu's lock
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from dynamax_jax.kernels.ssd import aot
+
+    chip = NamedSharding(Mesh(np.array([aot.tpu_device(topology)]), ("chip",)), PartitionSpec())
+    q = jax.ShapeDtypeStruct((1, t, heads, head_dim), jnp.bfloat16, sharding=chip)
+    kv = jax.ShapeDtypeStruct((1, t, kv_heads, head_dim), jnp.bfloat16, sharding=chip)
+    compiled = jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, window)).lower(q, kv, kv).compile()
+    assert re.search(r'custom_call_target="tpu_custom_call"', compiled.as_text()), "no Mosaic kernel: not splash"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'), so there is no TPU compiler")
+def test_attention_over_a_tpu_mesh_compiles_without_the_splash_kernel(monkeypatch):
+    """XLA cannot partition a Mosaic kernel: inputs split over a v5e-8 mesh (batch over
+    ``data``, heads over ``model``) take ``jax.nn.dot_product_attention``, which it can."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from dynamax_jax.kernels.ssd import aot
+
+    devices = topologies.get_topology_desc(platform="tpu", num_slices=1, wrap=(False, False, False),
+                                           **aot.TOPOLOGIES["v5e"]).devices
+    split = NamedSharding(Mesh(np.array(devices).reshape(2, 4), ("data", "model")),
+                          PartitionSpec("data", None, "model", None))
+    q = jax.ShapeDtypeStruct((2, 512, 32, 128), jnp.bfloat16, sharding=split)
+    kv = jax.ShapeDtypeStruct((2, 512, 8, 128), jnp.bfloat16, sharding=split)
+    compiled = jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, None)).lower(q, kv, kv).compile()
+    assert "tpu_custom_call" not in compiled.as_text()

@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax.errors import ConfigError
+from dynamax_jax.kernels.ssd.pallas import target_platform
 
-# the query and key block of ``blocked``
-PREFILL_BLOCK = 256  # the fastest of 128/256/512 (and mixed query/key sizes) for long prefills on XLA:CPU
+# the query and key block of ``blocked``: the fastest of 128/256/512 (and of mixed query and key
+# sizes) for long prompts on XLA:CPU
+PREFILL_BLOCK = 256
 IMPLEMENTATIONS = ("blocked", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # the splash kernel's default block; the prompt is padded to a multiple
 
@@ -38,8 +40,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: i
     """Causal attention of T tokens among themselves: ``q [B, T, N, H]``, ``k, v [B, T, K, H]``
     -> ``[B, T, N, H]``. Token ``t`` sees tokens ``s`` with ``t - W < s <= t`` (``W`` the
     ``sliding_window``; no lower bound when None). ``implementation``: one of
-    ``IMPLEMENTATIONS``, default ``default_implementation()`` (by ``jax.default_backend()``)."""
-    impl = implementation or default_implementation()
+    ``IMPLEMENTATIONS``, default ``default_implementation`` of the platform ``q`` is placed on
+    (under ``jit``, its sharding's mesh, so compiling ahead of time for TPU devices from a CPU
+    host picks the TPU kernel), else ``jax.default_backend()``; on TPU, inputs spread over
+    several devices take ``xla``, which XLA partitions (the splash kernel would need a
+    ``shard_map``)."""
+    impl = implementation
+    if impl is None:
+        impl = default_implementation(target_platform(None, q))
+        if impl == "splash" and _on_several_devices(q):  # Mosaic kernels are not partitioned by XLA
+            impl = "xla"
     if impl == "blocked":
         return blocked_causal_attention(q, k, v, sliding_window)
     if impl in ("xla", "cudnn"):
@@ -49,11 +59,22 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: i
     raise ConfigError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
 
 
-def default_implementation(backend: str | None = None) -> str:
-    """The attention for ``backend`` (default ``jax.default_backend()``): ``cudnn`` on GPU,
-    ``splash`` on TPU, ``blocked`` elsewhere."""
-    return {"gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "splash"}.get(backend or jax.default_backend(),
-                                                                               "blocked")
+def default_implementation(platform: str | None = None) -> str:
+    """The attention for ``platform`` ("cpu", "gpu", "tpu"; default ``jax.default_backend()``):
+    ``cudnn`` on GPU, ``splash`` on TPU, ``blocked`` elsewhere."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(platform), "blocked")
+
+
+def _on_several_devices(x) -> bool:
+    """Whether ``x`` is laid out over more than one device: under ``jit``, the mesh of its
+    sharding or the one set with ``jax.set_mesh``; a concrete array, its own devices."""
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    if getattr(mesh, "size", 0) > 1:
+        return True
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return len(x.sharding.device_set) > 1
+    ambient = jax.sharding.get_abstract_mesh()
+    return not ambient.empty and ambient.size > 1
 
 
 # ----------------------------------------------------------------------------- CPU: blocked
@@ -137,8 +158,8 @@ def _block_mask(i, j, block: int, groups: int, window: int | None) -> jax.Array:
 
 def _online_softmax_step(q, kb, vb, j, mask, scale: float, state):
     """Fold key block ``j`` into the running ``(max, sum, acc)`` of a query block (None: the
-    first block). The max is over raw scores and the scale goes inside ``exp``: the same
-    softmax, with one multiply fewer per score."""
+    first block). The max is over raw scores and the scale is applied inside ``exp`` (the same
+    softmax, as the scale is positive), in the one pass over the scores that ``exp`` makes."""
     k = jax.lax.dynamic_index_in_dim(kb, j, 2, keepdims=False)  # [B, K, H, b]
     v = jax.lax.dynamic_index_in_dim(vb, j, 2, keepdims=False)  # [B, K, b, H]
     s = jnp.einsum("bkmh,bkhs->bkms", q, k, preferred_element_type=jnp.float32)
@@ -190,7 +211,10 @@ def splash_causal_attention(q, k, v, sliding_window: int | None, interpret: bool
     """``causal_attention`` by the Pallas splash-attention kernel (TPU; ``interpret`` runs it
     anywhere, slowly). T is zero-padded to a multiple of ``SPLASH_BLOCK``: padded keys come
     after every real query, so the mask hides them."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    except ImportError:  # a jax without the kernel
+        return dot_product_causal_attention(q, k, v, sliding_window, "xla")
 
     b, t, n, h = q.shape
     tp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK

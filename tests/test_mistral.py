@@ -10,7 +10,6 @@ import pytest
 
 import dynamax_jax as dx
 from dynamax_jax.models import mistral
-from dynamax_jax.models.layers import attention_mask
 from tests.conftest import hf_logits, random_tokens
 
 PARITY_CASES = {
@@ -128,17 +127,3 @@ def test_mistral_7b_shapes_without_allocating():
     assert shapes["layers"]["wk"].shape == (32, 4096, 8, 128)
     assert shapes["lm_head"].shape == (4096, 32000)
     assert config.to_hf_config()["sliding_window"] == 4096
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_blocked_causal_attention_equals_masked_attention(window):
-    """Prefill's query-blocked causal attention (blocks of 4 over 11 tokens, reading only the
-    keys each block can see) equals one masked attention over all of them."""
-    b, t, n, kv, h = 2, 11, 4, 2, 8
-    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
-        jax.random.split(jax.random.key(0), 3), [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)]))
-    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    want = mistral.attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
-                             attention_mask(positions, t, window))
-    got = mistral.causal_attention(q, k, v, window, block=4)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

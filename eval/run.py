@@ -31,6 +31,11 @@ same path, is refused before the model loads: its rows could not be told apart t
 
 FLOPs come from ``dynamax_jax.flops`` (backbone layers, LM head, the classifiers' own cost,
 K/V or state propagation); ``compute`` is FLOPs relative to full depth over the same tokens.
+
+``--mesh DATAxMODEL`` (``dynamax_jax.cli.mesh``) loads the model and the exit heads sharded over
+a device mesh, and every run computes on it (prompt rows over ``data``; heads, MLP width and
+vocabulary over ``model``): its files are one device's, timings aside. With ``--distributed``
+every host's process computes every run and process 0 alone holds and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from dynamax_jax import sharding as S
 from dynamax_jax.cli import add_debug_flag, run_cli
+from dynamax_jax.cli.mesh import add_mesh_arguments, is_main_process, setup_mesh
 from dynamax_jax.io import fingerprint, write_json_atomic
 from dynamax_jax.eval import metrics, tasks
 from dynamax_jax.eval.errors import OutputError, SettingsError
@@ -174,9 +181,10 @@ def score_examples(task: tasks.Task, examples: list[tasks.Example], texts: list[
 
 # ----------------------------------------------------------------------------- sweep
 
-def _exit_sources(args, backbone: Backbone, model_fingerprint: str):
+def _exit_sources(args, backbone: Backbone, model_fingerprint: str, mesh=None):
     """``(tag, exit_config, exit_params)`` for each ``--exits`` checkpoint and ``--random-exits``
-    kind. Heads trained on another architecture are refused; on other weights, warned about."""
+    kind. Heads trained on another architecture are refused; on other weights, warned about.
+    With ``mesh`` the heads are placed on it by the sharding table, like the backbone."""
     import dynamax_jax as dx
     from dynamax_jax.exits import check_trained_on
     sources = []
@@ -188,14 +196,17 @@ def _exit_sources(args, backbone: Backbone, model_fingerprint: str):
         exit_config = dx.ExitConfig(kind=kind)
         exit_params = dx.init_exits(backbone.config, exit_config, jax.random.key(args.seed))
         sources.append((f"random:{kind}:{args.seed}", exit_config, exit_params))
-    return sources
+    if mesh is None:
+        return sources
+    return [(tag, ec, S.shard_exit_params(mesh, ec, p)) for tag, ec, p in sources]
 
 
 class Sweep:
     """Runs one backbone over the tasks, writing one JSON per run and skipping finished ones."""
 
-    def __init__(self, args, backbone: Backbone, log=print, inputs: dict | None = None):
+    def __init__(self, args, backbone: Backbone, log=print, inputs: dict | None = None, write: bool = True):
         self.args, self.backbone, self.log = args, backbone, log
+        self.write = write  # False on the processes of a multi-host run other than process 0
         self.out = Path(args.out)
         self.num_layers = backbone.config.num_layers
         # what the runs are computed on (recorded in each run): {"data": {task: ...},
@@ -231,7 +242,8 @@ class Sweep:
                               **({"exits": {"path": spec.exits, "fingerprint": exits[spec.exits]}}
                                  if spec.exits in exits else {})}
         path = self.out / spec.filename()
-        write_json_atomic(path, data, indent=1)
+        if self.write:
+            write_json_atomic(path, data, indent=1)
         self.log(f"wrote {path}: {spec.label} {task.primary}={means[task.primary]:.4g} "
                  f"avg_layers={compute['avg_layers']:.2f} compute={compute['compute']:.3f}")
         return data
@@ -412,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static layer pruning baseline: 'auto' (the exit runs' average depths, rounded), "
                         "'none', or comma-separated layer counts")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle-exit ceiling")
+    add_mesh_arguments(p, distributed_note="Every process reads the data and computes every run; process 0 alone "
+                       "holds and writes --out and prints, and the others read back the runs it holds, so --out "
+                       "must be on a file system that every process sees")
     add_debug_flag(p)
     return p
 
@@ -430,8 +445,10 @@ def check_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_args(args)
+    mesh = setup_mesh(parser, args, PROG, batch_size=args.batch_size)
     args.model = model_path(args.model)
     args.split = tasks.resolve_split(args.split, args.data_dir, "evaluation")
     if args.data_dir != tasks.HUB:  # fail on bad data before loading the model
@@ -444,17 +461,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = run_inputs(args)
         check_out_dir(Path(args.out), inputs["data"], {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype},
                       (args.model, inputs["model"]["fingerprint"]), inputs["exits"])
-        backbone = load_backbone(args.model, args.dtype, not args.no_chat_template)
-        sweep = Sweep(args, backbone, inputs=inputs)
-        sources = _exit_sources(args, backbone, inputs["model"]["fingerprint"])
+        backbone = load_backbone(args.model, args.dtype, not args.no_chat_template, mesh=mesh)
+        # on a multi-host run every process computes every run; process 0 alone writes and logs
+        main_process = is_main_process()
+        sweep = Sweep(args, backbone, log=print if main_process else _quiet, inputs=inputs, write=main_process)
+        sources = _exit_sources(args, backbone, inputs["model"]["fingerprint"], mesh)
         exit_runs = sweep.exit_runs(sources)  # exits that do not fit the model: refused before any run
         sweep.check_static_layers()
         for name in args.tasks:
             sweep.run_task(name, sources, exit_runs)
+        if not main_process:
+            return 0
         from dynamax_jax.eval import report
         table, plots = report.write_report(args.out)
     print(f"report: {table}; plots: {', '.join(map(str, plots))}")
     return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of a process other than process 0 of a multi-host run: it prints nothing."""
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ step's work. Here it runs once:
    for ``--epochs`` over the cache's training rows in a seeded order; ``--val-percent`` of
    the rows (drawn with the seed) are held out and scored at each threshold.
 
+**On a mesh** (``--mesh DATAxMODEL``, ``dynamax_jax.cli.mesh``) the backbone is loaded sharded
+and its passes (stage 1's cache, stage 3's labels, stage 4's layer means) run on the mesh, each
+batch's rows over ``data``. The classifiers (stage 5) train on the cached features on one
+device: they are small next to the backbone, and their cached inputs are read from the host
+batch by batch anyway. The cache, labels and heads equal one device's up to the rounding of
+sums split over devices. With ``--distributed`` every process runs every pass and process 0
+alone writes the cache and ``--out``, which the others read back (a file system they share).
+
 ``--out`` receives ``cache/`` (unless ``--cache`` names another), ``exits-<kind>/`` (``dx.load_exits``; adapters included) and
 ``summary.json`` (seed, timings, tokens/s, per-exit label rates, held-out precision/recall).
 One run at a time writes into ``--out`` (and into a ``--cache`` outside it): a second is
@@ -63,7 +71,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamax_jax import exits as ex
-from dynamax_jax.cli import add_debug_flag, run_cli
+from dynamax_jax import sharding as S
+from dynamax_jax.cli import MODEL_HELP, add_debug_flag, resolve_model, run_cli
+from dynamax_jax.cli.mesh import add_mesh_arguments, barrier, is_main_process, setup_mesh
 from dynamax_jax.io import (DataError, atomic_directory, atomic_file, check_destination, parse_dtype, read_json_object,
                             write_json_atomic)
 from dynamax_jax.models import module_for
@@ -179,14 +189,46 @@ def training_mask(cache: "Cache", marker: Sequence[int] | None, eos_id: int, tra
     return np.concatenate(masks)
 
 
-def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: int, exit_layers: Sequence[int],
-                topk: int, seq_len: int, batch_size: int, seed: int, dtype, out, progress: bool = True,
-                identity: dict | None = None) -> dict:
-    """Run the backbone over every source's rows and write the cache directory ``out``
-    (atomically); returns its ``meta.json``. ``identity``: what must match for reuse."""
+def _place(mesh, array: np.ndarray, spec) -> jax.Array:
+    """A host ``array`` as the input of a pass over the backbone's params: on their ``mesh`` by
+    ``spec`` (``sharding.place_rows``: rows over ``data`` where it divides them, else
+    replicated), or on the default device when they are on one."""
+    return jnp.asarray(array) if mesh is None else S.place_rows(mesh, array, spec)
+
+
+def _cache_passes(config, params, sources: Sequence[Source], *, encode, eos_id: int, exit_layers: Sequence[int],
+                  topk: int, seq_len: int, batch_size: int, seed: int, progress: bool):
+    """The backbone over every source's batches in order, yielding ``(tokens [B, T], outputs,
+    seconds)``: ``make_backbone_pass``'s outputs on the host and the time the pass took. On
+    params sharded over a mesh each batch's rows are split over its ``data`` axis."""
     from tqdm import tqdm
 
     run = make_backbone_pass(config, tuple(exit_layers), topk)
+    mesh = S.mesh_of(params)
+    total = sum(math.ceil(s.tokens / (batch_size * seq_len)) for s in sources) * batch_size * seq_len
+    with tqdm(total=total, desc="cache", unit="tok", disable=not progress, file=sys.stderr) as bar:
+        for source in sources:
+            for tokens in source_batches(source, encode=encode, eos_id=eos_id, seq_len=seq_len,
+                                         batch_size=batch_size, seed=seed):
+                t0 = time.perf_counter()
+                outputs = S.to_host(run(params, _place(mesh, tokens, S.TABLE.tokens_bt)))
+                yield tokens, outputs, time.perf_counter() - t0
+                bar.update(tokens.size)
+
+
+def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: int, exit_layers: Sequence[int],
+                topk: int, seq_len: int, batch_size: int, seed: int, dtype, out, progress: bool = True,
+                identity: dict | None = None, write: bool = True) -> dict | None:
+    """Run the backbone over every source's rows and write the cache directory ``out``
+    (atomically); returns its ``meta.json``. ``identity``: what must match for reuse. With
+    ``write`` False (a process other than 0 of a multi-host run) the passes run, for their
+    share of the sharded work, and nothing is stored: ``None``."""
+    passes = _cache_passes(config, params, sources, encode=encode, eos_id=eos_id, exit_layers=exit_layers,
+                           topk=topk, seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress)
+    if not write:
+        for _ in passes:
+            pass
+        return None
     batches_per_source = [math.ceil(s.tokens / (batch_size * seq_len)) for s in sources]
     rows = batch_size * sum(batches_per_source)
     e, d = len(exit_layers), config.hidden_size
@@ -197,21 +239,14 @@ def build_cache(config, params, sources: Sequence[Source], *, encode, eos_id: in
         inputs = np.zeros((rows, seq_len), np.int32)
         gram = np.zeros((e, d + 1, d + 1), np.float64)
         cross = np.zeros((e, d + 1, d), np.float64)
-        row = 0
-        with tqdm(total=rows * seq_len, desc="cache", unit="tok", disable=not progress, file=sys.stderr) as bar:
-            for source in sources:
-                for tokens in source_batches(source, encode=encode, eos_id=eos_id, seq_len=seq_len,
-                                             batch_size=batch_size, seed=seed):
-                    t0 = time.perf_counter()
-                    h, ids, g, c = jax.device_get(run(params, jnp.asarray(tokens)))
-                    forward_seconds += time.perf_counter() - t0
-                    hidden[row:row + batch_size] = h.transpose(1, 0, 2, 3).astype(dtype)
-                    top[row:row + batch_size] = ids
-                    inputs[row:row + batch_size] = tokens
-                    gram += g
-                    cross += c
-                    row += batch_size
-                    bar.update(tokens.size)
+        for i, (tokens, (h, ids, g, c), seconds) in enumerate(passes):
+            row = i * batch_size
+            forward_seconds += seconds
+            hidden[row:row + batch_size] = h.transpose(1, 0, 2, 3).astype(dtype)
+            top[row:row + batch_size] = ids
+            inputs[row:row + batch_size] = tokens
+            gram += g
+            cross += c
         hidden.flush()
         top.flush()
         np.save(tmp / "gram.npy", gram)
@@ -339,10 +374,12 @@ def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Ca
     from tqdm import tqdm
 
     label = make_labeller(config, exit_config)
+    mesh = S.mesh_of(params)  # the tokens of a batch are one row: replicated over the mesh
     _, e, t, _ = cache.hidden.shape
     out = np.zeros((len(rows), e, t), bool)
     if not exit_config.has_adapter:
-        adapters = {"unused": jnp.zeros((e,), jnp.float32)}  # lax.map needs a leading [E] axis
+        adapters = {"unused": np.zeros((e,), np.float32)}  # lax.map needs a leading [E] axis
+    adapters = {k: _place(mesh, np.asarray(v), S.P()) for k, v in adapters.items()}
     for start in tqdm(range(0, len(rows), batch_size), desc="labels", disable=not progress, file=sys.stderr):
         idx = rows[start:start + batch_size]
         where = np.nonzero(mask[start:start + len(idx)])  # (row in batch, position)
@@ -354,8 +391,8 @@ def cache_labels(config, params, exit_config: ex.ExitConfig, adapters, cache: Ca
         pad = -n % t  # a few padded shapes: one compile each
         hidden = np.pad(hidden, ((0, pad), (0, 0), (0, 0)))
         top = np.pad(top, ((0, pad), (0, 0)))
-        got = np.asarray(label(params, adapters, jnp.asarray(hidden.transpose(1, 0, 2)[:, None]),
-                               jnp.asarray(top[None])))[:, 0, :n]  # [E, N]
+        got = S.to_host(label(params, adapters, _place(mesh, hidden.transpose(1, 0, 2)[:, None], S.P()),
+                              _place(mesh, top[None], S.P())))[:, 0, :n]  # [E, N]
         out[start + where[0], :, where[1]] = got.T
     return out
 
@@ -381,12 +418,14 @@ def layer_means(config, params, tokens: np.ndarray, weights: np.ndarray, batch_s
                           precision="highest")
 
     w = weights.shape[1]
+    mesh = S.mesh_of(params)  # on a mesh, each batch's rows over its data axis
     total = np.zeros((w, config.num_layers, config.hidden_size), np.float64)
     for start in tqdm(range(0, len(tokens), batch_size), desc="layer means", disable=not progress, file=sys.stderr):
         t, m = tokens[start:start + batch_size], weights[start:start + batch_size]
         pad = batch_size - len(t)
         t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0), (0, 0)))
-        total += np.asarray(weighted_sum(params, jnp.asarray(t), jnp.asarray(m)), np.float64)
+        total += np.asarray(S.to_host(weighted_sum(params, _place(mesh, t, S.TABLE.tokens_bt),
+                                                   _place(mesh, m, S.TABLE.rows_b))), np.float64)
     totals = weights.sum(axis=(0, 2)).astype(np.float64)
     return total / np.maximum(totals, 1e-12)[:, None, None], totals
 
@@ -459,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = DistillSettings()
     p = argparse.ArgumentParser(prog="python -m train.cached", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, type=parse_sources,
                    help="PATH=TOKENS[,PATH=TOKENS...]: local .jsonl/.json/.parquet/.txt files or directories "
                         "(e.g. train.answers output and train/prose) and how many tokens of each to cache")
@@ -520,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the cache again (with its labels and layer means) instead of refusing one "
                         "computed from another model, other data or other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_mesh_arguments(p, distributed_note="Every process reads the data and runs every backbone pass; process 0 "
+                                           "alone writes --out and the cache, which the others read back, so both "
+                                           "must be on a file system that every process sees")
     add_debug_flag(p)
     return p
 
@@ -579,18 +621,16 @@ def check_args(args) -> tuple[list[str], DistillSettings]:
     return kinds, settings
 
 
-def load_backbone(args, exclude: Sequence[Path]) -> Backbone:
-    """The model of ``--model`` (default SmolLM2-135M-Instruct), its tokenizer and fingerprint
-    (leaving out ``exclude``: output folders inside the model's)."""
+def load_backbone(args, exclude: Sequence[Path], mesh=None) -> Backbone:
+    """The model of ``--model`` (default SmolLM2-135M-Instruct; a hub id is read from its
+    snapshot in the local hub cache), its tokenizer and fingerprint (leaving out ``exclude``:
+    output folders inside the model's); with ``mesh`` its params are loaded sharded."""
     from dynamax_jax.api import load_pretrained, load_tokenizer
     from dynamax_jax.io import fingerprint
     from dynamax_jax.train import data as D
 
-    path = args.model
-    if path is None:
-        from dynamax_jax.default_model import smollm2_gguf_path
-        path = str(smollm2_gguf_path())
-    config, params = load_pretrained(path, dtype=parse_dtype(args.dtype))
+    path = resolve_model(args.model)
+    config, params = load_pretrained(path, dtype=parse_dtype(args.dtype), mesh=mesh)
     tokenizer = load_tokenizer(path)
     encode, eos_id = D.encoder_from_tokenizer(tokenizer)
     return Backbone(path, config, params, tokenizer, encode, eos_id, fingerprint(path, exclude=exclude))
@@ -642,12 +682,15 @@ def open_or_build_cache(args, backbone: Backbone, exit_config: ex.ExitConfig, ca
         if changes:
             raise DistillError(f"{cache_dir} holds a cache of other inputs or settings: {'; '.join(changes)}. "
                                "Pass --rebuild-cache to compute it again, or use another --out / --cache")
-        print(f"train.cached: reusing {cache_dir}", file=sys.stderr)
+        if is_main_process():
+            print(f"train.cached: reusing {cache_dir}", file=sys.stderr)
     else:
+        main = is_main_process()  # on a multi-host run process 0 writes the cache; the others read it back
         build_cache(backbone.config, backbone.params, args.data, encode=backbone.encode, eos_id=backbone.eos_id,
                     exit_layers=exit_config.layers, topk=args.topk, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, dtype=np.dtype(args.cache_dtype), out=cache_dir,
-                    progress=args.progress, identity=identity)
+                    progress=args.progress and main, identity=identity, write=main)
+        barrier("train.cached: cache written")
     return Cache.open(cache_dir)
 
 
@@ -683,10 +726,11 @@ def cached_labels(args, backbone: Backbone, exit_config: ex.ExitConfig, adapters
         if labels.shape != expected:
             raise DataError(f"{labels_file} has shape {labels.shape}, expected {expected}; {REBUILD_HINT}")
         return labels
-    labels = cache_labels(backbone.config, backbone.params, exit_config, {k: jnp.asarray(v) for k, v in adapters.items()},
-                          cache, args.batch_size, split.labelled, mask[split.labelled], args.progress)
-    with atomic_file(labels_file) as tmp:
-        np.save(tmp, labels)
+    labels = cache_labels(backbone.config, backbone.params, exit_config, adapters, cache, args.batch_size,
+                          split.labelled, mask[split.labelled], args.progress and is_main_process())
+    if is_main_process():
+        with atomic_file(labels_file) as tmp:
+            np.save(tmp, labels)
     return labels
 
 
@@ -708,9 +752,10 @@ def fill_shift_means(args, backbone: Backbone, cache: Cache, cache_dir: Path, sp
         fill_labels = labels[np.searchsorted(split.labelled, fill_rows)]  # [R, E, T], False outside the mask
         weights = np.concatenate([mask[fill_rows][:, None], fill_labels], axis=1)  # [R, 1 + E, T]
         means, totals = layer_means(backbone.config, backbone.params, cache.tokens[fill_rows], weights,
-                                    args.batch_size, args.progress)
-        with atomic_file(means_file) as tmp:
-            np.savez(tmp, means=means, totals=totals)
+                                    args.batch_size, args.progress and is_main_process())
+        if is_main_process():
+            with atomic_file(means_file) as tmp:
+                np.savez(tmp, means=means, totals=totals)
     if totals[0] == 0:
         raise DistillError("no training position in the --fill-rows rows to measure the layers' average output on")
     # exits that are never right (no positive label) fall back to the mean over every position
@@ -728,14 +773,15 @@ def train_kinds(args, kinds, settings: DistillSettings, backbone: Backbone, exit
     for kind in kinds:
         ec = dataclasses.replace(exit_config, kind=kind, trained_on=trained_on)
         params, metrics, seconds, seen = train_classifier(backbone.config, ec, dataclasses.replace(
-            settings, exit_kind=kind), data, split.train, args.epochs, args.progress)
+            settings, exit_kind=kind), data, split.train, args.epochs, args.progress and is_main_process())
         scores = heldout_scores(backbone.config, ec, params, data, split.val, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99),
                                 args.batch_size) if len(split.val) else []
-        heads = ex.with_fill_shift(backbone.config, ec, {**params, **heads_extra}, fill_means)
-        ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
         results[kind] = {"train_seconds": seconds, "final_loss": float(metrics["loss"]), "tokens_seen": seen,
                          "heldout": scores}
-        print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
+        if is_main_process():
+            heads = ex.with_fill_shift(backbone.config, ec, {**params, **heads_extra}, fill_means)
+            ex.save_exits(ec, heads, out / f"exits-{kind}", overwrite=args.overwrite)
+            print(f"train.cached: {kind}: loss {float(metrics['loss']):.4f}, {seconds:.0f} s", file=sys.stderr)
     return results
 
 
@@ -750,10 +796,11 @@ def training_marker(args, backbone: Backbone):
     return marker
 
 
-def run(args, kinds: list[str], settings: DistillSettings, cache_dir: Path) -> dict:
-    """The stages in order, on a checked ``args``; returns the summary (also written)."""
+def run(args, kinds: list[str], settings: DistillSettings, cache_dir: Path, mesh=None) -> dict:
+    """The stages in order, on a checked ``args``; returns the summary (written by process 0).
+    ``mesh``: the backbone's (``--mesh``)."""
     out = Path(args.out)
-    backbone = load_backbone(args, exclude=(out, cache_dir))
+    backbone = load_backbone(args, exclude=(out, cache_dir), mesh=mesh)
     exit_config = dataclasses.replace(settings.exit_config().resolve(backbone.config), adapter=args.adapter,
                                       threshold=args.threshold)
     cache = open_or_build_cache(args, backbone, exit_config, cache_dir)
@@ -781,10 +828,13 @@ def run(args, kinds: list[str], settings: DistillSettings, cache_dir: Path) -> d
     fill_means, summary["layer_means_rows"] = fill_shift_means(args, backbone, cache, cache_dir, split, labels, mask)
     summary["layer_means_seconds"] = time.time() - started
     summary["fill_from"] = args.fill_from
-    print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(split.labelled)} rows; label rate per "
-          "exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr, flush=True)
+    if is_main_process():
+        print(f"train.cached: {summary['labelled_tokens']} labelled tokens in {len(split.labelled)} rows; label rate "
+              "per exit " + ", ".join(f"{l}: {r:.3f}" for l, r in summary["label_rate"].items()), file=sys.stderr,
+              flush=True)
     summary["kinds"] = train_kinds(args, kinds, settings, backbone, exit_config, data, split, adapters, fill_means)
-    write_json_atomic(out / "summary.json", summary)
+    if is_main_process():
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -792,17 +842,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     import contextlib
     from dynamax_jax.io import output_lock
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     kinds, settings = check_args(args)
+    mesh = setup_mesh(parser, args, PROG, batch_size=args.batch_size)
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else out / "cache"
-    # one writer at a time on the run directory and on the cache (which other runs may share)
+    # one writer at a time on the run directory and on the cache (which other runs may share);
+    # on a multi-host run that writer is process 0
+    main_process = is_main_process()
     shared_cache = args.cache is not None and cache_dir.resolve() != out.resolve()
-    with output_lock(out, command=PROG), (output_lock(cache_dir, command=PROG) if shared_cache
-                                          else contextlib.nullcontext()):
-        summary = run(args, kinds, settings, cache_dir)
-    print(json.dumps({"out": str(out), "label_rate": summary["label_rate"],
-                      "kinds": {k: v["final_loss"] for k, v in summary["kinds"].items()}}))
+    with (output_lock(out, command=PROG) if main_process else contextlib.nullcontext()), \
+            (output_lock(cache_dir, command=PROG) if shared_cache and main_process else contextlib.nullcontext()):
+        summary = run(args, kinds, settings, cache_dir, mesh)
+    if main_process:
+        print(json.dumps({"out": str(out), "label_rate": summary["label_rate"],
+                          "kinds": {k: v["final_loss"] for k, v in summary["kinds"].items()}}))
     return 0
 
 

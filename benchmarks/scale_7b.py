@@ -49,7 +49,7 @@ from dynamax_jax.exits import ExitConfig  # noqa: E402
 GIB = 2**30
 MODELS = {"mistral": "mistralai/Mistral-7B-v0.1", "codestral": "mistralai/Mamba-Codestral-7B-v0.1"}
 PROGRAMS = ("decode-b1", "decode-b8", "prefill", "distill", "cached")
-MESHES = {"v5e": ("1x8", "2x4", "8x1"), "v4": ("1x4", "2x2", "4x1"), "v5e-32": ("4x8", "32x1")}
+MESHES = {"v5e": ("1x8", "2x4", "8x1"), "v4": ("1x4", "4x1"), "v5e-32": ("4x8",)}
 DEPTHS = (32, 64)
 
 
@@ -155,7 +155,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--topologies", nargs="+", default=list(MESHES), choices=list(aot.TOPOLOGIES))
     p.add_argument("--meshes", nargs="+", default=None,
-                   help="DATAxMODEL meshes to compile for (default: 1x8 2x4 8x1 on 8 chips, 4x8 32x1 on 32)")
+                   help="DATAxMODEL meshes to compile for (default: 1x8 2x4 8x1 on a v5e-8, 1x4 4x1 on a v4-8's "
+                        "4 devices, 4x8 on a v5e-32)")
     p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     p.add_argument("--exit-kind", default="ffn", choices=("calm", "ffn", "mamba"))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="backbone weights on TPU")
@@ -168,6 +169,12 @@ def parse_args(argv=None):
                    help="weights of the XLA:CPU compile (float32: what runs fast on a CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p.parse_args(argv)
+
+
+def _write(path: str | None, out: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def main(argv=None) -> None:
@@ -183,22 +190,21 @@ def main(argv=None) -> None:
             for layers in DEPTHS:
                 r = depth_row(model, layers, args)
                 out["cpu_depth"].append(r)
+                _write(args.json, out)
                 print(f"| {model} | {layers} | {','.join(map(str, r['exits']))} | {r['lower_s']:.1f} "
                       f"| {r['compile_s']:.1f} |", flush=True)
     else:
-        rows = []
+        out["tpu"] = []
         print(TPU_HEADER, flush=True)
         for topology in args.topologies:
             for mesh in args.meshes or MESHES[topology]:
                 for model in args.models:
                     for program in args.programs:
-                        rows.append(measure(model, topology, mesh, program, args))
-                        print(tpu_line(rows[-1]), flush=True)
-        out["tpu"] = [dataclasses.asdict(r) | {"fits": r.fits} for r in rows]
+                        row = measure(model, topology, mesh, program, args)
+                        print(tpu_line(row), flush=True)
+                        out["tpu"].append(dataclasses.asdict(row) | {"fits": row.fits})
+                        _write(args.json, out)
     print(f"\nhost load average {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

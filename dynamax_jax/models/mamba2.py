@@ -277,7 +277,7 @@ class Mamba2(nn.Module):
         emb = self.param("embed", _init, (cfg.vocab_size, cfg.hidden_size))
         layers = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
-        x = jnp.take(emb, tokens, axis=0)
+        x = jnp.take(emb, tokens, axis=0).astype(jnp.float32)  # the residual stream (scan carry) is float32
         x, ((conv, ssm), hidden) = layers(cfg, return_hidden, name="layers")(x, (state.conv, state.ssm), lengths)
         logits = declare_head(self, cfg, emb, x, _init)
         return logits, Mamba2State(conv=conv, ssm=ssm), hidden

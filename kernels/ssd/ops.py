@@ -17,9 +17,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from dynamax_jax.kernels.ssd import pallas as ssd_pallas_lib
 from dynamax_jax.kernels.ssd import reference
+from dynamax_jax.sharding import DATA, MODEL
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 
@@ -128,5 +130,27 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: st
     if impl == "reference":
         return reference.ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size,
                                      initial_state=initial_state)
-    return _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size,
-                       "interpret" if impl == "interpret" else platform)
+    kernel = functools.partial(_ssd_kernel, chunk_size=chunk_size,
+                               platform="interpret" if impl == "interpret" else platform)
+    return _per_device(kernel, x, dt, A, B, C, D, initial_state)
+
+
+def _per_device(kernel, x, dt, A, B, C, D, initial_state):
+    """``kernel`` on each device's block when x is traced on a mesh of several devices (XLA
+    does not partition a Pallas kernel): rows over the mesh's ``data`` axis and heads, with
+    their groups, over ``model`` (``dynamax_jax.sharding``), each where the axis divides them.
+    The scan is independent per row and per head, so the blocks' results are the op's."""
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return kernel(x, dt, A, B, C, D, initial_state)
+
+    def axis(name, size):
+        return name if name in mesh.axis_names and size % mesh.shape[name] == 0 else None
+
+    rows, heads = axis(DATA, x.shape[0]), axis(MODEL, B.shape[2])  # heads split with their groups
+    sequence, per_step, per_head = P(rows, None, heads, None), P(rows, None, heads), P(heads)  # x, B, C, y; dt; A, D
+    state = P(rows, heads, None, None)
+    args = (x, dt, A, B, C, D, initial_state)
+    specs = (sequence, per_step, per_head, sequence, sequence, per_head, state)
+    in_specs = tuple(None if a is None else spec for a, spec in zip(args, specs))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=(sequence, state), check_vma=False)(*args)

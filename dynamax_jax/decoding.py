@@ -597,7 +597,13 @@ def _refuse_if(bad: jax.Array, message: str, *values) -> None:
     def fail(*host_values):
         raise GenerateError(message.format(*(np.asarray(v).tolist() for v in host_values)))
 
-    jax.lax.cond(bad, lambda: jax.debug.callback(fail, *values, partitioned=True), lambda: None)
+    def callback(partitioned: bool):
+        return lambda: jax.debug.callback(fail, *values, partitioned=partitioned)
+
+    # XLA:TPU has no partitioned host callback: there the callback runs once, on the values gathered.
+    refuse = lambda: jax.lax.platform_dependent(cpu=callback(True), cuda=callback(True), rocm=callback(True),  # noqa: E731
+                                                default=callback(False))
+    jax.lax.cond(bad, refuse, lambda: None)
 
 
 def _check_prompt_array(prompt, name: str) -> None:

@@ -154,7 +154,8 @@ def generate_all(backbone: Backbone, prompts: list[list[int]], *, max_new_tokens
 
     out: list[Generation | None] = [None] * len(prompts)
     wall = 0.0
-    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, leave=False,
+              disable=not is_main_process()) as bar:  # on a multi-host run process 0 shows it
         for idx in _batches(prompts, batch_size):
             tokens, lengths = _pad_batch([prompts[i] for i in idx], batch_size, pad_multiple)
             compiled = _compiled_programs()

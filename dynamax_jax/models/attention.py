@@ -51,7 +51,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: i
         if impl == "splash" and _on_several_devices(q):  # Mosaic kernels are not partitioned by XLA
             impl = "xla"
     if impl == "blocked":
-        return blocked_causal_attention(q, k, v, sliding_window)
+        return _differentiable_blocked(q, k, v, sliding_window)
     if impl in ("xla", "cudnn"):
         return dot_product_causal_attention(q, k, v, sliding_window, impl)
     if impl == "splash":
@@ -78,6 +78,26 @@ def _on_several_devices(x) -> bool:
 
 
 # ----------------------------------------------------------------------------- CPU: blocked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _differentiable_blocked(q, k, v, sliding_window):
+    """``blocked_causal_attention`` with the gradient of the same function computed by
+    ``dot_product_causal_attention``: the blocked loops have data-dependent bounds, which
+    reverse-mode differentiation cannot go through (training runs prefill layers)."""
+    return blocked_causal_attention(q, k, v, sliding_window)
+
+
+def _blocked_forward(q, k, v, sliding_window):
+    return blocked_causal_attention(q, k, v, sliding_window), (q, k, v)
+
+
+def _blocked_backward(sliding_window, residuals, grad):
+    _, vjp = jax.vjp(lambda *qkv: dot_product_causal_attention(*qkv, sliding_window, "xla"), *residuals)
+    return vjp(grad.astype(residuals[0].dtype))
+
+
+_differentiable_blocked.defvjp(_blocked_forward, _blocked_backward)
 
 
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None,

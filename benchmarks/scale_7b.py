@@ -152,16 +152,21 @@ def tpu_line(r: Row) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--topologies", nargs="+", default=list(MESHES), choices=list(aot.TOPOLOGIES))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                   help="model configs to compile (Mistral-7B-v0.1, Codestral Mamba 7B; default both)")
+    p.add_argument("--topologies", nargs="+", default=list(MESHES), choices=list(aot.TOPOLOGIES),
+                   help="TPU slices: v5e (v5e-8), v4 (v4-8, megacore), v5e-32 (8 hosts) (default: all)")
     p.add_argument("--meshes", nargs="+", default=None,
                    help="DATAxMODEL meshes to compile for (default: 1x8 2x4 8x1 on a v5e-8, 1x4 4x1 on a v4-8's "
                         "4 devices, 4x8 on a v5e-32)")
-    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
-    p.add_argument("--exit-kind", default="ffn", choices=("calm", "ffn", "mamba"))
+    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS,
+                   help="decode-b1/-b8: a decode_chunk call at batch 1/8; prefill: one prompt; distill: one "
+                        "train.distill step at its default batch; cached: one train.cached pass (default: all)")
+    p.add_argument("--exit-kind", default="ffn", choices=("calm", "ffn", "mamba"),
+                   help="classifier of the exits (default: ffn)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="backbone weights on TPU")
-    p.add_argument("--cache-len", type=int, default=4096)
-    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--cache-len", type=int, default=4096, help="KV cache slots of the decode programs")
+    p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens of the prefill program")
     p.add_argument("--decode-steps", type=int, default=4, help="tokens per decode_chunk call")
     p.add_argument("--cpu-depth", action="store_true",
                    help="only the XLA:CPU compile time of the decode step at 32 and 64 layers")
@@ -179,8 +184,9 @@ def _write(path: str | None, out: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    weights = args.cpu_dtype if args.cpu_depth else args.dtype
     print(f"jax {jax.__version__}; host load average {os.getloadavg()[0]:.1f}; exits {args.exit_kind}; "
-          f"weights {args.dtype}; cache {args.cache_len}, prompt {args.prompt_len}, "
+          f"weights {weights}; cache {args.cache_len}, prompt {args.prompt_len}, "
           f"{args.decode_steps} tokens per decode call\n", flush=True)
     out = {"settings": vars(args)}
     if args.cpu_depth:

@@ -37,8 +37,15 @@ def load_pretrained(path, dtype=jnp.float32, mesh=None):
     ``sharding.param_specs(config)`` says (dimensions an axis does not divide are
     replicated), each block read straight from the checkpoint by the process whose
     devices hold it, so no process holds the whole model in host memory. Values equal
-    the unsharded load's."""
+    the unsharded load's.
+
+    A ``train.ee_tune`` delta directory (``delta.json`` + ``delta.safetensors``) loads as
+    its tuned model: the base model it records, checked and merged
+    (``dynamax_jax.delta.load_tuned``)."""
+    from dynamax_jax import delta
     from dynamax_jax.convert.checkpoint import load_checkpoint
+    if delta.is_delta_dir(path):
+        return delta.load_tuned(None, path, dtype=dtype, mesh=mesh)
     return load_checkpoint(path, dtype=dtype, mesh=mesh)
 
 
@@ -52,6 +59,7 @@ def save_pretrained(config, params, out_dir, overwrite: bool = False) -> None:
 
 def load_tokenizer(path):
     """The tokenizer that goes with a checkpoint (directory, ``.gguf`` file or hub id, as
-    ``load_pretrained`` takes)."""
+    ``load_pretrained`` takes; a delta directory: its base model's)."""
+    from dynamax_jax import delta
     from dynamax_jax.convert.checkpoint import load_tokenizer as _load
-    return _load(path)
+    return _load(delta.base_tokenizer_path(path) if delta.is_delta_dir(path) else path)

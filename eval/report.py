@@ -147,10 +147,14 @@ def markdown(runs: list[dict]) -> str:
                   "from full depth's whose generation first differs at a token that left early (a wrong "
                   "exit) / that ran every layer (the change came through cache entries that earlier exits "
                   "approximated).", ""]
+        references = sorted({r["reference"]["model"] for r in group if r.get("reference")})
+        if references:
+            lines += [f"Consistency (EM, R-L) is against the full-depth answers of {', '.join(references)} "
+                      "(`--reference`); own R-L against this model's own full depth.", ""]
         metric_cols = TASK_COLUMNS.get(task, (first["primary"],))
         header = (["run", "exits", "avg layers", "compute", "FLOPs saved"] + list(metric_cols)
-                  + ["consist. EM", "consist. R-L", "changed at exit", "changed after exit", "repetition",
-                     "wall s", "tok/s"])
+                  + ["consist. EM", "consist. R-L"] + (["own R-L"] if references else [])
+                  + ["changed at exit", "changed after exit", "repetition", "wall s", "tok/s"])
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for run in group:
@@ -158,8 +162,9 @@ def markdown(runs: list[dict]) -> str:
             row = [run["label"], s.get("exits") or "-", fmt(c["avg_layers"], 4), fmt(c["compute"]),
                    f"{100 * c['flops_saved']:.1f}%"]
             row += [fmt(m.get(col)) for col in metric_cols]
-            row += [fmt(m.get("consistency_em")), fmt(m.get("consistency_rougeL")),
-                    fmt(m.get("diverged_at_exit")), fmt(m.get("diverged_after_exit")),
+            row += [fmt(m.get("consistency_em")), fmt(m.get("consistency_rougeL"))]
+            row += [fmt(m.get("own_consistency_rougeL"))] if references else []
+            row += [fmt(m.get("diverged_at_exit")), fmt(m.get("diverged_after_exit")),
                     fmt(m.get("repetition_rate")), fmt(c.get("wall_time_s")),
                     fmt(c.get("tokens_per_s"))]
             lines.append("| " + " | ".join(row) + " |")

@@ -87,6 +87,7 @@ class RunSpec:
     threshold: float | None = None
     exit_layers: tuple[int, ...] | None = None
     static_layer: int | None = None
+    reference: str | None = None  # the fingerprint of the model whose full-depth answers consistency is against
 
     @property
     def label(self) -> str:
@@ -99,7 +100,10 @@ class RunSpec:
         return "full"
 
     def filename(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.reference is None:  # runs against their own full depth keep the names they always had
+            del fields["reference"]
+        blob = json.dumps(fields, sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         model_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).stem or Path(self.model).name)
         return f"{model_tag}__{self.task}__{self.label}__{digest}.json"
@@ -163,20 +167,75 @@ def check_out_dir(out: Path, data: dict[str, dict], settings: dict, model: tuple
 # ----------------------------------------------------------------------------- scoring
 
 def score_examples(task: tasks.Task, examples: list[tasks.Example], texts: list[str],
-                   full_answers: list[str]) -> tuple[list[dict], dict]:
+                   full_answers: list[str], reference_answers: list[str] | None = None) -> tuple[list[dict], dict]:
     """Per-example records and their means: task metrics on the answer (first line),
-    repetition on the whole generation, consistency against the full-depth answer."""
+    repetition on the whole generation, consistency against the full-depth answer. With
+    ``reference_answers`` (another model's full-depth answers, ``--reference``) the
+    ``consistency_*`` scores are against those, and ``own_consistency_*`` against
+    ``full_answers``."""
     records = []
     for ex, text in zip(examples, texts):
         answer = tasks.answer_from_generation(text)
         rec = {"id": ex.id, "answer": answer, "generation": text, "scores": task.score(answer, ex)}
         rec["scores"]["repetition_rate"] = metrics.repetition_rate(text)
         records.append(rec)
-    for rec, full in zip(records, full_answers):
-        rec["scores"].update(metrics.consistency(rec["answer"], full))
+    for i, (rec, full) in enumerate(zip(records, full_answers)):
+        if reference_answers is None:
+            rec["scores"].update(metrics.consistency(rec["answer"], full))
+            continue
+        rec["scores"].update(metrics.consistency(rec["answer"], reference_answers[i]))
+        rec["scores"].update({f"own_{k}": v for k, v in metrics.consistency(rec["answer"], full).items()})
     names = records[0]["scores"].keys()
     means = {k: float(np.mean([r["scores"][k] for r in records])) for k in names}
     return records, means
+
+
+# ----------------------------------------------------------------------------- reference answers
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Another model's full-depth run of a task, whose answers consistency is measured
+    against (``--reference``): the run, and what each run records of it."""
+
+    run: dict
+    record: dict  # {"path", "model", "fingerprint"}
+
+    @property
+    def answers(self) -> list[str]:
+        return [r["answer"] for r in self.run["examples"]]
+
+    @property
+    def key(self) -> str:
+        return self.record["fingerprint"]
+
+
+def find_reference(paths: Sequence[str], spec: RunSpec, example_ids: list[str]) -> Reference:
+    """The full-depth run of ``spec``'s task among ``paths`` (``eval.run --out`` directories
+    or run JSON files) on the same data, part, limit, new tokens and prompt format, over the
+    same examples in the same order. None, several models' or other examples raise
+    ``SettingsError`` saying what to run."""
+    keys = ("task", "data", "limit", "max_new_tokens", "chat_template")
+    found = []
+    for path in map(Path, paths):
+        for file in [path] if path.is_file() else sorted(path.glob("*.json")):
+            run = read_json(file)
+            s = run.get("spec", {}) if isinstance(run, dict) else {}
+            if (s.get("variant") == "full" and s.get("reference") is None
+                    and all(s.get(k) == getattr(spec, k) for k in keys)):
+                found.append((file, run))
+    where = f"--reference {' '.join(map(str, paths))}"
+    if not found:
+        raise SettingsError(f"{where}: no full-depth run of {spec.task} on {spec.data} (limit {spec.limit}, "
+                            f"{spec.max_new_tokens} new tokens); run eval.run on the reference model with the "
+                            "same --tasks, --split, --limit and --max-new-tokens and pass its --out")
+    if len(found) > 1:
+        raise SettingsError(f"{where}: several full-depth runs of {spec.task} fit ("
+                            + ", ".join(str(f) for f, _ in found) + "); pass one run's JSON file per task")
+    file, run = found[0]
+    if [r["id"] for r in run["examples"]] != example_ids:
+        raise SettingsError(f"{where}: {file} answers other examples of {spec.task} than this sweep")
+    fp = (run.get("inputs") or {}).get("model", {}).get("fingerprint") or fingerprint(file)
+    return Reference(run, {"path": str(file), "model": run["spec"]["model"], "fingerprint": fp})
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -212,12 +271,19 @@ class Sweep:
         # what the runs are computed on (recorded in each run): {"data": {task: ...},
         # "model": {"path", "fingerprint"}, "exits": {path: fingerprint}}
         self.inputs = inputs or {}
+        self.references: dict[str, Reference] = {}  # by task, with --reference
 
     def spec(self, task: str, variant: str, **kw) -> RunSpec:
         a = self.args
+        reference = self.references[task].key if task in self.references else None
         return RunSpec(task=task, variant=variant, model=self.backbone.path, data=tasks.data_label(a.data_dir, a.split),
                        limit=a.limit, max_new_tokens=a.max_new_tokens, dtype=a.dtype,
-                       chat_template=self.backbone.chat_template, **kw)
+                       chat_template=self.backbone.chat_template, reference=reference, **kw)
+
+    def find_references(self, example_ids: dict[str, list[str]]) -> None:
+        """Look up ``--reference``'s full-depth run of every task (before any run)."""
+        for task, ids in example_ids.items():
+            self.references[task] = find_reference(self.args.reference, self.spec(task, "full"), ids)
 
     def done(self, spec: RunSpec) -> dict | None:
         path = self.out / spec.filename()
@@ -234,6 +300,8 @@ class Sweep:
                              "model_type": self.backbone.config.model_type},
                 "primary": task.primary, "metrics": means, "compute": {**compute, **timing},
                 "examples": records, **(extra or {})}
+        if spec.task in self.references:
+            data["reference"] = self.references[spec.task].record
         if (spec.exits or "").startswith("random:"):  # untrained heads: the seed they were drawn with
             data["seed"] = self.args.seed
         if self.inputs:
@@ -260,12 +328,14 @@ class Sweep:
         # the full-depth run is scored against itself (consistency 1) so every run has the columns
         full_answers = ([tasks.answer_from_generation(t) for t in texts] if full is None
                         else [r["answer"] for r in full["examples"]])
-        records, means = score_examples(task, examples, texts, full_answers)
+        reference = self.references.get(spec.task)
+        records, means = score_examples(task, examples, texts, full_answers,
+                                        reference.answers if reference else None)
         for rec, g in zip(records, gens):
             rec["tokens"], rec["exit_layers"] = g.tokens, g.exit_layers
         if full is not None:  # for each changed answer, the token where its generation first left full depth's
             for rec, f in zip(records, full["examples"]):
-                changed = rec["scores"]["consistency_em"] < 1.0
+                changed = rec["scores"].get("own_consistency_em", rec["scores"]["consistency_em"]) < 1.0
                 rec["scores"].update(metrics.first_divergence(rec["tokens"], rec["exit_layers"], f["tokens"],
                                                               self.num_layers) if changed
                                      else {"diverged_at_exit": 0.0, "diverged_after_exit": 0.0})
@@ -424,6 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static layer pruning baseline: 'auto' (the exit runs' average depths, rounded), "
                         "'none', or comma-separated layer counts")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle-exit ceiling")
+    p.add_argument("--reference", nargs="+", default=None, metavar="RUNS",
+                   help="measure consistency against another model's full-depth answers (e.g. the original of a "
+                        "tuned model): eval.run --out directories or run JSON files holding its full-depth run of "
+                        "each task on the same data; each run then also records consistency against this model's "
+                        "own full depth (own_consistency_*) and which reference it used")
     add_mesh_arguments(p, distributed_note="Every process reads the data and computes every run; process 0 alone "
                        "holds and writes --out and prints, and the others read back the runs it holds, so --out "
                        "must be on a file system that every process sees")
@@ -456,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks.get_task(name).load(args.data_dir, args.limit, args.split)
     if not Path(args.model).exists():
         raise SettingsError(f"--model {args.model} does not exist")
+    for path in args.reference or ():
+        if not Path(path).exists():
+            raise SettingsError(f"--reference {path} does not exist")
     # one writer per --out, for the whole sweep; an unwritable --out fails here, before the work
     with output_directory(args.out, command_line(PROG, argv)):
         inputs = run_inputs(args)
@@ -465,6 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # on a multi-host run every process computes every run; process 0 alone writes and logs
         main_process = is_main_process()
         sweep = Sweep(args, backbone, log=print if main_process else _quiet, inputs=inputs, write=main_process)
+        if args.reference:
+            sweep.find_references({name: [ex.id for ex in tasks.get_task(name).load(args.data_dir, args.limit,
+                                                                                     args.split)]
+                                   for name in args.tasks})
         sources = _exit_sources(args, backbone, inputs["model"]["fingerprint"], mesh)
         exit_runs = sweep.exit_runs(sources)  # exits that do not fit the model: refused before any run
         sweep.check_static_layers()

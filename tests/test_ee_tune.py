@@ -222,6 +222,17 @@ def test_delta_round_trip_and_refusal_of_another_base_model(tmp_path):
         dl.check_delta_size(dl.MAX_DELTA_BYTES + 1, "full")
 
 
+def test_a_delta_of_the_default_model_finds_it_wherever_it_is_installed(tmp_path):
+    from dynamax_jax.default_model import smollm2_gguf_path
+    assert dl.base_source(None) == dl.DEFAULT_BASE == dl.base_source(str(smollm2_gguf_path()))
+    assert dl.base_source("owner/name") == "owner/name"
+    meta = {"base": {"source": dl.DEFAULT_BASE, "path": "/elsewhere/model.gguf"}}
+    assert dl.base_location(meta, tmp_path) == smollm2_gguf_path()
+    assert dl.base_location({"base": {"path": "/elsewhere/model.gguf"}}, tmp_path) == "/elsewhere/model.gguf"
+    with pytest.raises(dl.DeltaError, match="records no base model"):
+        dl.base_location({"base": {}}, tmp_path)
+
+
 def test_smollm2_lora_delta_at_rank_8_on_every_matrix_of_every_layer_fits_in_20_mb():
     smollm2 = dx.MistralConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                                num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
@@ -268,6 +279,11 @@ def test_cli_writes_a_delta_the_loader_reads_and_a_summary(tiny_run, capsys):
     expected = dl.apply_delta(config, base, meta, tensors)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(expected)))
     assert not np.array_equal(np.asarray(tuned["layers"]["wq"]), np.asarray(base["layers"]["wq"]))
+    # the delta directory is a model: load_pretrained finds its recorded base and merges it
+    assert meta["base"]["source"] == str(model)
+    _, as_model = dx.load_pretrained(out / "delta")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(as_model), jax.tree.leaves(tuned)))
+    assert dx.load_tokenizer(out / "delta").encode("the fox") == dx.load_tokenizer(model).encode("the fox")
 
     with pytest.raises(DistillError, match="--resume.*--overwrite"):  # refused before any work
         E.main(argv + ["--steps", "3"])

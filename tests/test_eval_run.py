@@ -475,3 +475,46 @@ def test_eval_runs_record_what_they_were_computed_on(tmp_path, exits_dir):
     fingerprint = run.fingerprint(exits_dir)
     (exits_dir / "exit_config.json").write_text((exits_dir / "exit_config.json").read_text() + " ")
     assert run.fingerprint(exits_dir) != fingerprint
+
+
+@pytest.mark.slow
+def test_a_tuned_model_is_scored_against_a_reference_run(tiny_model, tmp_path):
+    """``--model DELTA_DIR`` evaluates the tuned model; ``--reference`` measures its consistency
+    against the original's full-depth answers (own_consistency_* against its own), records
+    the reference in each run, and refuses a reference without a matching run."""
+    from dynamax_jax import delta as dl
+    from dynamax_jax.eval import metrics
+
+    config, params = dx.load_pretrained(tiny_model)
+    spec = dl.LoraSpec.for_model(config, rank=2, targets=("wq", "w_down"), layers=(1, 2))
+    factors = dl.init_lora(config, spec, jax.random.key(1))  # B is zero: give it values
+    factors = {t: {"a": f["a"], "b": 0.5 * jax.random.normal(jax.random.key(2), f["b"].shape)}
+               for t, f in factors.items()}
+    tuned = tmp_path / "tuned"
+    dl.save_delta(tuned, "lora", dl.lora_tensors(factors),
+                  dl.base_record(config, params, tiny_model, source=str(tiny_model)), spec)
+    common = ["--data-dir", str(DATA), "--tasks", "trivia_qa", "--limit", "3", "--max-new-tokens", "6",
+              "--batch-size", "3", "--pad-multiple", "256", "--static-layers", "none", "--no-oracle"]
+    original = tmp_path / "original"
+    assert run.main(["--model", str(tiny_model), "--out", str(original), *common]) == 0
+    out = tmp_path / "tuned-runs"
+    assert run.main(["--model", str(tuned), "--out", str(out), "--reference", str(original), "--random-exits", "calm",
+                     "--thresholds", "0.3", "--modes", "copy", *common]) == 0
+
+    (ref_file,) = original.glob("*__full__*.json")
+    ref = json.loads(ref_file.read_text())
+    runs = {r["label"]: r for r in map(json.loads, map(Path.read_text, out.glob("*.json")))}
+    full, exit_run = runs["full"], runs["calm-copy-t0.3"]
+    assert [e["tokens"] for e in full["examples"]] != [e["tokens"] for e in ref["examples"]]  # another model
+    for r in (full, exit_run):
+        assert r["reference"] == {"path": str(ref_file), "model": str(tiny_model),
+                                  "fingerprint": ref["inputs"]["model"]["fingerprint"]}
+        for ex, ref_ex, own_ex in zip(r["examples"], ref["examples"], full["examples"]):
+            assert ex["scores"]["consistency_rougeL"] == metrics.rouge(ex["answer"], ref_ex["answer"])["rougeL"]
+            assert ex["scores"]["own_consistency_rougeL"] == metrics.rouge(ex["answer"], own_ex["answer"])["rougeL"]
+    assert full["metrics"]["own_consistency_rougeL"] == 100.0
+    assert "own R-L" in (out / "results.md").read_text()
+
+    with pytest.raises(SettingsError, match="no full-depth run of trivia_qa"):  # the reference answered 3
+        run.main(["--model", str(tuned), "--out", str(tmp_path / "x"), "--reference", str(original), *common,
+                  "--limit", "2"])

@@ -527,7 +527,8 @@ class Run:
         else:
             kind, tensors = "full", {k: np.asarray(v, np.float32) for k, v in dl.flatten_params(
                 jax.device_get(self.trainable)).items()}
-        base = dl.base_record(config, self.frozen, self.backbone.path)
+        base = dl.base_record(config, self.frozen, self.backbone.path,
+                              source=dl.base_source(s.model))
         nbytes = dl.save_delta(out / DELTA_DIR, kind, tensors, base, self.spec,
                                extra={"settings": s.to_json(), "steps": self.steps})
         done = self.steps - self.start

@@ -10,7 +10,14 @@ ideal speed-up = full-depth FLOPs / early-exit FLOPs per token (``dynamax_jax.fl
 saved, classifiers and LM head counted; at batch 1 decoding is memory bound and FLOPs track
 the bytes of weights read). realized = full-depth time / early-exit time, measured in the
 same run (runs alternate; minima over repeats). Thresholds and the static exit layer are
-traced, so one compilation serves a whole sweep. At batch > 1 the layer loop runs until the
+traced, so one compilation serves a whole sweep.
+
+Where the time goes: each row also gives milliseconds per generated token (the whole call,
+prefill included, over the new tokens). A line fitted through full depth and the static exits
+(no classifier runs there) splits a step into ``fixed + per_layer * layers``; a threshold
+above 1 (no token leaves, every exit's classifier still runs) gives a classifier step's cost
+as its time over full depth's, per exit. Those three predict each heads row's time from its
+average depth, next to the time measured. At batch > 1 the layer loop runs until the
 deepest row of the step has left: the last columns give that row's average depth and the
 ideal speed-up if every row paid it, which is what a batch can realize.
 """
@@ -95,11 +102,13 @@ def main(argv=None) -> None:
         run()  # compile full depth
         print(f"\nbatch {batch}")
         print("| setting | avg layers | ideal speed-up | realized | realized / ideal | deepest row's layers | "
-              "ideal at the deepest row | realized / that |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "ideal at the deepest row | realized / that | ms/token | full depth ms/token |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        timed = []  # (name, avg layers, ms/token, full depth's ms/token)
 
         def report(name, kw):
             t_full, t, r = _paired(lambda: run(), lambda: run(**kw), args.repeats)
+            timed.append((name, r.avg_layers, 1e3 * t / n, 1e3 * t_full / n))
             ideal = 1.0 / r.flops_relative
             settings = configure(config, n, **{k: v for k, v in kw.items() if k != "exit_params"},
                                  exit_params=kw.get("exit_params"))[0]
@@ -107,7 +116,8 @@ def main(argv=None) -> None:
                 config, settings.exit_config if settings.dynamic else None, r,
                 settings.mode if settings.static else None)
             print(f"| {name} | {r.avg_layers:.2f} | {ideal:.2f}x | {t_full / t:.2f}x | {t_full / t / ideal:.2f} | "
-                  f"{deep_layers:.2f} | {deep_ideal:.2f}x | {t_full / t / deep_ideal:.2f} |")
+                  f"{deep_layers:.2f} | {deep_ideal:.2f}x | {t_full / t / deep_ideal:.2f} | {1e3 * t / n:.2f} "
+                  f"| {1e3 * t_full / n:.2f} |")
 
         run(exit_config=exit_config, exit_params=exit_params)  # compile the exit program once
         for thr in [float(t) for t in args.thresholds.split(",")]:
@@ -117,7 +127,35 @@ def main(argv=None) -> None:
         run(static_exit_layer=int(args.static_layers.split(",")[0]), exit_config=static)  # compile
         for k in [int(k) for k in args.static_layers.split(",")]:
             report(f"static exit {k}", dict(static_exit_layer=k, exit_config=static))
+        _time_model(timed, config.num_layers, len(exit_config.resolve(config).layers))
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
+
+
+def _time_model(timed, num_layers: int, num_exits: int) -> None:
+    """Print the fit ``ms/token = fixed + per_layer * layers`` through full depth and the static
+    exits, a classifier step's cost (from a threshold above 1) and each heads row's predicted
+    time (see the module docstring)."""
+    static = [(layers, ms) for name, layers, ms, _ in timed if name.startswith("static")]
+    full = float(np.mean([f for *_, f in timed]))
+    if len(static) < 1:
+        return
+    per_layer, fixed = np.polyfit([num_layers] + [k for k, _ in static], [full] + [ms for _, ms in static], 1)
+    never = [ms for name, _, ms, f in timed if name.startswith(tuple(f"{k} heads" for k in ("calm", "ffn", "mamba",
+                                                                                             "hybrid")))
+             and float(name.rsplit(" ", 1)[1]) > 1]
+    classifier = (never[0] - full) / num_exits if never else None
+    print(f"\ntime model: {fixed:.3f} ms fixed + {per_layer:.3f} ms per layer a token "
+          f"(full depth {full:.3f} ms: the fixed part is {fixed / full:.0%})"
+          + (f"; a classifier step {classifier:.3f} ms ({classifier / per_layer:.2f} layers)" if never else ""))
+    if classifier is None:
+        return
+    for name, layers, ms, _ in timed:
+        if "heads" in name and float(name.rsplit(" ", 1)[1]) <= 1:
+            # an upper bound with several exits: a token that leaves early runs fewer classifiers
+            predicted = fixed + per_layer * layers + classifier * num_exits
+            print(f"  {name}: predicted {predicted:.3f} ms, measured {ms:.3f} ({full / ms:.2f}x full depth); "
+                  f"with free classifiers {full / (fixed + per_layer * layers):.2f}x, with no fixed part too "
+                  f"{num_layers / layers:.2f}x")
 
 
 if __name__ == "__main__":

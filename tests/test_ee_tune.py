@@ -120,6 +120,34 @@ def test_final_and_exit_terms_equal_a_direct_computation():
     np.testing.assert_allclose(float(loss_off), direct["final"][0], rtol=1e-4)
 
 
+def test_exit_adapters_are_the_ridge_fit_and_the_exit_terms_read_through_them():
+    config = dx.MistralConfig.tiny(num_layers=4)
+    params = dx.init_params(config, jax.random.key(0))
+    batches = [_tokens(config, batch=3, length=16, seed=s) for s in range(3)]
+    adapters = O.fit_exit_adapters(config, params, batches, (1, 3), ridge=1e-6)
+    forward = jax.jit(module_for(config).forward, static_argnums=(0, 3))
+    hidden = [np.asarray(forward(config, params, t, True)[1], np.float64) for t in batches]
+    for e, layer in enumerate((1, 3)):  # least squares of h_L - h on [h, 1]
+        x = np.concatenate([h[layer - 1].reshape(-1, h.shape[-1]) for h in hidden])
+        y = np.concatenate([h[-1].reshape(-1, h.shape[-1]) for h in hidden]) - x
+        sol = np.linalg.lstsq(np.concatenate([x, np.ones((len(x), 1))], axis=1), y, rcond=None)[0]
+        np.testing.assert_allclose(adapters["adapter_w"][e], sol[:-1], atol=2e-3)
+        np.testing.assert_allclose(adapters["adapter_b"][e], sol[-1], atol=2e-3)
+
+    tokens = _tokens(config, seed=7)
+    mask = jnp.ones(tokens.shape, jnp.float32)
+    objective = O.Objective(exit_layers=(1, 3), exit_weights=(0.5, 0.5), topk=6)
+    teacher = O.original_topk(config, params, tokens, 6)
+    adapters = {k: jnp.asarray(v) for k, v in adapters.items()}
+    _, terms = O.tuned_loss(config, objective, params, tokens, mask, teacher, adapters=adapters)
+    h = np.asarray(forward(config, params, tokens, True)[1], np.float64)
+    teacher_logits = np.asarray(dx.forward(config, params, tokens), np.float64)
+    for e, layer in enumerate((1, 3)):
+        adapted = h[layer - 1] + h[layer - 1] @ np.asarray(adapters["adapter_w"][e]) + np.asarray(adapters["adapter_b"][e])
+        direct = _direct_topk_kl(teacher_logits, _numpy_head(config, params, adapted), 6, "bucket").mean()
+        np.testing.assert_allclose(float(terms["exit_kl"][e]), direct, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", CONFIGS)
 def test_layer_dropout_off_is_the_plain_forward(family):
     config = CONFIGS[family]()
@@ -293,6 +321,17 @@ def test_cli_writes_a_delta_the_loader_reads_and_a_summary(tiny_run, capsys):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     with pytest.raises(DistillError, match="topk: 8 -> 4"):
         E.main(argv + ["--steps", "4", "--resume", "--topk", "4"])
+
+
+def test_cli_trains_through_exit_adapters(tiny_run):
+    root, model, argv = tiny_run
+    out = root / "adapter-out"
+    argv = [a if a != str(root / "out") else str(out) for a in argv]
+    assert E.main(argv + ["--steps", "2", "--exit-head", "adapter", "--adapter-fit-batches", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and set(dl.read_delta(out / "delta")[1]) == set(dl.read_delta(root / "out" / "delta")[1])
+    before = summary["monitor"]["before"]["prose.jsonl"]
+    assert before["final_kl"] == pytest.approx(0.0, abs=1e-6) and len(before["exits"]) == 2
 
 
 def test_bad_settings_fail_before_any_work(tmp_path):

@@ -38,6 +38,11 @@ per-position value over the positions of ``mask``.
   after layer ``l_e`` through the shared final norm and LM head, the tuned model's own: LoRA
   leaves them as they are) to the original's *final* distribution, with exit weights ``w_e``
   that sum to one (``position``: ``l_e / sum l``, rising with depth; ``uniform``; or a list).
+  With exit adapters (``exit_head="adapter"``) the hidden state first goes through its exit's
+  affine adapter ``h + h W_e + b_e`` (the exits' ``affine`` adapter, trained with the model;
+  ``fit_exit_adapters`` starts it at the ridge fit of the last hidden state on the original),
+  so that the loss asks the exit to be *linearly* predictive of the last layer, as the heads
+  trained afterwards use it, rather than to be the last layer's state itself.
 
 A weight of 0 leaves its term out of the loss (the last layer's term is still measured).
 
@@ -64,6 +69,7 @@ from dynamax_jax.delta import LoraSpec, expand_lora, merge_layer
 from dynamax_jax.models import module_for
 
 RESTS = ("bucket", "renormalize")
+EXIT_HEADS = ("shared", "adapter")  # how an exit predicts: the shared head alone, or after its adapter
 
 
 @jax.tree_util.register_dataclass
@@ -186,6 +192,37 @@ def original_topk(config, params, tokens: jax.Array, k: int) -> TopK:
     return teacher_topk(module_for(config).head(config, params, hidden[-1]), k)
 
 
+def fit_exit_adapters(config, params, batches, layers, ridge: float) -> dict[str, np.ndarray]:
+    """Affine exit adapters ``{"adapter_w" [E, D, D], "adapter_b" [E, D]}`` fitted by ridge
+    regression of the last layer's hidden state on each exit's (``train.cached``'s fit), over
+    every position of ``batches`` (token arrays ``[B, T]``) run through ``params`` at full depth."""
+    from dynamax_jax.train.cached import fit_affine_adapters
+
+    index = jnp.asarray([l - 1 for l in layers])
+
+    @jax.jit
+    def moments(tokens):
+        hidden = layer_stack(config, params, tokens).astype(jnp.float32)
+        h = hidden[index].reshape(len(layers), -1, hidden.shape[-1])  # [E, N, D]
+        target = hidden[-1].reshape(1, -1, hidden.shape[-1]) - h
+        x = jnp.concatenate([h, jnp.ones_like(h[..., :1])], axis=-1)  # [E, N, D+1]
+        return jnp.einsum("enp,enq->epq", x, x), jnp.einsum("enp,end->epd", x, target)
+
+    gram = cross = 0.0
+    for tokens in batches:
+        g, c = moments(jnp.asarray(tokens))
+        gram, cross = gram + np.asarray(g, np.float64), cross + np.asarray(c, np.float64)
+    return fit_affine_adapters(gram, cross, ridge)
+
+
+def adapt_exit(h: jax.Array, adapters, e: int) -> jax.Array:
+    """Exit ``e``'s affine adapter on ``h [B, T, D]`` (``h`` itself without adapters)."""
+    if adapters is None:
+        return h
+    h32 = h.astype(jnp.float32)
+    return (h32 + h32 @ adapters["adapter_w"][e] + adapters["adapter_b"][e]).astype(h.dtype)
+
+
 def head_term(config, params, h: jax.Array, teacher: TopK, mask: jax.Array, rest: str):
     """``(mean top-k KL, top-1 agreement)`` of the prediction ``head(h)`` (``h [B, T, D]``)
     against the original's final distribution, over ``mask``."""
@@ -221,15 +258,16 @@ class Objective:
 
 
 def loss_terms(config, objective: Objective, params, hidden: jax.Array, teacher: TopK, mask: jax.Array,
-               with_exits: bool) -> dict:
+               with_exits: bool, adapters=None) -> dict:
     """``{"final_kl", "final_agree"}`` (scalars) and, ``with_exits``, ``{"exit_kl",
     "exit_agree"}`` ``[E]`` of the tuned model's ``hidden [L, B, T, D]``; ``params`` holds its
-    final norm and LM head."""
+    final norm and LM head; ``adapters``: the exits' affine adapters (``None``: the shared head
+    reads the exit's hidden state directly)."""
     out = dict(zip(("final_kl", "final_agree"),
                    head_term(config, params, hidden[-1], teacher, mask, objective.rest)))
     if with_exits:
-        terms = [head_term(config, params, hidden[l - 1], teacher, mask, objective.rest)
-                 for l in objective.exit_layers]
+        terms = [head_term(config, params, adapt_exit(hidden[l - 1], adapters, e), teacher, mask, objective.rest)
+                 for e, l in enumerate(objective.exit_layers)]
         out["exit_kl"] = jnp.stack([kl for kl, _ in terms])
         out["exit_agree"] = jnp.stack([agree for _, agree in terms])
     return out
@@ -246,12 +284,13 @@ def total_loss(objective: Objective, terms: dict) -> jax.Array:
 
 
 def tuned_loss(config, objective: Objective, params, tokens: jax.Array, mask: jax.Array, teacher: TopK,
-               keep: jax.Array | None = None, lora=None, spec: LoraSpec | None = None):
+               keep: jax.Array | None = None, lora=None, spec: LoraSpec | None = None, adapters=None):
     """``(loss, terms)`` of the tuned model (``params``, plus ``lora`` factors of ``spec`` when
     it is a LoRA fine-tune) on ``tokens [B, T]``, ``mask [B, T]``, against the original's
-    ``teacher``, with layer dropout ``keep [B, L]``."""
+    ``teacher``, with layer dropout ``keep [B, L]`` and the exits' ``adapters``."""
     hidden = layer_stack(config, params, tokens, keep, lora, spec)
-    terms = loss_terms(config, objective, params, hidden, teacher, mask, with_exits=objective.exit_weight > 0)
+    terms = loss_terms(config, objective, params, hidden, teacher, mask, with_exits=objective.exit_weight > 0,
+                       adapters=adapters)
     return total_loss(objective, terms), terms
 
 

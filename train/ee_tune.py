@@ -111,6 +111,9 @@ class EETuneSettings:
     final_weight: float = 1.0
     exit_weight: float = 1.0
     exit_weights: str = "position"
+    exit_head: str = "shared"
+    adapter_fit_batches: int = 16
+    adapter_ridge: float = 1e-3
     topk: int = 32
     kl_rest: str = "bucket"
     layer_dropout: float = 0.1
@@ -138,11 +141,11 @@ class EETuneSettings:
         def fail(flag, what, value):
             raise DistillError(f"--{flag} must be {what}, got {value!r}")
 
-        choices = (("mode", MODES), ("kl_rest", O.RESTS), ("train_on", TRAIN_ON))
+        choices = (("mode", MODES), ("kl_rest", O.RESTS), ("train_on", TRAIN_ON), ("exit_head", O.EXIT_HEADS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 fail(name.replace("_", "-"), f"one of {', '.join(allowed)}", getattr(self, name))
-        for name in ("lora_rank", "topk", "batch_size", "seq_len", "save_every", "log_every"):
+        for name in ("lora_rank", "topk", "batch_size", "seq_len", "save_every", "log_every", "adapter_fit_batches"):
             if getattr(self, name) < 1:
                 fail(name.replace("_", "-"), ">= 1", getattr(self, name))
         for name in ("eval_every", "dropout_warmup", "seed"):
@@ -246,9 +249,12 @@ def make_optimizer(settings: EETuneSettings, steps: int) -> optax.GradientTransf
 
 
 def _split(trainable, frozen, spec):
-    """``(params, lora)`` of the tuned model: LoRA factors over the frozen base, or the
-    trained params themselves."""
-    return (frozen, trainable) if spec is not None else (trainable, None)
+    """``(params, lora, adapters)`` of the tuned model: LoRA factors over the frozen base, or
+    the trained params themselves; and the exits' adapters (``None`` with the shared head).
+    ``trainable`` is ``{"model": factors or params, "adapters": adapters or None}``."""
+    model = trainable["model"]
+    params, lora = (frozen, model) if spec is not None else (model, None)
+    return params, lora, trainable["adapters"]
 
 
 def make_train_step(config, objective: O.Objective, spec: dl.LoraSpec | None, tx):
@@ -261,8 +267,8 @@ def make_train_step(config, objective: O.Objective, spec: dl.LoraSpec | None, tx
         keep = objective.keep(config.num_layers, step_index, tokens.shape[0])
 
         def loss_fn(p):
-            params, lora = _split(p, frozen, spec)
-            return O.tuned_loss(config, objective, params, tokens, mask, teacher, keep, lora, spec)
+            params, lora, adapters = _split(p, frozen, spec)
+            return O.tuned_loss(config, objective, params, tokens, mask, teacher, keep, lora, spec, adapters)
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -280,9 +286,9 @@ def make_monitor(config, objective: O.Objective, spec: dl.LoraSpec | None):
 
     def monitor(trainable, frozen, tokens, mask):
         teacher = O.original_topk(config, frozen, tokens, objective.topk)
-        params, lora = _split(trainable, frozen, spec)
+        params, lora, adapters = _split(trainable, frozen, spec)
         hidden = O.layer_stack(config, params, tokens, None, lora, spec)
-        return O.loss_terms(config, objective, params, hidden, teacher, mask, with_exits=True)
+        return O.loss_terms(config, objective, params, hidden, teacher, mask, with_exits=True, adapters=adapters)
 
     return jax.jit(monitor)
 
@@ -411,9 +417,10 @@ class Run:
         s, config, params = self.settings, self.backbone.config, self.backbone.params
         self.frozen = params
         if self.spec is not None:
-            self.trainable = dl.init_lora(config, self.spec, jax.random.key(s.seed))
+            model = dl.init_lora(config, self.spec, jax.random.key(s.seed))
         else:  # a copy: the step donates the trained buffers, the original must stay
-            self.trainable = jax.tree.map(jnp.array, params)
+            model = jax.tree.map(jnp.array, params)
+        self.trainable = {"model": model, "adapters": self._fit_adapters() if s.exit_head == "adapter" else None}
         self.tx = make_optimizer(s, self.steps)
         self.opt_state = self.tx.init(self.trainable)
         self.step_fn = make_train_step(config, self.objective, self.spec, self.tx)
@@ -425,6 +432,17 @@ class Run:
                 self.start, self.trainable, self.opt_state, self.tokens_seen = restored
         if self.start > self.steps:
             raise DistillError(f"{self.out} holds a run trained to step {self.start}, past --steps {self.steps}")
+
+    def _fit_adapters(self) -> dict:
+        """The exits' affine adapters fitted on the original (``O.fit_exit_adapters``) over
+        ``--adapter-fit-batches`` batches drawn with seed + 2 (neither the training batches
+        nor the monitor's), the sources taken in turn."""
+        s = self.settings
+        iterators = source_iterators(self.sources, self.backbone, s, s.seed + 2)
+        batches = [next(iterators[i % len(iterators)])["tokens"] for i in range(s.adapter_fit_batches)]
+        fitted = O.fit_exit_adapters(self.backbone.config, self.frozen, batches, self.objective.exit_layers,
+                                     s.adapter_ridge)
+        return {k: jnp.asarray(v) for k, v in fitted.items()}
 
     def monitor(self) -> dict:
         """The monitor rows' terms at full depth, per source."""
@@ -523,10 +541,10 @@ class Run:
         """Write the delta and the summary; return the summary."""
         s, config, out = self.settings, self.backbone.config, self.out
         if self.spec is not None:
-            kind, tensors = "lora", dl.lora_tensors(self.trainable)
+            kind, tensors = "lora", dl.lora_tensors(self.trainable["model"])
         else:
             kind, tensors = "full", {k: np.asarray(v, np.float32) for k, v in dl.flatten_params(
-                jax.device_get(self.trainable)).items()}
+                jax.device_get(self.trainable["model"])).items()}
         base = dl.base_record(config, self.frozen, self.backbone.path,
                               source=dl.base_source(s.model))
         nbytes = dl.save_delta(out / DELTA_DIR, kind, tensors, base, self.spec,
@@ -603,6 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated 1-based exit layers (default: 4 over the latter half, e.g. 18,21,24,27 of 30)")
     g.add_argument("--exit-weights", default=d.exit_weights, help=f"{' | '.join(EXIT_WEIGHTINGS)} | a comma list: "
                    "how the exits share --exit-weight (position: l / sum l, rising with depth)")
+    g.add_argument("--exit-head", default=d.exit_head, choices=O.EXIT_HEADS,
+                   help="shared: an exit predicts through the shared final norm and LM head; adapter: through its "
+                        "own affine adapter first (h + hW + b, fitted on the original by ridge regression, then "
+                        "trained with the model; used only in training: the heads fit their own afterwards)")
+    g.add_argument("--adapter-fit-batches", type=int, default=d.adapter_fit_batches,
+                   help="batches (drawn with seed + 2) of the adapters' ridge fit, with --exit-head adapter")
+    g.add_argument("--adapter-ridge", type=float, default=d.adapter_ridge,
+                   help="ridge of the adapters' fit, relative to the mean diagonal of the normal equations")
     g.add_argument("--topk", type=int, default=d.topk, help="K: the KL is restricted to the original's top-K tokens")
     g.add_argument("--kl-rest", default=d.kl_rest, choices=O.RESTS, help="bucket: the mass outside the top-K is "
                    "one more outcome on both sides; renormalize: the original renormalized over its top-K")

@@ -16,8 +16,8 @@ Where the time goes: each row also gives milliseconds per generated token (the w
 prefill included, over the new tokens). A line fitted through full depth and the static exits
 (no classifier runs there) splits a step into ``fixed + per_layer * layers``; a threshold
 above 1 (no token leaves, every exit's classifier still runs) gives a classifier step's cost
-as its time over full depth's, per exit. Those three predict each heads row's time from its
-average depth, next to the time measured. At batch > 1 the layer loop runs until the
+as its time over full depth's, per exit. Those three predict each heads row's time from the
+layers its batch runs (the deepest row's, at each step), next to the time measured. At batch > 1 the layer loop runs until the
 deepest row of the step has left: the last columns give that row's average depth and the
 ideal speed-up if every row paid it, which is what a batch can realize.
 """
@@ -104,17 +104,18 @@ def main(argv=None) -> None:
         print("| setting | avg layers | ideal speed-up | realized | realized / ideal | deepest row's layers | "
               "ideal at the deepest row | realized / that | ms/token | full depth ms/token |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        timed = []  # (name, avg layers, ms/token, full depth's ms/token)
+        timed = []  # (name, the deepest row's average layers, ms/token, full depth's ms/token)
 
         def report(name, kw):
             t_full, t, r = _paired(lambda: run(), lambda: run(**kw), args.repeats)
-            timed.append((name, r.avg_layers, 1e3 * t / n, 1e3 * t_full / n))
+            timed.append((name, None, 1e3 * t / n, 1e3 * t_full / n))
             ideal = 1.0 / r.flops_relative
             settings = configure(config, n, **{k: v for k, v in kw.items() if k != "exit_params"},
                                  exit_params=kw.get("exit_params"))[0]
             deep_ideal, deep_layers = _deepest_row_ideal(
                 config, settings.exit_config if settings.dynamic else None, r,
                 settings.mode if settings.static else None)
+            timed[-1] = (name, deep_layers, *timed[-1][2:])  # a batch runs its deepest row's layers
             print(f"| {name} | {r.avg_layers:.2f} | {ideal:.2f}x | {t_full / t:.2f}x | {t_full / t / ideal:.2f} | "
                   f"{deep_layers:.2f} | {deep_ideal:.2f}x | {t_full / t / deep_ideal:.2f} | {1e3 * t / n:.2f} "
                   f"| {1e3 * t_full / n:.2f} |")

@@ -67,9 +67,25 @@ def load_runs(out_dir) -> list[dict]:
     return runs
 
 
-def model_name(run: dict) -> str:
+def model_name(run: dict, parts: int = 1) -> str:
+    """The model's name in tables and plot files: its file's stem or its directory's name, with
+    ``parts - 1`` parent directories (``runs/ee-a/delta`` -> ``ee-a-delta`` at 2)."""
     path = Path(run["spec"]["model"])
-    return path.stem if path.suffix == ".gguf" else path.name
+    parents = [p for p in path.parent.parts if p not in ("/", ".")][-(parts - 1):] if parts > 1 else []
+    return "-".join([*parents, path.stem if path.suffix == ".gguf" else path.name])
+
+
+def model_names(runs: list[dict]) -> dict[str, str]:
+    """A name per model path among ``runs``, as short as keeps different paths apart (two
+    tuned models both in a folder called ``delta`` are named by their parents too)."""
+    parts = dict.fromkeys(sorted({run["spec"]["model"] for run in runs}), 1)
+    while True:
+        names = {p: model_name({"spec": {"model": p}}, k) for p, k in parts.items()}
+        clashing = [p for p in parts if list(names.values()).count(names[p]) > 1 and parts[p] <= len(Path(p).parts)]
+        if not clashing:
+            return names
+        for p in clashing:
+            parts[p] += 1
 
 
 def _sort_key(run: dict):
@@ -81,8 +97,9 @@ def _sort_key(run: dict):
 def grouped(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """Runs by ``(model, task)``, in table order."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    names = model_names(runs)
     for run in runs:
-        groups[(model_name(run), run["spec"]["task"])].append(run)
+        groups[(names[run["spec"]["model"]], run["spec"]["task"])].append(run)
     return {k: sorted(v, key=_sort_key) for k, v in sorted(groups.items())}
 
 

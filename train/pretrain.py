@@ -20,6 +20,7 @@ Shape legend: B batch, T sequence length, V vocabulary, N tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -171,41 +172,103 @@ def make_optimizer(args: argparse.Namespace, params):
     return optimizer, schedule
 
 
-def make_steps(config, optimizer):
-    """``train_step(params, opt_state, windows [B, T+1]) -> (params, opt_state, loss)`` and
-    ``eval_step(params, windows [B, T+1], weights [B, T]) -> summed loss``, both jit-compiled."""
+@dataclasses.dataclass(frozen=True)
+class ExitObjective:
+    """Early-exit-aware pretraining (LayerSkip, Elhoushi et al., 2024): next-token
+    cross-entropy at each exit layer ``l_e`` (its hidden state through the shared final norm
+    and LM head) added to the last layer's, ``loss = CE_L + exit_weight * sum_e w_e CE_e``, and
+    layer dropout: layer ``l`` of ``L`` is an identity for a whole row with probability
+    ``p_max * min(1, step / warmup) * (l - 1) / (L - 1)`` (``train.ee_objective``)."""
+
+    exit_layers: tuple[int, ...] = ()
+    exit_weights: tuple[float, ...] = ()
+    exit_weight: float = 1.0
+    drop_max: float = 0.0
+    drop_warmup: int = 0
+    seed: int = 0
+
+    @property
+    def plain(self) -> bool:
+        return not self.exit_layers and self.drop_max <= 0
+
+    def keep(self, num_layers: int, step, batch: int):
+        """The layer-dropout mask ``[B, L]`` of ``step`` (``None`` without dropout)."""
+        from dynamax_jax.train import ee_objective as O
+
+        if self.drop_max <= 0:
+            return None
+        probabilities = O.drop_probabilities(num_layers, self.drop_max, O.curriculum(step, self.drop_warmup))
+        return O.keep_mask(self.seed, step, batch, probabilities)
+
+
+def layer_cross_entropies(config, params, hidden, targets, layers: Sequence[int]):
+    """Next-token cross-entropy ``[len(layers), B, T]`` of the prediction at each 1-based layer
+    of ``hidden [L, B, T, D]`` (its state through the shared final norm and LM head)."""
+    import jax.numpy as jnp
+    import optax
+    from dynamax_jax.models import module_for
+
+    head = module_for(config).head
+    return jnp.stack([optax.softmax_cross_entropy_with_integer_labels(head(config, params, hidden[l - 1]), targets)
+                      for l in layers])
+
+
+def training_loss(config, objective: ExitObjective, params, windows, step):
+    """``(loss, the last layer's mean cross-entropy)`` of ``params`` on ``windows [B, T+1]``
+    at optimizer step ``step`` (it draws the layer-dropout mask). Plain: the two are equal."""
+    import jax.numpy as jnp
+    import optax
+    from dynamax_jax.models import module_for
+    from dynamax_jax.train import ee_objective as O
+
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    if objective.plain:
+        logits = module_for(config).forward(config, params, inputs)  # [B, T, V] float32
+        final = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+        return final, final
+    hidden = O.layer_stack(config, params, inputs, objective.keep(config.num_layers, step, windows.shape[0]))
+    ce = jnp.mean(layer_cross_entropies(config, params, hidden, targets,
+                                        (config.num_layers, *objective.exit_layers)), axis=(1, 2))
+    return ce[0] + objective.exit_weight * jnp.sum(jnp.asarray(objective.exit_weights) * ce[1:]), ce[0]
+
+
+def make_steps(config, optimizer, objective: ExitObjective = ExitObjective()):
+    """``train_step(params, opt_state, windows [B, T+1], step) -> (params, opt_state, loss)``
+    (``loss``: the last layer's mean cross-entropy) and ``eval_step(params, windows [B, T+1],
+    weights [B, T]) -> summed loss [L]`` at every layer (the last one is the model's), both
+    jit-compiled. An ``objective`` that is not plain adds its exit losses and layer dropout
+    to training (``training_loss``)."""
     import jax
     import jax.numpy as jnp
     import optax
     from dynamax_jax.models import module_for
 
     model = module_for(config)
-
-    def token_losses(params, windows):
-        logits = model.forward(config, params, windows[:, :-1])  # [B, T, V] float32
-        return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # [B, T]
-
-    def loss_fn(params, windows):
-        return jnp.mean(token_losses(params, windows))
+    every_layer = tuple(range(1, config.num_layers + 1))
+    loss_fn = functools.partial(training_loss, config, objective)
 
     @jax.jit
-    def train_step(params, opt_state, windows):
-        loss, grads = jax.value_and_grad(loss_fn)(params, windows)
+    def train_step(params, opt_state, windows, step):
+        (_, final), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, windows, step)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, final
 
     @jax.jit
     def eval_step(params, windows, weights):
-        return jnp.sum(token_losses(params, windows) * weights)
+        _, hidden = model.forward(config, params, windows[:, :-1], return_hidden=True)
+        ce = layer_cross_entropies(config, params, hidden, windows[:, 1:], every_layer)
+        return jnp.sum(ce * weights, axis=(1, 2))
 
     return train_step, eval_step
 
 
-def heldout_loss(eval_step, params, windows: np.ndarray, weights: np.ndarray, batch_size: int) -> float:
-    """Mean cross-entropy (nats/token) over every weighted target token."""
+def heldout_losses(eval_step, params, windows: np.ndarray, weights: np.ndarray, batch_size: int) -> np.ndarray:
+    """Mean cross-entropy (nats/token) over every weighted target token at each layer ``[L]``
+    (the last entry is the model's own loss)."""
     total = 0.0
     for start in range(0, len(windows), batch_size):
-        total += float(eval_step(params, windows[start:start + batch_size], weights[start:start + batch_size]))
+        total = total + np.asarray(eval_step(params, windows[start:start + batch_size],
+                                             weights[start:start + batch_size]), np.float64)
     return total / float(weights.sum())
 
 
@@ -251,6 +314,26 @@ _nonnegative_int = _checked(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _checked(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """``"2,3,4"`` -> ``(2, 3, 4)``: distinct positive layers in increasing order."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if any(l <= 0 for l in layers) or list(layers) != sorted(set(layers)):
+        raise argparse.ArgumentTypeError(f"expected distinct positive layers in increasing order, got {text!r}")
+    return layers
+
+
+def exit_objective(args: argparse.Namespace, num_layers: int) -> ExitObjective:
+    """The ``ExitObjective`` the flags describe (flags checked by ``validate``)."""
+    from dynamax_jax.train import ee_objective as O
+
+    weights = O.exit_weight_vector(args.exit_weights, args.exit_layers) if args.exit_layers else ()
+    return ExitObjective(tuple(args.exit_layers), weights, args.exit_weight, args.layer_dropout,
+                         args.dropout_warmup, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
@@ -284,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cap on held-out tokens scored by the final evaluation")
     data.add_argument("--eval-tokens", type=_positive_int, default=8192,
                       help="held-out tokens scored by each periodic evaluation (the first ones)")
+
+    early = parser.add_argument_group("early-exit-aware training (LayerSkip; all off: plain pretraining)")
+    early.add_argument("--exit-layers", type=_layer_list, default=(),
+                       help="comma-separated 1-based layers whose hidden state, through the shared final norm "
+                            "and LM head, gets a next-token cross-entropy term (e.g. 2,3,4,5,6,7)")
+    early.add_argument("--exit-weight", type=float, default=1.0,
+                       help="weight of the exits' cross-entropy next to the last layer's (weight 1)")
+    early.add_argument("--exit-weights", default="position",
+                       help="position | uniform | a comma list: how the exits share --exit-weight "
+                            "(position: l / sum l, rising with depth)")
+    early.add_argument("--layer-dropout", type=float, default=0.0,
+                       help="p_max: layer l of L is an identity for a whole row with probability "
+                            "p_max (l-1)/(L-1) (0: off)")
+    early.add_argument("--dropout-warmup", type=_nonnegative_int, default=0,
+                       help="steps over which p_max ramps up linearly from 0 (0: from the start)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps")
@@ -332,6 +430,18 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         heads = args.d_model // args.head_dim
         if args.kv_heads and heads % args.kv_heads:
             parser.error(f"--arch mistral: --kv-heads {args.kv_heads} must divide the {heads} query heads")
+    if args.exit_layers and args.exit_layers[-1] >= args.layers:
+        parser.error(f"--exit-layers must lie below the last layer ({args.layers}), got "
+                     f"{','.join(map(str, args.exit_layers))}")
+    if not 0 <= args.layer_dropout < 1:
+        parser.error(f"--layer-dropout must be in [0, 1), got {args.layer_dropout}")
+    if args.exit_weight < 0 or not math.isfinite(args.exit_weight):
+        parser.error(f"--exit-weight must be a non-negative number, got {args.exit_weight}")
+    if args.exit_layers:
+        try:
+            exit_objective(args, args.layers)
+        except ValueError as error:
+            parser.error(f"--exit-weights: {error}")
     for path in args.corpus_files:
         if not Path(path).is_file():
             parser.error(f"--corpus-files: {path!r} does not exist")
@@ -358,7 +468,7 @@ def train_loop(args, params, opt_state, train_step, eval_step, schedule, windows
                dynamic_ncols=True, file=sys.stdout)
     loss = float("nan")
     for step in bar:
-        params, opt_state, loss_array = train_step(params, opt_state, next(data))
+        params, opt_state, loss_array = train_step(params, opt_state, next(data), step)
         evaluate = args.eval_every and step % args.eval_every == 0 and step != args.steps
         # Reading the loss waits for the step; every 10th is enough for the progress bar.
         if step % 10 == 0 or step == args.steps or evaluate:
@@ -368,8 +478,8 @@ def train_loop(args, params, opt_state, train_step, eval_step, schedule, windows
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{float(schedule(step)):.2e}")
         steps_done = step
         if evaluate:
-            value = heldout_loss(eval_step, params, eval_windows[:periodic], eval_weights[:periodic],
-                                 args.batch_size)
+            value = float(heldout_losses(eval_step, params, eval_windows[:periodic], eval_weights[:periodic],
+                                         args.batch_size)[-1])
             history.append({"step": step, "train_loss": loss, "heldout_loss": value,
                             "seconds": time.time() - train_started})
             bar.write(f"step {step}: train loss {loss:.4f}, held-out loss {value:.4f} on the first "
@@ -412,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = jax.jit(functools.partial(dx.init_params, config))(jax.random.key(args.seed))
     optimizer, schedule = make_optimizer(args, params)
     opt_state = jax.jit(optimizer.init)(params)
-    train_step, eval_step = make_steps(config, optimizer)
+    objective = exit_objective(args, config.num_layers)
+    train_step, eval_step = make_steps(config, optimizer, objective)
     print(f"{args.arch}: {count_params(params):,} parameters", flush=True)
 
     params, opt_state, loss, steps_done, history, train_started = train_loop(
@@ -422,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Score the weights as they are saved (rounded to --save-dtype), i.e. what a user loads.
     save_dtype = parse_dtype(args.save_dtype)
     params = jax.tree.map(lambda a: a.astype(save_dtype).astype(a.dtype), params)
-    final = heldout_loss(eval_step, params, eval_windows, eval_weights, args.batch_size)
+    per_layer = heldout_losses(eval_step, params, eval_windows, eval_weights, args.batch_size)
+    final = float(per_layer[-1])
     history.append({"step": steps_done, "train_loss": loss, "heldout_loss": final,
                     "seconds": train_seconds})
 
@@ -434,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_tokens": int(len(train_stream)), "heldout_tokens_scored": int(eval_weights.sum()),
         "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
         "heldout_loss": final, "heldout_perplexity": math.exp(final), "save_dtype": args.save_dtype,
+        "heldout_loss_by_layer": [float(v) for v in per_layer], "exit_objective": dataclasses.asdict(objective),
         "unigram_heldout_loss": unigram, "unigram_heldout_perplexity": math.exp(unigram),
         "final_train_loss": loss, "history": history, "corpus": corpus.sizes(),
         "args": {k: v for k, v in vars(args).items() if k not in ("no_progress", "overwrite")},

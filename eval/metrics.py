@@ -140,9 +140,11 @@ def repetition_rate(text: str, n: int = REPETITION_N) -> float:
 
 def consistency(early_exit_answer: str, full_answer: str) -> dict[str, float]:
     """Agreement of an early-exit answer with the full-depth answer to the same prompt:
-    ``{"consistency_em" (0-1), "consistency_rougeL" (0-100)}``."""
+    ``{"consistency_em" (0-1), "consistency_rougeL" (0-100)}``. Identical answers score 100
+    (ROUGE scores two texts without a word, such as ``"'"``, 0)."""
+    same = early_exit_answer == full_answer
     return {"consistency_em": exact_match(early_exit_answer, full_answer),
-            "consistency_rougeL": rouge(early_exit_answer, full_answer)["rougeL"]}
+            "consistency_rougeL": 100.0 if same else rouge(early_exit_answer, full_answer)["rougeL"]}
 
 
 def token_disagreement(early: list[int], full: list[int]) -> float:

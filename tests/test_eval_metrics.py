@@ -96,6 +96,10 @@ def test_consistency():
     direct = rouge_scorer.RougeScorer(["rougeL"]).score("Paris is the capital", "the capital is Paris")
     assert got["consistency_em"] == 0.0
     assert got["consistency_rougeL"] == pytest.approx(100 * direct["rougeL"].fmeasure)
+    # ROUGE finds no word in "'" (0 against itself); an identical answer is consistent.
+    assert rouge_scorer.RougeScorer(["rougeL"]).score("'", "'")["rougeL"].fmeasure == 0.0
+    assert metrics.consistency("'", "'") == {"consistency_em": 1.0, "consistency_rougeL": 100.0}
+    assert metrics.consistency("'", "''")["consistency_rougeL"] == 0.0
 
 
 def test_first_divergence_names_the_token_that_changed_the_answer():

@@ -6,8 +6,9 @@
 
 ``--summarize`` keeps what a table needs from every run JSON that ``eval.run`` wrote into the
 given directories (spec, label, metrics, compute, reference; the per-example answers are
-replaced by their count), and from the ``pretrain_results.json`` of a ``train.pretrain``
-output directory, in one file small enough to commit. A generated table in a markdown
+replaced by their count), from the ``pretrain_results.json`` of a ``train.pretrain`` output
+directory and from the ``summary.json`` of a ``train.cached`` one (each kind's held-out
+precision and exit rate per exit), in one file small enough to commit. A generated table in a markdown
 file sits between two comment lines, the first naming its summary (relative to the markdown
 file) and the table kind::
 
@@ -19,8 +20,9 @@ Kinds: ``runs`` (one row per model and run, the tasks side by side: FLOPs saved,
 layers, consistency ROUGE-L and exact match, the task's primary metric, and the model's own
 consistency where a reference was used), ``saved-at`` (per model and task, the most FLOPs
 any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` where none)
-and ``layer-loss`` (per pretrained model: its early-exit objective, training time and
-held-out loss at every layer).
+``layer-loss`` (per pretrained model: its early-exit objective, training time and held-out
+loss at every layer) and ``heads`` (per trained head and exit: the label rate, and the share
+of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they leave at).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from dynamax_jax.eval.report import _sort_key, fmt, load_runs, model_names
 from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
-KINDS = ("runs", "saved-at", "layer-loss")
+KINDS = ("runs", "saved-at", "layer-loss", "heads")
+HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
 TASK_TITLES = {"trivia_qa": "TriviaQA", "truthful_qa": "TruthfulQA", "coqa": "CoQA"}
@@ -48,14 +51,22 @@ END = "<!-- end of generated table -->"
 
 
 def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
-    """``{"runs": [...], "pretrain": [...]}``: the eval.run runs of ``run_dirs`` without their
-    per-example records (``num_examples`` instead), in table order, and the results of the
-    ``train.pretrain`` directories among them (``name``: the directory's)."""
-    runs, pretrain = [], []
+    """``{"runs": [...], "pretrain": [...], "heads": [...]}``: the eval.run runs of ``run_dirs``
+    without their per-example records (``num_examples`` instead), in table order; the results
+    of the ``train.pretrain`` directories among them and the held-out scores of the
+    ``train.cached`` ones (``name``: the directory's)."""
+    runs, pretrain, heads = [], [], []
     for run_dir in map(Path, run_dirs):
         if (run_dir / "pretrain_results.json").is_file():
             results = json.loads((run_dir / "pretrain_results.json").read_text(encoding="utf-8"))
             pretrain.append({"name": run_dir.name, **{k: results.get(k) for k in PRETRAIN_KEYS}})
+            continue
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            if "kinds" not in summary:
+                raise OutputError(f"{run_dir / 'summary.json'} is not a train.cached summary (it has no 'kinds')")
+            heads += [{"name": run_dir.name, "kind": kind, "heldout": scores["heldout"]}
+                      for kind, scores in summary["kinds"].items()]
             continue
         found = load_runs(run_dir)
         if not found:
@@ -65,7 +76,7 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
                     if k in run}
             runs.append({**kept, "num_examples": len(run.get("examples", ()))})
     return {"runs": sorted(runs, key=lambda r: (r["spec"]["model"], r["spec"]["task"], _sort_key(r))),
-            "pretrain": pretrain}
+            "pretrain": pretrain, "heads": heads}
 
 
 def _by_model_and_label(runs: list[dict]) -> tuple[list[str], dict]:
@@ -144,6 +155,22 @@ def layer_loss_table(pretrain: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def heads_table(heads: list[dict]) -> str:
+    """Per head and exit: label rate, exit rate and precision at ``HEAD_THRESHOLDS``."""
+    header = ["heads", "kind", "exit", "label rate"]
+    for t in HEAD_THRESHOLDS:
+        header += [f"leave at {t}", f"precision at {t}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for head in heads:
+        for exit_ in head["heldout"]:
+            cells = [head["name"], head["kind"], str(exit_["layer"]), f"{exit_['label_rate']:.3f}"]
+            for t in HEAD_THRESHOLDS:
+                score = exit_["thresholds"].get(t)
+                cells += ["-", "-"] if score is None else [f"{score['exit_rate']:.3f}", f"{score['precision']:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, list[dict]], kind: str) -> str:
     if kind == "runs":
         return runs_table(summary["runs"])
@@ -151,6 +178,8 @@ def render(summary: dict[str, list[dict]], kind: str) -> str:
         return saved_at_table(summary["runs"])
     if kind == "layer-loss":
         return layer_loss_table(summary["pretrain"])
+    if kind == "heads":
+        return heads_table(summary["heads"])
     raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
@@ -158,7 +187,7 @@ def read_summary(path: Path) -> dict[str, list[dict]]:
     """A ``--summarize`` file; a missing or unreadable one is named."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-        return {"runs": list(summary["runs"]), "pretrain": list(summary["pretrain"])}
+        return {"runs": list(summary["runs"]), "pretrain": list(summary["pretrain"]), "heads": list(summary["heads"])}
     except FileNotFoundError:
         raise OutputError(f"{path}: no such run summary (write it with {PROG} --summarize)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -186,8 +215,8 @@ def regenerate(doc: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--summarize", nargs="+", metavar="RUNS", default=None,
-                   help="eval.run --out directories (their run JSON files) and train.pretrain output directories "
-                        "(their pretrain_results.json) that go into one summary (--to)")
+                   help="eval.run --out directories (their run JSON files), train.pretrain output directories "
+                        "(pretrain_results.json) and train.cached ones (summary.json) that go into one summary (--to)")
     p.add_argument("--to", default=None, help="with --summarize: the summary file to write (JSON)")
     p.add_argument("--update", nargs="+", metavar="DOC", default=None,
                    help="markdown files whose generated tables are rewritten from their summaries")
@@ -206,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SettingsError("--summarize needs --to FILE")
         summary = summarize(args.summarize)
         write_text_atomic(Path(args.to), json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {len(summary['runs'])} evaluation runs and {len(summary['pretrain'])} pretraining runs "
-              f"to {args.to}")
+        print(f"wrote {len(summary['runs'])} evaluation runs, {len(summary['pretrain'])} pretraining runs and "
+              f"{len(summary['heads'])} heads to {args.to}")
         return 0
     stale = []
     for doc in map(Path, args.update):

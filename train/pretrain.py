@@ -7,12 +7,14 @@ The corpus (``train/corpus.py``) is the English prose shipped with the Python st
 library, optionally plus local ``.txt``/``.jsonl`` files. A byte-level BPE tokenizer is
 trained on the training split, documents are joined with an end-of-text token and the
 token stream is packed into fixed-length sequences. Training uses AdamW with linear
-warm-up, cosine decay and global-norm clipping in one jit-compiled step. ``--out`` gets,
+warm-up, cosine decay and global-norm clipping in one jit-compiled step; with
+``--exit-layers`` / ``--layer-dropout`` the loss is early-exit-aware (``ExitObjective``:
+exit cross-entropies through the shared head, layer dropout). ``--out`` gets,
 atomically, a Hugging Face checkpoint (``config.json``, ``model.safetensors``) that
 ``dx.load_pretrained`` reads, the tokenizer (``tokenizer.json``, ``tokenizer_config.json``),
 ``train_token_counts.json`` (unigram counts of the training tokens) and
 ``pretrain_results.json`` (training time, tokens seen, held-out loss and perplexity next
-to an add-one smoothed unigram baseline).
+to an add-one smoothed unigram baseline, and the held-out loss at every layer).
 
 Shape legend: B batch, T sequence length, V vocabulary, N tokens.
 """
@@ -329,8 +331,9 @@ def exit_objective(args: argparse.Namespace, num_layers: int) -> ExitObjective:
     """The ``ExitObjective`` the flags describe (flags checked by ``validate``)."""
     from dynamax_jax.train import ee_objective as O
 
-    weights = O.exit_weight_vector(args.exit_weights, args.exit_layers) if args.exit_layers else ()
-    return ExitObjective(tuple(args.exit_layers), weights, args.exit_weight, args.layer_dropout,
+    layers = tuple(args.exit_layers or ())
+    weights = O.exit_weight_vector(args.exit_weights, layers) if layers else ()
+    return ExitObjective(layers, weights, args.exit_weight, args.layer_dropout,
                          args.dropout_warmup, args.seed)
 
 
@@ -369,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out tokens scored by each periodic evaluation (the first ones)")
 
     early = parser.add_argument_group("early-exit-aware training (LayerSkip; all off: plain pretraining)")
-    early.add_argument("--exit-layers", type=_layer_list, default=(),
+    early.add_argument("--exit-layers", type=_layer_list, default=None,
                        help="comma-separated 1-based layers whose hidden state, through the shared final norm "
-                            "and LM head, gets a next-token cross-entropy term (e.g. 2,3,4,5,6,7)")
+                            "and LM head, gets a next-token cross-entropy term (e.g. 2,3,4,5,6,7; none: no exit "
+                            "losses)")
     early.add_argument("--exit-weight", type=float, default=1.0,
                        help="weight of the exits' cross-entropy next to the last layer's (weight 1)")
     early.add_argument("--exit-weights", default="position",

@@ -16,7 +16,7 @@ file) and the table kind::
     ...
     <!-- end of generated table -->
 
-Kinds: ``runs`` (one row per model and run, the tasks side by side: FLOPs saved, average
+Kinds: ``runs`` (one row per model, run and exits, the tasks side by side: FLOPs saved, average
 layers, consistency ROUGE-L and exact match, the task's primary metric, and the model's own
 consistency where a reference was used), ``saved-at`` (per model and task, the most FLOPs
 any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` where none)
@@ -79,13 +79,22 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
             "pretrain": pretrain, "heads": heads}
 
 
+def exits_cell(run: dict) -> str:
+    """The exits a run used: the heads' folder name and the exit layers (``-`` for none)."""
+    spec = run["spec"]
+    layers = ",".join(map(str, spec.get("exit_layers") or ()))
+    if not spec.get("exits"):
+        return layers or "-"
+    return f"{Path(spec['exits']).name} ({layers})" if layers else Path(spec["exits"]).name
+
+
 def _by_model_and_label(runs: list[dict]) -> tuple[list[str], dict]:
-    """The tasks among ``runs`` and ``{(model name, label): {task: run}}`` in table order."""
+    """The tasks among ``runs`` and ``{(model name, label, exits): {task: run}}`` in table order."""
     names = model_names(runs)
     tasks = sorted({r["spec"]["task"] for r in runs})
     rows: dict = {}
     for run in sorted(runs, key=lambda r: (names[r["spec"]["model"]], _sort_key(r))):
-        rows.setdefault((names[run["spec"]["model"]], run["label"]), {})[run["spec"]["task"]] = run
+        rows.setdefault((names[run["spec"]["model"]], run["label"], exits_cell(run)), {})[run["spec"]["task"]] = run
     return tasks, rows
 
 
@@ -93,14 +102,14 @@ def runs_table(runs: list[dict]) -> str:
     """One row per model and run, the tasks side by side."""
     tasks, rows = _by_model_and_label(runs)
     own = any(r.get("reference") for r in runs)
-    header = ["model", "run"]
+    header = ["model", "run", "exits"]
     for task in tasks:
         primary = next(r["primary"] for r in runs if r["spec"]["task"] == task)
         header += [f"{TASK_TITLES.get(task, task)}: FLOPs saved", "avg layers", "consist. R-L", "EM-cons.",
                    primary] + (["own R-L"] if own else [])
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
-    for (model, label), by_task in rows.items():
-        cells = [model, label]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    for (model, label, exits), by_task in rows.items():
+        cells = [model, label, exits]
         for task in tasks:
             run = by_task.get(task)
             if run is None:

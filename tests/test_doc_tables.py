@@ -14,10 +14,12 @@ from dynamax_jax.eval.errors import OutputError, SettingsError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(model, task, variant, label, saved, rl, em=0.5, threshold=None, primary=None, **metrics):
+def _run(model, task, variant, label, saved, rl, em=0.5, threshold=None, primary=None, exits=None, **metrics):
     primary = primary or ("f1" if task == "trivia_qa" else "rougeL_max")
+    exits = exits or ("runs/heads" if variant == "exit" else None)
+    layers = [2, 4] if variant in ("exit", "oracle") else None
     return {"spec": {"model": model, "task": task, "variant": variant, "threshold": threshold, "kind": None,
-                     "mode": None, "static_layer": None, "exits": None},
+                     "mode": None, "static_layer": None, "exits": exits, "exit_layers": layers},
             "label": label, "primary": primary, "backbone": {"num_layers": 8},
             "metrics": {"consistency_rougeL": rl, "consistency_em": em, primary: 0.25, **metrics},
             "compute": {"flops_saved": saved, "avg_layers": 8 * (1 - saved), "compute": 1 - saved},
@@ -30,6 +32,7 @@ RUNS = [
     _run("runs/plain", "trivia_qa", "exit", "t=0.95", 0.20, 96.0, threshold=0.95),
     _run("runs/plain", "trivia_qa", "exit", "t=0.8", 0.45, 80.0, threshold=0.8),
     _run("runs/plain", "trivia_qa", "oracle", "oracle", 0.60, 100.0, 1.0),
+    _run("runs/plain", "trivia_qa", "oracle", "oracle", 0.65, 100.0, 1.0, exits="runs/other"),
     _run("runs/plain", "truthful_qa", "full", "full", 0.0, 100.0, 1.0),
     _run("runs/plain", "truthful_qa", "exit", "t=0.9", 0.25, 89.0, threshold=0.9),
     _run("runs/ee", "trivia_qa", "exit", "t=0.9", 0.40, 92.5, threshold=0.9),
@@ -103,13 +106,15 @@ def test_summary_keeps_what_tables_need_and_counts_the_examples(tmp_path):
 
 def test_runs_table_puts_the_tasks_side_by_side():
     lines = D.runs_table(RUNS).split("\n")
-    assert lines[0].startswith("| model | run | TriviaQA: FLOPs saved | avg layers | consist. R-L | EM-cons. | f1 |")
+    assert lines[0].startswith("| model | run | exits | TriviaQA: FLOPs saved | avg layers | consist. R-L | EM-cons. | f1 |")
     assert "TruthfulQA: FLOPs saved" in lines[0] and "rougeL_max" in lines[0]
     row = next(l for l in lines if l.startswith("| plain | t=0.9 |"))
-    assert row == "| plain | t=0.9 | 30.0 % | 5.6 | 91 | 0.5 | 0.25 | 25.0 % | 6 | 89 | 0.5 | 0.25 |"
+    assert row == "| plain | t=0.9 | heads (2,4) | 30.0 % | 5.6 | 91 | 0.5 | 0.25 | 25.0 % | 6 | 89 | 0.5 | 0.25 |"
     ee = next(l for l in lines if l.startswith("| ee | t=0.9 |"))
     assert ee.endswith("| - | - | - | - | - |")  # no TruthfulQA run
-    assert len(lines) == 2 + 6  # full, oracle, three thresholds of plain; one of ee
+    assert len(lines) == 2 + 7  # full, two oracles, three thresholds of plain; one of ee
+    oracles = [l for l in lines if "| oracle |" in l]
+    assert [l.split(" | ")[2] for l in oracles] == ["2,4", "other (2,4)"]  # same label, other exits: two rows
 
 
 def test_saved_at_picks_the_exit_run_that_saves_most_at_each_consistency():

@@ -154,6 +154,16 @@ def keep_mask(seed: int, step, batch: int, probabilities: jax.Array) -> jax.Arra
     return jax.random.uniform(key, (batch, probabilities.shape[0])) >= probabilities
 
 
+def dropout_keep(settings, num_layers: int, step, batch: int) -> jax.Array | None:
+    """The layer-dropout mask ``[B, L]`` of ``step`` for ``settings`` with fields ``drop_max``,
+    ``drop_warmup`` and ``seed`` (``None`` when ``drop_max`` is 0): ``keep_mask`` at the rising
+    probabilities scaled by the curriculum."""
+    if settings.drop_max <= 0:
+        return None
+    probabilities = drop_probabilities(num_layers, settings.drop_max, curriculum(step, settings.drop_warmup))
+    return keep_mask(settings.seed, step, batch, probabilities)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -251,10 +261,7 @@ class Objective:
 
     def keep(self, num_layers: int, step, batch: int) -> jax.Array | None:
         """The layer-dropout mask ``[B, L]`` of ``step`` (``None`` without dropout)."""
-        if self.drop_max <= 0:
-            return None
-        probabilities = drop_probabilities(num_layers, self.drop_max, curriculum(step, self.drop_warmup))
-        return keep_mask(self.seed, step, batch, probabilities)
+        return dropout_keep(self, num_layers, step, batch)
 
 
 def loss_terms(config, objective: Objective, params, hidden: jax.Array, teacher: TopK, mask: jax.Array,

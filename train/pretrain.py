@@ -197,10 +197,7 @@ class ExitObjective:
         """The layer-dropout mask ``[B, L]`` of ``step`` (``None`` without dropout)."""
         from dynamax_jax.train import ee_objective as O
 
-        if self.drop_max <= 0:
-            return None
-        probabilities = O.drop_probabilities(num_layers, self.drop_max, O.curriculum(step, self.drop_warmup))
-        return O.keep_mask(self.seed, step, batch, probabilities)
+        return O.dropout_keep(self, num_layers, step, batch)
 
 
 def layer_cross_entropies(config, params, hidden, targets, layers: Sequence[int]):

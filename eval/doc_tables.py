@@ -21,8 +21,11 @@ layers, consistency ROUGE-L and exact match, the task's primary metric, and the 
 consistency where a reference was used), ``saved-at`` (per model and task, the most FLOPs
 any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` where none)
 ``layer-loss`` (per pretrained model: its early-exit objective, training time and held-out
-loss at every layer) and ``heads`` (per trained head and exit: the label rate, and the share
-of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they leave at).
+loss at every layer), ``heads`` (per trained head and exit: the label rate, and the share
+of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they leave at),
+``wall`` (per run: tokens/s against the same model's full-depth run, for ``--batch-size 1``
+runs), and, from the file ``benchmarks/decode.py --json`` writes, ``decode`` (tokens/s of transformers,
+llama.cpp and ours at each setting) and ``ttft`` (time to first token).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from dynamax_jax.eval.report import _sort_key, fmt, load_runs, model_names
 from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
-KINDS = ("runs", "saved-at", "layer-loss", "heads")
+KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft")
+SECTIONS = ("runs", "pretrain", "heads", "decode")  # a summary's lists; benchmarks/decode.py --json writes "decode"
 HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
@@ -150,6 +154,24 @@ def saved_at_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def wall_table(runs: list[dict]) -> str:
+    """Per model, task and run: FLOPs saved, consistency, generation tokens/s (compilation
+    excluded) and its ratio to the same model's full-depth run on that task in the summary."""
+    names = model_names(runs)
+    full = {(r["spec"]["model"], r["spec"]["task"]): r["compute"]["tokens_per_s"]
+            for r in runs if r["spec"]["variant"] == "full"}
+    header = ["model", "task", "run", "exits", "FLOPs saved", "consist. R-L", "tokens/s", "vs full depth"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 4]
+    for run in sorted(runs, key=lambda r: (names[r["spec"]["model"]], r["spec"]["task"], _sort_key(r))):
+        spec, c = run["spec"], run["compute"]
+        base = full.get((spec["model"], spec["task"]))
+        cells = [names[spec["model"]], TASK_TITLES.get(spec["task"], spec["task"]), run["label"], exits_cell(run),
+                 f"{100 * c['flops_saved']:.1f} %", fmt(run["metrics"].get("consistency_rougeL")),
+                 f"{c['tokens_per_s']:.1f}", "-" if base is None else f"{c['tokens_per_s'] / base:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def layer_loss_table(pretrain: list[dict]) -> str:
     """Per pretrained model: exits, layer dropout, training time, held-out loss at each layer."""
     depth = max(len(r["heldout_loss_by_layer"]) for r in pretrain)
@@ -180,6 +202,57 @@ def heads_table(heads: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _speed(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return "-" if ours is None or theirs is None else f"{ours / theirs:.2f}x"
+
+
+def _benchmark_caption(record: dict) -> str:
+    """When, on what and under which load a ``benchmarks/decode.py --json`` record was taken."""
+    engines = [f"jax {record['jax']}"] + [f"{name} {record[key]}" for key, name in
+                                          (("torch", "torch"), ("llama_cpp", "llama.cpp")) if record.get(key)]
+    return (f"`{record['command']}`: {record['date']}, {', '.join(engines)}, {record['threads']} threads, "
+            f"load {record['load_before']:.2f} before and {record['load_after']:.2f} after.")
+
+
+def decode_table(records: list[dict]) -> str:
+    """Tokens/s of each engine at every setting of ``benchmarks/decode.py`` records, with the
+    ratios, the bandwidth limit and how many greedy tokens matched transformers' and llama.cpp's."""
+    header = ["setting", "transformers", "llama.cpp", "dynamax-jax", "vs transformers", "vs llama.cpp",
+              "bandwidth limit"]
+    lines = []
+    for record in records:
+        lines += [_benchmark_caption(record), "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * 6]
+        for row in record["decode"]:
+            ours, hf, cpp = row["dynamax_jax"], row["transformers"], row["llama_cpp"]
+            cells = [row["setting"], _speed(hf), _speed(cpp), _speed(ours), f"**{_ratio(ours, hf)}**"
+                     if hf is not None else "-", _ratio(ours, cpp), _speed(row["limit"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        same = record["identical"]
+        lines.append("")
+        lines.append(f"(tokens/s; the bandwidth limit is batch x {record['bandwidth_gb_s']:.1f} GB/s measured in the "
+                     f"run / {record['weight_mb']:.0f} MB of float32 weights.) Greedy tokens at batch 1, float32: "
+                     + "; ".join(f"the first {n} of {record['new_tokens']} identical to {name}" for key, name in
+                                 (("transformers", "transformers"), ("llama_cpp", "llama.cpp"))
+                                 if (n := same.get(key)) is not None) + ".")
+    return "\n".join(lines)
+
+
+def ttft_table(records: list[dict]) -> str:
+    """Time to first token (seconds, prefill included, batch 1) of ``benchmarks/decode.py`` records."""
+    lines = []
+    for record in records:
+        lines += [_benchmark_caption(record), "",
+                  "| prompt tokens | transformers (s) | dynamax-jax (s) | transformers / ours |", "|---:|---:|---:|---:|"]
+        for row in record["ttft"]:
+            theirs, ours = row["transformers"], row["dynamax_jax"]
+            lines.append(f"| {row['prompt_tokens']:,} | {_speed(theirs, 3)} | {_speed(ours, 3)} | {_ratio(theirs, ours)} |")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, list[dict]], kind: str) -> str:
     if kind == "runs":
         return runs_table(summary["runs"])
@@ -189,14 +262,23 @@ def render(summary: dict[str, list[dict]], kind: str) -> str:
         return layer_loss_table(summary["pretrain"])
     if kind == "heads":
         return heads_table(summary["heads"])
+    if kind == "wall":
+        return wall_table(summary["runs"])
+    if kind == "decode":
+        return decode_table(summary["decode"])
+    if kind == "ttft":
+        return ttft_table(summary["decode"])
     raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
 def read_summary(path: Path) -> dict[str, list[dict]]:
-    """A ``--summarize`` file; a missing or unreadable one is named."""
+    """A ``--summarize`` file or a ``benchmarks/decode.py --json`` one (each of ``SECTIONS``
+    it lacks is empty); a missing or unreadable one is named."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-        return {"runs": list(summary["runs"]), "pretrain": list(summary["pretrain"]), "heads": list(summary["heads"])}
+        if not isinstance(summary, dict) or not any(key in summary for key in SECTIONS):
+            raise KeyError(f"none of {', '.join(SECTIONS)}")
+        return {key: list(summary.get(key, ())) for key in SECTIONS}
     except FileNotFoundError:
         raise OutputError(f"{path}: no such run summary (write it with {PROG} --summarize)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:

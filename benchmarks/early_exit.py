@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -74,15 +77,23 @@ def main(argv=None) -> None:
                     help="exit-head directory (default: the shipped SmolLM2 heads)")
     ap.add_argument("--thresholds", default="0.5,0.7,0.9", help="exit thresholds to time with the heads")
     ap.add_argument("--static-layers", default="10,15,20,25", help="static exit layers (the baseline)")
+    ap.add_argument("--json", default=None,
+                    help="also write every row and the time model to this file, which python -m eval.doc_tables "
+                         "renders into docs/performance.md (its 'time-model' table)")
     args = ap.parse_args(argv)
 
     import dynamax_jax as dx
     from dynamax_jax.decoding import configure
     from dynamax_jax.default_model import smollm2_gguf_path
     from dynamax_jax.cli.generate import DEFAULT_EXITS_PATH
+    from dynamax_jax.eval.doc_tables import time_model_table
+    from dynamax_jax.io import write_text_atomic
     from dynamax_jax.prompts import encode_prompt
 
-    print(f"load before: {os.getloadavg()[0]:.2f}")
+    record = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "batches": [],
+              "command": " ".join(["python benchmarks/early_exit.py"]
+                                  + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])}
+    print(f"load before: {record['load_before']:.2f}")
     path = args.model or smollm2_gguf_path()
     config, params = dx.load_pretrained(path)
     params = dx.decode_params(params, donate=True)
@@ -90,7 +101,9 @@ def main(argv=None) -> None:
     prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS]  # (plain text without a template)
     exit_config, exit_params = dx.load_exits(args.exits or DEFAULT_EXITS_PATH)
     n = args.new_tokens
-    print(f"{Path(path).name} ({params['embed'].dtype}), exits {exit_config.resolve(config).layers} "
+    record.update(model=Path(path).name, exits=list(exit_config.resolve(config).layers), kind=exit_config.kind,
+                  new_tokens=n, num_layers=config.num_layers)
+    print(f"{Path(path).name} ({params['embed'].dtype}), exits {record['exits']} "
           f"kind={exit_config.kind} mode={exit_config.mode}, {n} new tokens")
 
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -105,6 +118,7 @@ def main(argv=None) -> None:
               "ideal at the deepest row | realized / that | ms/token | full depth ms/token |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         timed = []  # (name, the deepest row's average layers, ms/token, full depth's ms/token)
+        measured = []
 
         def report(name, kw):
             t_full, t, r = _paired(lambda: run(), lambda: run(**kw), args.repeats)
@@ -116,6 +130,10 @@ def main(argv=None) -> None:
                 config, settings.exit_config if settings.dynamic else None, r,
                 settings.mode if settings.static else None)
             timed[-1] = (name, deep_layers, *timed[-1][2:])  # a batch runs its deepest row's layers
+            measured.append({"setting": name, "static_layer": kw.get("static_exit_layer"),
+                             "avg_layers": float(r.avg_layers), "ideal": ideal, "realized": t_full / t,
+                             "deepest_layers": deep_layers, "deepest_ideal": deep_ideal,
+                             "ms_per_token": 1e3 * t / n, "full_ms_per_token": 1e3 * t_full / n})
             print(f"| {name} | {r.avg_layers:.2f} | {ideal:.2f}x | {t_full / t:.2f}x | {t_full / t / ideal:.2f} | "
                   f"{deep_layers:.2f} | {deep_ideal:.2f}x | {t_full / t / deep_ideal:.2f} | {1e3 * t / n:.2f} "
                   f"| {1e3 * t_full / n:.2f} |")
@@ -128,18 +146,24 @@ def main(argv=None) -> None:
         run(static_exit_layer=int(args.static_layers.split(",")[0]), exit_config=static)  # compile
         for k in [int(k) for k in args.static_layers.split(",")]:
             report(f"static exit {k}", dict(static_exit_layer=k, exit_config=static))
-        _time_model(timed, config.num_layers, len(exit_config.resolve(config).layers))
-    print(f"\nload after: {os.getloadavg()[0]:.2f}")
+        model = _time_model(timed, config.num_layers, len(exit_config.resolve(config).layers))
+        record["batches"].append({"batch": batch, "rows": measured, "time_model": model})
+    record["load_after"] = os.getloadavg()[0]
+    print(f"\nload after: {record['load_after']:.2f}")
+    if args.json:
+        print("\n" + time_model_table([record]))
+        write_text_atomic(Path(args.json), json.dumps({"early_exit": [record]}, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
-def _time_model(timed, num_layers: int, num_exits: int) -> None:
-    """Print the fit ``ms/token = fixed + per_layer * layers`` through full depth and the static
-    exits, a classifier step's cost (from a threshold above 1) and each heads row's predicted
-    time (see the module docstring)."""
+def _time_model(timed, num_layers: int, num_exits: int) -> dict | None:
+    """Print (and return) the fit ``ms/token = fixed + per_layer * layers`` through full depth
+    and the static exits, a classifier step's cost (from a threshold above 1) and each heads
+    row's predicted time (see the module docstring)."""
     static = [(layers, ms) for name, layers, ms, _ in timed if name.startswith("static")]
     full = float(np.mean([f for *_, f in timed]))
     if len(static) < 1:
-        return
+        return None
     per_layer, fixed = np.polyfit([num_layers] + [k for k, _ in static], [full] + [ms for _, ms in static], 1)
     never = [ms for name, _, ms, f in timed if name.startswith(tuple(f"{k} heads" for k in ("calm", "ffn", "mamba",
                                                                                              "hybrid")))
@@ -148,15 +172,19 @@ def _time_model(timed, num_layers: int, num_exits: int) -> None:
     print(f"\ntime model: {fixed:.3f} ms fixed + {per_layer:.3f} ms per layer a token "
           f"(full depth {full:.3f} ms: the fixed part is {fixed / full:.0%})"
           + (f"; a classifier step {classifier:.3f} ms ({classifier / per_layer:.2f} layers)" if never else ""))
+    model = {"fixed_ms": fixed, "per_layer_ms": per_layer, "full_ms": full, "classifier_ms": classifier,
+             "num_exits": num_exits, "predicted_ms": {}}
     if classifier is None:
-        return
+        return model
     for name, layers, ms, _ in timed:
         if "heads" in name and float(name.rsplit(" ", 1)[1]) <= 1:
             # an upper bound with several exits: a token that leaves early runs fewer classifiers
             predicted = fixed + per_layer * layers + classifier * num_exits
+            model["predicted_ms"][name] = predicted
             print(f"  {name}: predicted {predicted:.3f} ms, measured {ms:.3f} ({full / ms:.2f}x full depth); "
                   f"with free classifiers {full / (fixed + per_layer * layers):.2f}x, with no fixed part too "
                   f"{num_layers / layers:.2f}x")
+    return model
 
 
 if __name__ == "__main__":

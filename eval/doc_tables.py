@@ -27,7 +27,8 @@ of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they
 runs). From the file that ``benchmarks/decode.py --json`` writes: ``decode`` (tokens/s of
 transformers, llama.cpp and ours at each setting) and ``ttft`` (time to first token). From
 the one ``benchmarks/early_exit.py --json`` writes: ``time-model`` (a token's fixed and
-per-layer cost, a classifier step's, and each head's ideal, realized and predicted time).
+per-layer cost, a classifier step's, and each head's ideal, realized and predicted time). From
+``benchmarks/mamba2_decode.py --json``'s: ``mamba2`` (Mamba2 decode against transformers).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from dynamax_jax.eval.report import _sort_key, fmt, load_runs, model_names
 from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
-KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft", "time-model")
-# a summary's lists: --summarize writes the first three, benchmarks/decode.py --json "decode" and
-# benchmarks/early_exit.py --json "early_exit"
-SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit")
+KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft", "time-model", "mamba2")
+# a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
+# benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode"
+SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit", "mamba2_decode")
 HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
@@ -284,6 +285,26 @@ def time_model_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mamba2_table(records: list[dict]) -> str:
+    """Per ``benchmarks/mamba2_decode.py`` record and model: decode tokens/s of ours, of a
+    ``lax.scan`` over stacked layers and of transformers, with the prefill logits' largest
+    difference and the greedy tokens that match."""
+    header = ["model", "layers", "d", "params (M)", "dynamax-jax", "`lax.scan` over stacked layers", "transformers",
+              "ratio", "prefill max abs logit diff", "same greedy tokens"]
+    lines = []
+    for record in records:
+        lines += [_benchmark_caption(record) + f" Float32, batch 1, prompt {record['prompt_tokens']}, "
+                  f"{record['new_tokens']} new tokens (tokens/s).", "",
+                  "| " + " | ".join(header) + " |", "|---|" + "---:|" * 9]
+        for row in record["rows"]:
+            cells = [row["model"], str(row["layers"]), str(row["hidden_size"]), f"{row['params_m']:.1f}",
+                     _speed(row["dynamax_jax"]), _speed(row["scan"]), _speed(row["transformers"]),
+                     f"**{_ratio(row['dynamax_jax'], row['transformers'])}**", f"{row['max_logit_diff']:.1e}",
+                     f"{row['same_tokens']}/{row['tokens']}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, list[dict]], kind: str) -> str:
     if kind == "runs":
         return runs_table(summary["runs"])
@@ -301,6 +322,8 @@ def render(summary: dict[str, list[dict]], kind: str) -> str:
         return ttft_table(summary["decode"])
     if kind == "time-model":
         return time_model_table(summary["early_exit"])
+    if kind == "mamba2":
+        return mamba2_table(summary["mamba2_decode"])
     raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 

@@ -36,12 +36,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -97,12 +93,11 @@ def main(argv=None) -> None:
 
     import dynamax_jax as dx
     from dynamax_jax.default_model import smollm2_gguf_path
-    from dynamax_jax.eval.doc_tables import decode_table, ttft_table
-    from dynamax_jax.io import write_text_atomic
+    from dynamax_jax.eval.doc_tables import benchmark_record, decode_table, finish_benchmark, ttft_table
     from dynamax_jax.prompts import encode_prompt
 
-    load_before = os.getloadavg()[0]
-    print(f"load before: {load_before:.2f}")
+    record = benchmark_record("decode.py", argv)
+    print(f"load before: {record['load_before']:.2f}")
     path = smollm2_gguf_path()
     tokenizer = dx.load_tokenizer(path)
     ids = encode_prompt(tokenizer, args.prompt, chat=True)
@@ -165,16 +160,14 @@ def main(argv=None) -> None:
         llama_tps = n / _best(lambda: llama.generate(ids, n), args.repeats)
         llama_tokens = llama.generate(ids, n)
 
-    record = {"date": time.strftime("%Y-%m-%d"), "model": path.name, "prompt_tokens": len(ids), "new_tokens": n,
-              "threads": threads, "load_before": load_before, "jax": jax.__version__,
-              "torch": torch.__version__.split("+")[0] if hf else None,
-              "llama_cpp": llama.version if llama is not None else None,
-              "bandwidth_gb_s": bandwidth / 1e9, "weight_mb": f32_bytes / 1e6,
-              "decode": [{"setting": f"batch {b}" + ("" if name == "float32" else f" ({name})"),
-                          "transformers": hf.get(b), "llama_cpp": llama_tps if b == 1 and llama is not None else None,
-                          "dynamax_jax": ours[(name, b)], "limit": limit[b]}
-                         for b in batches for name in args.dtypes.split(",")],
-              "identical": {}, "ttft": []}
+    record.update(model=path.name, prompt_tokens=len(ids), new_tokens=n, threads=threads, jax=jax.__version__,
+                  torch=torch.__version__.split("+")[0] if hf else None,
+                  llama_cpp=llama.version if llama is not None else None,
+                  bandwidth_gb_s=bandwidth / 1e9, weight_mb=f32_bytes / 1e6, identical={}, ttft=[],
+                  decode=[{"setting": f"batch {b}" + ("" if name == "float32" else f" ({name})"),
+                           "transformers": hf.get(b), "llama_cpp": llama_tps if b == 1 and llama is not None else None,
+                           "dynamax_jax": ours[(name, b)], "limit": limit[b]}
+                          for b in batches for name in args.dtypes.split(",")])
     if hf_tokens is not None and ours_tokens is not None:
         record["identical"]["transformers"] = int(np.argmin(np.append(ours_tokens == hf_tokens, False)))
     if llama_tokens is not None and ours_tokens is not None:
@@ -198,18 +191,12 @@ def main(argv=None) -> None:
         record["ttft"].append({"prompt_tokens": t, "transformers": theirs, "dynamax_jax": mine})
     if llama is not None:
         llama.close()
-    record["load_after"] = os.getloadavg()[0]
-    record["command"] = " ".join(["python benchmarks/decode.py"] + [shlex.quote(a) for a in
-                                                                     (sys.argv[1:] if argv is None else argv)])
     print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
           f"float32 weights {f32_bytes / 1e6:.0f} MB per step\n")
-    print(decode_table([record]))
+    print(decode_table([record | {"load_after": os.getloadavg()[0]}]))
     if lengths:
-        print("\n" + ttft_table([record]))
-    print(f"\nload after: {record['load_after']:.2f}")
-    if args.json:
-        write_text_atomic(Path(args.json), json.dumps({"decode": [record]}, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        print("\n" + ttft_table([record | {"load_after": os.getloadavg()[0]}]))
+    finish_benchmark(record, "decode", args.json)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -86,13 +83,10 @@ def main(argv=None) -> None:
     from dynamax_jax.decoding import configure
     from dynamax_jax.default_model import smollm2_gguf_path
     from dynamax_jax.cli.generate import DEFAULT_EXITS_PATH
-    from dynamax_jax.eval.doc_tables import time_model_table
-    from dynamax_jax.io import write_text_atomic
+    from dynamax_jax.eval.doc_tables import benchmark_record, finish_benchmark, time_model_table
     from dynamax_jax.prompts import encode_prompt
 
-    record = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "batches": [],
-              "command": " ".join(["python benchmarks/early_exit.py"]
-                                  + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])}
+    record = benchmark_record("early_exit.py", argv) | {"batches": []}
     print(f"load before: {record['load_before']:.2f}")
     path = args.model or smollm2_gguf_path()
     config, params = dx.load_pretrained(path)
@@ -148,12 +142,8 @@ def main(argv=None) -> None:
             report(f"static exit {k}", dict(static_exit_layer=k, exit_config=static))
         model = _time_model(timed, config.num_layers, len(exit_config.resolve(config).layers))
         record["batches"].append({"batch": batch, "rows": measured, "time_model": model})
-    record["load_after"] = os.getloadavg()[0]
-    print(f"\nload after: {record['load_after']:.2f}")
-    if args.json:
-        print("\n" + time_model_table([record]))
-        write_text_atomic(Path(args.json), json.dumps({"early_exit": [record]}, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    print("\n" + time_model_table([record | {"load_after": os.getloadavg()[0]}]))
+    finish_benchmark(record, "early_exit", args.json)
 
 
 def _time_model(timed, num_layers: int, num_exits: int) -> dict | None:

@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -199,14 +195,11 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dynamax_jax.eval.doc_tables import mamba2_table
-    from dynamax_jax.io import write_text_atomic
+    from dynamax_jax.eval.doc_tables import benchmark_record, finish_benchmark, mamba2_table
 
-    record = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "jax": jax.__version__,
-              "torch": torch.__version__.split("+")[0], "threads": args.torch_threads, "new_tokens": args.new_tokens,
-              "prompt_tokens": args.prompt_len, "rows": [],
-              "command": " ".join(["python benchmarks/mamba2_decode.py"]
-                                  + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])}
+    record = benchmark_record("mamba2_decode.py", argv) | {
+        "jax": jax.__version__, "torch": torch.__version__.split("+")[0], "threads": args.torch_threads,
+        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_len, "rows": []}
 
     torch.set_num_threads(args.torch_threads)
 
@@ -228,12 +221,8 @@ def main(argv=None) -> None:
             record["rows"].append(bench("asset", config, params, model, args))
         else:
             parser.error(f"unknown model {name!r}; choose from small, codestral, asset")
-    record["load_after"] = os.getloadavg()[0]
-    print(f"load before {record['load_before']:.2f}, after {record['load_after']:.2f}")
-    if args.json:
-        print("\n" + mamba2_table([record]))
-        write_text_atomic(Path(args.json), json.dumps({"mamba2_decode": [record]}, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    print("\n" + mamba2_table([record | {"load_after": os.getloadavg()[0]}]))
+    finish_benchmark(record, "mamba2_decode", args.json)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -205,6 +208,23 @@ def heads_table(heads: list[dict]) -> str:
                 cells += ["-", "-"] if score is None else [f"{score['exit_rate']:.3f}", f"{score['precision']:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def benchmark_record(script: str, argv: Sequence[str] | None) -> dict:
+    """The start of a benchmark's ``--json`` record: the date, the load now, and the command
+    (``python benchmarks/<script>`` and its arguments)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0],
+            "command": " ".join([f"python benchmarks/{script}", *map(shlex.quote, arguments)])}
+
+
+def finish_benchmark(record: dict, section: str, path: str | None) -> None:
+    """Record the load after a benchmark and, with ``path``, write ``{section: [record]}`` there."""
+    record["load_after"] = os.getloadavg()[0]
+    print(f"\nload after: {record['load_after']:.2f}")
+    if path:
+        write_text_atomic(Path(path), json.dumps({section: [record]}, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 def _speed(value: float | None, digits: int = 1) -> str:

@@ -49,7 +49,6 @@ from dynamax_jax.eval.report import _sort_key, fmt, load_runs, model_names
 from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
-KINDS = ("runs", "saved-at", "layer-loss", "heads", "wall", "decode", "ttft", "time-model", "mamba2")
 # a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
 # benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode"
 SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit", "mamba2_decode")
@@ -325,26 +324,18 @@ def mamba2_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# table kind -> (the summary's section it reads, the function that renders it)
+TABLES = {"runs": ("runs", runs_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
+          "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
+          "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
+          "mamba2": ("mamba2_decode", mamba2_table)}
+
+
 def render(summary: dict[str, list[dict]], kind: str) -> str:
-    if kind == "runs":
-        return runs_table(summary["runs"])
-    if kind == "saved-at":
-        return saved_at_table(summary["runs"])
-    if kind == "layer-loss":
-        return layer_loss_table(summary["pretrain"])
-    if kind == "heads":
-        return heads_table(summary["heads"])
-    if kind == "wall":
-        return wall_table(summary["runs"])
-    if kind == "decode":
-        return decode_table(summary["decode"])
-    if kind == "ttft":
-        return ttft_table(summary["decode"])
-    if kind == "time-model":
-        return time_model_table(summary["early_exit"])
-    if kind == "mamba2":
-        return mamba2_table(summary["mamba2_decode"])
-    raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in TABLES:
+        raise SettingsError(f"unknown table kind {kind!r}; expected one of {', '.join(TABLES)}")
+    section, table = TABLES[kind]
+    return table(summary[section])
 
 
 def read_summary(path: Path) -> dict[str, list[dict]]:

@@ -111,22 +111,19 @@ def main(argv=None) -> None:
         print("| setting | avg layers | ideal speed-up | realized | realized / ideal | deepest row's layers | "
               "ideal at the deepest row | realized / that | ms/token | full depth ms/token |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        timed = []  # (name, the deepest row's average layers, ms/token, full depth's ms/token)
-        measured = []
+        measured = []  # one dict per setting: its speed-ups, depths and ms per token
 
         def report(name, kw):
             t_full, t, r = _paired(lambda: run(), lambda: run(**kw), args.repeats)
-            timed.append((name, None, 1e3 * t / n, 1e3 * t_full / n))
             ideal = 1.0 / r.flops_relative
             settings = configure(config, n, **{k: v for k, v in kw.items() if k != "exit_params"},
                                  exit_params=kw.get("exit_params"))[0]
             deep_ideal, deep_layers = _deepest_row_ideal(
                 config, settings.exit_config if settings.dynamic else None, r,
                 settings.mode if settings.static else None)
-            timed[-1] = (name, deep_layers, *timed[-1][2:])  # a batch runs its deepest row's layers
             measured.append({"setting": name, "static_layer": kw.get("static_exit_layer"),
                              "avg_layers": float(r.avg_layers), "ideal": ideal, "realized": t_full / t,
-                             "deepest_layers": deep_layers, "deepest_ideal": deep_ideal,
+                             "deepest_layers": deep_layers, "deepest_ideal": deep_ideal,  # what a batch runs
                              "ms_per_token": 1e3 * t / n, "full_ms_per_token": 1e3 * t_full / n})
             print(f"| {name} | {r.avg_layers:.2f} | {ideal:.2f}x | {t_full / t:.2f}x | {t_full / t / ideal:.2f} | "
                   f"{deep_layers:.2f} | {deep_ideal:.2f}x | {t_full / t / deep_ideal:.2f} | {1e3 * t / n:.2f} "
@@ -140,24 +137,23 @@ def main(argv=None) -> None:
         run(static_exit_layer=int(args.static_layers.split(",")[0]), exit_config=static)  # compile
         for k in [int(k) for k in args.static_layers.split(",")]:
             report(f"static exit {k}", dict(static_exit_layer=k, exit_config=static))
-        model = _time_model(timed, config.num_layers, len(exit_config.resolve(config).layers))
+        model = _time_model(measured, config.num_layers, len(exit_config.resolve(config).layers))
         record["batches"].append({"batch": batch, "rows": measured, "time_model": model})
     print("\n" + time_model_table([record | {"load_after": os.getloadavg()[0]}]))
     finish_benchmark(record, "early_exit", args.json)
 
 
-def _time_model(timed, num_layers: int, num_exits: int) -> dict | None:
+def _time_model(measured: list[dict], num_layers: int, num_exits: int) -> dict | None:
     """Print (and return) the fit ``ms/token = fixed + per_layer * layers`` through full depth
     and the static exits, a classifier step's cost (from a threshold above 1) and each heads
-    row's predicted time (see the module docstring)."""
-    static = [(layers, ms) for name, layers, ms, _ in timed if name.startswith("static")]
-    full = float(np.mean([f for *_, f in timed]))
+    row's predicted time at the layers its batch runs (see the module docstring)."""
+    static = [(m["deepest_layers"], m["ms_per_token"]) for m in measured if m["static_layer"] is not None]
+    full = float(np.mean([m["full_ms_per_token"] for m in measured]))
     if len(static) < 1:
         return None
     per_layer, fixed = np.polyfit([num_layers] + [k for k, _ in static], [full] + [ms for _, ms in static], 1)
-    never = [ms for name, _, ms, f in timed if name.startswith(tuple(f"{k} heads" for k in ("calm", "ffn", "mamba",
-                                                                                             "hybrid")))
-             and float(name.rsplit(" ", 1)[1]) > 1]
+    heads = [m for m in measured if m["static_layer"] is None]
+    never = [m["ms_per_token"] for m in heads if float(m["setting"].rsplit(" ", 1)[1]) > 1]
     classifier = (never[0] - full) / num_exits if never else None
     print(f"\ntime model: {fixed:.3f} ms fixed + {per_layer:.3f} ms per layer a token "
           f"(full depth {full:.3f} ms: the fixed part is {fixed / full:.0%})"
@@ -166,8 +162,9 @@ def _time_model(timed, num_layers: int, num_exits: int) -> dict | None:
              "num_exits": num_exits, "predicted_ms": {}}
     if classifier is None:
         return model
-    for name, layers, ms, _ in timed:
-        if "heads" in name and float(name.rsplit(" ", 1)[1]) <= 1:
+    for m in heads:
+        name, layers, ms = m["setting"], m["deepest_layers"], m["ms_per_token"]
+        if float(name.rsplit(" ", 1)[1]) <= 1:
             # an upper bound with several exits: a token that leaves early runs fewer classifiers
             predicted = fixed + per_layer * layers + classifier * num_exits
             model["predicted_ms"][name] = predicted
@@ -175,7 +172,6 @@ def _time_model(timed, num_layers: int, num_exits: int) -> dict | None:
                   f"with free classifiers {full / (fixed + per_layer * layers):.2f}x, with no fixed part too "
                   f"{num_layers / layers:.2f}x")
     return model
-
 
 if __name__ == "__main__":
     main()

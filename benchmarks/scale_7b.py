@@ -34,6 +34,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 # Several processes may load libtpu at once on a host without TPU (e.g. this script beside the
 # tests); without this libtpu refuses the second one ("multi-process lockfile").
@@ -44,7 +45,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from dynamax_jax import aot  # noqa: E402
 from dynamax_jax import sharding as S  # noqa: E402
+from dynamax_jax.eval.doc_tables import benchmark_record, finish_benchmark  # noqa: E402
 from dynamax_jax.exits import ExitConfig  # noqa: E402
+from dynamax_jax.io import write_text_atomic  # noqa: E402
 
 GIB = 2**30
 MODELS = {"mistral": "mistralai/Mistral-7B-v0.1", "codestral": "mistralai/Mamba-Codestral-7B-v0.1"}
@@ -172,35 +175,37 @@ def parse_args(argv=None):
                    help="only the XLA:CPU compile time of the decode step at 32 and 64 layers")
     p.add_argument("--cpu-dtype", default="float32", choices=("bfloat16", "float32"),
                    help="weights of the XLA:CPU compile (float32: what runs fast on a CPU)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the rows, the command, the date and the load to FILE, after every row "
+                        "(for eval.doc_tables)")
     return p.parse_args(argv)
 
 
-def _write(path: str | None, out: dict) -> None:
+def _write(path: str | None, record: dict) -> None:
+    """The record so far, written after every row: a long run killed midway keeps its rows."""
     if path:
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(Path(path), json.dumps({"scale_7b": [record]}, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     weights = args.cpu_dtype if args.cpu_depth else args.dtype
-    print(f"jax {jax.__version__}; host load average {os.getloadavg()[0]:.1f}; exits {args.exit_kind}; "
+    record = benchmark_record("scale_7b.py", argv) | {"jax": jax.__version__, "settings": vars(args)}
+    print(f"jax {jax.__version__}; host load average {record['load_before']:.1f}; exits {args.exit_kind}; "
           f"weights {weights}; cache {args.cache_len}, prompt {args.prompt_len}, "
           f"{args.decode_steps} tokens per decode call\n", flush=True)
-    out = {"settings": vars(args)}
     if args.cpu_depth:
         print("| model shape | layers | exits at | lower s | XLA:CPU compile s |\n|---|---:|---|---:|---:|")
-        out["cpu_depth"] = []
+        record["cpu_depth"] = []
         for model in args.models:
             for layers in DEPTHS:
                 r = depth_row(model, layers, args)
-                out["cpu_depth"].append(r)
-                _write(args.json, out)
+                record["cpu_depth"].append(r)
+                _write(args.json, record)
                 print(f"| {model} | {layers} | {','.join(map(str, r['exits']))} | {r['lower_s']:.1f} "
                       f"| {r['compile_s']:.1f} |", flush=True)
     else:
-        out["tpu"] = []
+        record["tpu"] = []
         print(TPU_HEADER, flush=True)
         for topology in args.topologies:
             for mesh in args.meshes or MESHES[topology]:
@@ -208,9 +213,9 @@ def main(argv=None) -> None:
                     for program in args.programs:
                         row = measure(model, topology, mesh, program, args)
                         print(tpu_line(row), flush=True)
-                        out["tpu"].append(dataclasses.asdict(row) | {"fits": row.fits})
-                        _write(args.json, out)
-    print(f"\nhost load average {os.getloadavg()[0]:.1f}")
+                        record["tpu"].append(dataclasses.asdict(row) | {"fits": row.fits})
+                        _write(args.json, record)
+    finish_benchmark(record, "scale_7b", args.json)
 
 
 if __name__ == "__main__":

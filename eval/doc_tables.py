@@ -29,6 +29,9 @@ transformers, llama.cpp and ours at each setting) and ``ttft`` (time to first to
 the one ``benchmarks/early_exit.py --json`` writes: ``time-model`` (a token's fixed and
 per-layer cost, a classifier step's, and each head's ideal, realized and predicted time). From
 ``benchmarks/mamba2_decode.py --json``'s: ``mamba2`` (Mamba2 decode against transformers).
+From ``benchmarks/compile_time.py --json``'s: ``compile`` (lower and compile seconds of the
+decode programs). From ``benchmarks/scale_7b.py --cpu-depth --json``'s: ``cpu-depth`` (XLA:CPU
+compile seconds of the decode step at 7B shapes, per depth).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from dynamax_jax.io import write_text_atomic
 
 PROG = "python -m eval.doc_tables"
 # a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
-# benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode"
-SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit", "mamba2_decode")
+# benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode",
+# benchmarks/compile_time.py --json "compile_time", benchmarks/scale_7b.py --json "scale_7b"
+SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b")
 HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
@@ -324,11 +328,46 @@ def mamba2_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_table(records: list[dict]) -> str:
+    """Seconds to lower and compile prefill and decode of each ``benchmarks/compile_time.py``
+    record's SmolLM2 programs, and the lowering of its Codestral-shaped decode."""
+    lines = []
+    for record in records:
+        lines += [_benchmark_caption(record) + f" {record['chunk']} tokens per decode call.", "",
+                  "| program | lower prefill (s) | compile prefill (s) | lower decode (s) | compile decode (s) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['program']} | {r['lower_prefill_s']:.2f} | {r['compile_prefill_s']:.2f} "
+                  f"| {r['lower_decode_s']:.2f} | {r['compile_decode_s']:.2f} |" for r in record["programs"]]
+        c = record["codestral"]
+        lines += ["", f"A {c['layers']}-layer Codestral-Mamba-shaped decode with `{c['kind']}` exits at "
+                      f"{', '.join(map(str, c['exits']))} (abstract weights) lowers in {c['lower_decode_s']:.2f} s, "
+                      f"its prefill in {c['lower_prefill_s']:.2f} s."]
+    return "\n".join(lines)
+
+
+MODEL_SHAPES = {"mistral": "Mistral-7B", "codestral": "Codestral Mamba 7B"}
+
+
+def cpu_depth_table(records: list[dict]) -> str:
+    """XLA:CPU seconds to lower and compile the batch-1 decode step at 7B shapes, per depth, of
+    ``benchmarks/scale_7b.py --cpu-depth`` records."""
+    lines = []
+    for record in records:
+        s = record["settings"]
+        lines += [_benchmark_caption(record) + f" Batch 1, {s['decode_steps']} tokens per call, `{s['exit_kind']}` "
+                  f"exits, a {s['cache_len']:,}-slot cache, abstract {s['cpu_dtype']} weights.", "",
+                  "| model shape | layers | exits at | lower s | compile s |", "|---|---:|---|---:|---:|"]
+        lines += [f"| {MODEL_SHAPES.get(r['model'], r['model'])} | {r['layers']} | {', '.join(map(str, r['exits']))} "
+                  f"| {r['lower_s']:.1f} | {r['compile_s']:.1f} |" for r in record["cpu_depth"]]
+    return "\n".join(lines)
+
+
 # table kind -> (the summary's section it reads, the function that renders it)
 TABLES = {"runs": ("runs", runs_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
-          "mamba2": ("mamba2_decode", mamba2_table)}
+          "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),
+          "cpu-depth": ("scale_7b", cpu_depth_table)}
 
 
 def render(summary: dict[str, list[dict]], kind: str) -> str:

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dynamax_jax import aot  # noqa: E402
 from dynamax_jax import sharding as S  # noqa: E402
-from dynamax_jax.eval.doc_tables import benchmark_record, finish_benchmark  # noqa: E402
+from dynamax_jax.eval.doc_tables import TPU_HEADER, benchmark_record, finish_benchmark, tpu_line  # noqa: E402
 from dynamax_jax.exits import ExitConfig  # noqa: E402
 from dynamax_jax.io import write_text_atomic  # noqa: E402
 
@@ -127,31 +126,6 @@ def depth_row(model: str, layers: int, args) -> dict:
                 compile_s=result.compile_s)
 
 
-def _gib(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
-
-
-SLICE_NAMES = {"v5e": "v5e-8", "v4": "v4-8", "v5e-32": "v5e-32"}
-TPU_HEADER = ("| model | slice | mesh (data x model) | program | arguments GiB | outputs GiB | temporaries GiB "
-              "| total GiB | chip HBM GiB | fits | lower s | compile s |\n"
-              "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
-
-
-def tpu_line(r: Row) -> str:
-    """``r`` as a line of the markdown table under ``TPU_HEADER``."""
-    fits = r.fits
-    if r.error and _out_of_memory(r.error):
-        asked = (re.search(r"[Uu]sed ([\d.]+\w) of ([\d.]+\w) hbm", r.error)
-                 or re.search(r"required for [^(]*\(([\d.]+\w)\) exceeds available HBM \(([\d.]+\w)\)", r.error))
-        fits += f" (needs {asked.group(1)} of {asked.group(2)})" if asked else ""
-    elif r.error:
-        fits += f": {r.error[:160]}"
-    lower = "" if r.lower_s is None else f"{r.lower_s:.1f}"
-    return (f"| {r.model} | {SLICE_NAMES[r.topology]} | {r.mesh} | {r.program} | {_gib(r.arguments)} "
-            f"| {_gib(r.outputs)} | {_gib(r.temporaries)} | {_gib(r.total)} | {r.hbm:.0f} | {fits} "
-            f"| {lower} | {r.compile_s:.1f} |")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,8 +186,8 @@ def main(argv=None) -> None:
                 for model in args.models:
                     for program in args.programs:
                         row = measure(model, topology, mesh, program, args)
-                        print(tpu_line(row), flush=True)
                         record["tpu"].append(dataclasses.asdict(row) | {"fits": row.fits})
+                        print(tpu_line(record["tpu"][-1]), flush=True)
                         _write(args.json, record)
     finish_benchmark(record, "scale_7b", args.json)
 

@@ -31,7 +31,8 @@ per-layer cost, a classifier step's, and each head's ideal, realized and predict
 ``benchmarks/mamba2_decode.py --json``'s: ``mamba2`` (Mamba2 decode against transformers).
 From ``benchmarks/compile_time.py --json``'s: ``compile`` (lower and compile seconds of the
 decode programs). From ``benchmarks/scale_7b.py --cpu-depth --json``'s: ``cpu-depth`` (XLA:CPU
-compile seconds of the decode step at 7B shapes, per depth).
+compile seconds of the decode step at 7B shapes, per depth); from its TPU runs' (one or more,
+merged by ``--summarize``): ``tpu`` (per-chip memory and compile seconds of each program).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ PROG = "python -m eval.doc_tables"
 # a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
 # benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode",
 # benchmarks/compile_time.py --json "compile_time", benchmarks/scale_7b.py --json "scale_7b"
-SECTIONS = ("runs", "pretrain", "heads", "decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b")
+RUN_SECTIONS = ("runs", "pretrain", "heads")
+SECTIONS = RUN_SECTIONS + ("decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b")
 HEAD_THRESHOLDS = ("0.9", "0.95")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
@@ -69,9 +71,15 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
     """``{"runs": [...], "pretrain": [...], "heads": [...]}``: the eval.run runs of ``run_dirs``
     without their per-example records (``num_examples`` instead), in table order; the results
     of the ``train.pretrain`` directories among them and the held-out scores of the
-    ``train.cached`` ones (``name``: the directory's)."""
+    ``train.cached`` ones (``name``: the directory's). A file among them is a benchmark's
+    ``--json`` record or an earlier summary: its sections are added as they are."""
     runs, pretrain, heads = [], [], []
+    files = {section: [] for section in SECTIONS}
     for run_dir in map(Path, run_dirs):
+        if run_dir.is_file():
+            for section, records in read_summary(run_dir).items():
+                files[section] += records
+            continue
         if (run_dir / "pretrain_results.json").is_file():
             results = json.loads((run_dir / "pretrain_results.json").read_text(encoding="utf-8"))
             pretrain.append({"name": run_dir.name, **{k: results.get(k) for k in PRETRAIN_KEYS}})
@@ -90,8 +98,10 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
             kept = {k: run[k] for k in ("spec", "label", "primary", "metrics", "compute", "reference", "backbone")
                     if k in run}
             runs.append({**kept, "num_examples": len(run.get("examples", ()))})
+    runs += files["runs"]
     return {"runs": sorted(runs, key=lambda r: (r["spec"]["model"], r["spec"]["task"], _sort_key(r))),
-            "pretrain": pretrain, "heads": heads}
+            "pretrain": pretrain + files["pretrain"], "heads": heads + files["heads"],
+            **{section: records for section, records in files.items() if records and section not in RUN_SECTIONS}}
 
 
 def exits_cell(run: dict) -> str:
@@ -362,12 +372,45 @@ def cpu_depth_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SLICE_NAMES = {"v5e": "v5e-8", "v4": "v4-8", "v5e-32": "v5e-32"}
+TPU_HEADER = ("| model | slice | mesh (data x model) | program | arguments GiB | outputs GiB | temporaries GiB "
+              "| total GiB | chip HBM GiB | fits | lower s | compile s |\n"
+              "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+
+
+def _gib(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def tpu_line(row: dict) -> str:
+    """One ``benchmarks/scale_7b.py`` TPU row (a program compiled for a mesh of a slice) as a line
+    of the table under ``TPU_HEADER``; a program that does not fit says what it asked for."""
+    fits, error = row["fits"], row.get("error")
+    if error and fits == "does not fit":
+        asked = (re.search(r"[Uu]sed ([\d.]+\w) of ([\d.]+\w) hbm", error)
+                 or re.search(r"required for [^(]*\(([\d.]+\w)\) exceeds available HBM \(([\d.]+\w)\)", error))
+        fits += f" (needs {asked.group(1)} of {asked.group(2)})" if asked else ""
+    elif error:
+        fits += f": {error[:160]}"
+    lower = "" if row.get("lower_s") is None else f"{row['lower_s']:.1f}"
+    return (f"| {row['model']} | {SLICE_NAMES[row['topology']]} | {row['mesh']} | {row['program']} "
+            f"| {_gib(row['arguments'])} | {_gib(row['outputs'])} | {_gib(row['temporaries'])} | {_gib(row['total'])} "
+            f"| {row['hbm']:.0f} | {fits} | {lower} | {row['compile_s']:.1f} |")
+
+
+def tpu_table(records: list[dict]) -> str:
+    """Per-chip memory and compile times of ``benchmarks/scale_7b.py`` TPU records, one table."""
+    rows = [row for record in records for row in record.get("tpu", ())]
+    captions = [_benchmark_caption(record) for record in records if record.get("tpu")]
+    return "\n".join(["Runs: " + " ".join(captions), "", TPU_HEADER, *map(tpu_line, rows)])
+
+
 # table kind -> (the summary's section it reads, the function that renders it)
 TABLES = {"runs": ("runs", runs_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
           "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),
-          "cpu-depth": ("scale_7b", cpu_depth_table)}
+          "cpu-depth": ("scale_7b", cpu_depth_table), "tpu": ("scale_7b", tpu_table)}
 
 
 def render(summary: dict[str, list[dict]], kind: str) -> str:
@@ -413,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--summarize", nargs="+", metavar="RUNS", default=None,
                    help="eval.run --out directories (their run JSON files), train.pretrain output directories "
-                        "(pretrain_results.json) and train.cached ones (summary.json) that go into one summary (--to)")
+                        "(pretrain_results.json), train.cached ones (summary.json) and benchmarks' --json files "
+                        "that go into one summary (--to)")
     p.add_argument("--to", default=None, help="with --summarize: the summary file to write (JSON)")
     p.add_argument("--update", nargs="+", metavar="DOC", default=None,
                    help="markdown files whose generated tables are rewritten from their summaries")
@@ -432,8 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SettingsError("--summarize needs --to FILE")
         summary = summarize(args.summarize)
         write_text_atomic(Path(args.to), json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {len(summary['runs'])} evaluation runs, {len(summary['pretrain'])} pretraining runs and "
-              f"{len(summary['heads'])} heads to {args.to}")
+        records = sum(len(v) for k, v in summary.items() if k not in RUN_SECTIONS)
+        print(f"wrote {len(summary['runs'])} evaluation runs, {len(summary['pretrain'])} pretraining runs, "
+              f"{len(summary['heads'])} heads and {records} benchmark records to {args.to}")
         return 0
     stale = []
     for doc in map(Path, args.update):

@@ -18,7 +18,9 @@ file) and the table kind::
 
 Kinds: ``runs`` (one row per model, run and exits, the tasks side by side: FLOPs saved, average
 layers, consistency ROUGE-L and exact match, the task's primary metric, and the model's own
-consistency where a reference was used), ``saved-at`` (per model and task, the most FLOPs
+consistency where a reference was used), ``changes`` (per run with exit heads and task, the share
+of generations changed, split into those first changed at a token that left early and those
+first changed at a full-depth token after correct exits), ``saved-at`` (per model and task, the most FLOPs
 any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` where none)
 ``layer-loss`` (per pretrained model: its early-exit objective, training time and held-out
 loss at every layer), ``heads`` (per trained head and exit: the label rate, and the share
@@ -144,6 +146,28 @@ def runs_table(runs: list[dict]) -> str:
             cells += [f"{100 * c['flops_saved']:.1f} %", fmt(c["avg_layers"], 4), fmt(m.get("consistency_rougeL")),
                       fmt(m.get("consistency_em")), fmt(m.get(run["primary"]))]
             cells += [fmt(m.get("own_consistency_rougeL"))] if own else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def changes_table(runs: list[dict]) -> str:
+    """Per run with exit heads, the tasks side by side: the share of generations that differ from
+    full depth's, split by where they first differ: at a token that left early (a wrong exit)
+    or at a token that ran every layer after correct exits (through what earlier exits wrote in
+    place of the layers they skipped)."""
+    runs = [r for r in runs if r["spec"].get("exits") and r["metrics"].get("diverged_at_exit") is not None]
+    tasks, rows = _by_model_and_label(runs)
+    header = ["model", "run", "exits"]
+    for task in tasks:
+        header += [f"{TASK_TITLES.get(task, task)}: generations changed", "first change at an exit",
+                   "after correct exits"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    for (model, label, exits), by_task in rows.items():
+        cells = [model, label, exits]
+        for task in tasks:
+            m = by_task[task]["metrics"] if task in by_task else None
+            at, after = (m["diverged_at_exit"], m["diverged_after_exit"]) if m else (None, None)
+            cells += ["-"] * 3 if m is None else [f"{at + after:.3f}", f"{at:.3f}", f"{after:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -406,7 +430,7 @@ def tpu_table(records: list[dict]) -> str:
 
 
 # table kind -> (the summary's section it reads, the function that renders it)
-TABLES = {"runs": ("runs", runs_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
+TABLES = {"runs": ("runs", runs_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
           "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),

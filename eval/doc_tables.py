@@ -8,7 +8,7 @@
 given directories (spec, label, metrics, compute, reference; the per-example answers are
 replaced by their count), from the ``pretrain_results.json`` of a ``train.pretrain`` output
 directory and from the ``summary.json`` of a ``train.cached`` one (each kind's held-out
-precision and exit rate per exit), in one file small enough to commit. A generated table in a markdown
+precision and exit rate per exit) or a ``train.ee_tune`` one (its cost and monitor), in one file small enough to commit. A generated table in a markdown
 file sits between two comment lines, the first naming its summary (relative to the markdown
 file) and the table kind::
 
@@ -25,6 +25,8 @@ any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` 
 ``layer-loss`` (per pretrained model: its early-exit objective, training time and held-out
 loss at every layer), ``heads`` (per trained head and exit: the label rate, and the share
 of held-out tokens that leave at thresholds 0.9 and 0.95 with the precision they leave at),
+``monitor`` (per ``train.ee_tune`` run and monitored source, the agreement of the last layer
+and of each exit with the original's final token before and after training),
 ``wall`` (per run: tokens/s against the same model's full-depth run, for ``--batch-size 1``
 runs). From the file that ``benchmarks/decode.py --json`` writes: ``decode`` (tokens/s of
 transformers, llama.cpp and ours at each setting) and ``ttft`` (time to first token). From
@@ -58,9 +60,10 @@ PROG = "python -m eval.doc_tables"
 # a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
 # benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode",
 # benchmarks/compile_time.py --json "compile_time", benchmarks/scale_7b.py --json "scale_7b"
-RUN_SECTIONS = ("runs", "pretrain", "heads")
+RUN_SECTIONS = ("runs", "pretrain", "heads", "tune")
 SECTIONS = RUN_SECTIONS + ("decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b")
 HEAD_THRESHOLDS = ("0.9", "0.95")
+TUNE_KEYS = ("steps", "tokens_seen", "wall_seconds", "tokens_per_s", "objective", "monitor")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
                  "heldout_loss_by_layer", "exit_objective")
 TASK_TITLES = {"trivia_qa": "TriviaQA", "truthful_qa": "TruthfulQA", "coqa": "CoQA"}
@@ -70,12 +73,13 @@ END = "<!-- end of generated table -->"
 
 
 def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
-    """``{"runs": [...], "pretrain": [...], "heads": [...]}``: the eval.run runs of ``run_dirs``
+    """``{"runs": [...], "pretrain": [...], "heads": [...], "tune": [...]}``: the eval.run runs of ``run_dirs``
     without their per-example records (``num_examples`` instead), in table order; the results
     of the ``train.pretrain`` directories among them and the held-out scores of the
-    ``train.cached`` ones (``name``: the directory's). A file among them is a benchmark's
+    ``train.cached`` ones and the monitor and cost of the ``train.ee_tune`` ones (``name``: the
+    directory's). A file among them is a benchmark's
     ``--json`` record or an earlier summary: its sections are added as they are."""
-    runs, pretrain, heads = [], [], []
+    runs, pretrain, heads, tuned = [], [], [], []
     files = {section: [] for section in SECTIONS}
     for run_dir in map(Path, run_dirs):
         if run_dir.is_file():
@@ -88,8 +92,12 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
             continue
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            if "monitor" in summary:  # train.ee_tune
+                tuned.append({"name": run_dir.name, **{k: summary.get(k) for k in TUNE_KEYS}})
+                continue
             if "kinds" not in summary:
-                raise OutputError(f"{run_dir / 'summary.json'} is not a train.cached summary (it has no 'kinds')")
+                raise OutputError(f"{run_dir / 'summary.json'} is neither a train.cached summary (it has no 'kinds') "
+                                  "nor a train.ee_tune one (no 'monitor')")
             heads += [{"name": run_dir.name, "kind": kind, "heldout": scores["heldout"]}
                       for kind, scores in summary["kinds"].items()]
             continue
@@ -102,7 +110,7 @@ def summarize(run_dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
             runs.append({**kept, "num_examples": len(run.get("examples", ()))})
     runs += files["runs"]
     return {"runs": sorted(runs, key=lambda r: (r["spec"]["model"], r["spec"]["task"], _sort_key(r))),
-            "pretrain": pretrain + files["pretrain"], "heads": heads + files["heads"],
+            "pretrain": pretrain + files["pretrain"], "heads": heads + files["heads"], "tune": tuned + files["tune"],
             **{section: records for section, records in files.items() if records and section not in RUN_SECTIONS}}
 
 
@@ -244,6 +252,26 @@ def heads_table(heads: list[dict]) -> str:
                 score = exit_["thresholds"].get(t)
                 cells += ["-", "-"] if score is None else [f"{score['exit_rate']:.3f}", f"{score['precision']:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def monitor_table(tuned: list[dict]) -> str:
+    """Per ``train.ee_tune`` run and monitored source, before and after training: the share of
+    tokens whose prediction at the last layer and at each exit is the original's final token."""
+    layers = sorted({e["layer"] for run in tuned for when in run["monitor"].values() for source in when.values()
+                     for e in source["exits"]})
+    header = ["run", "source", "when", "last layer"] + [f"exit {layer}" for layer in layers]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    for run in tuned:
+        for source in run["monitor"]["before"]:
+            for when in ("before", "after"):
+                scores = run["monitor"][when][source]
+                agree = {e["layer"]: f"{e['agree']:.3f}" for e in scores["exits"]}
+                cells = [run["name"], Path(source).stem, when, f"{scores['final_agree']:.3f}"]
+                lines.append("| " + " | ".join(cells + [agree.get(layer, "-") for layer in layers]) + " |")
+    lines.append("")
+    lines += [f"{run['name']}: {run['steps']} steps, {run['tokens_seen']:,} tokens in {run['wall_seconds']:,.0f} s "
+              f"({run['tokens_per_s']:.1f} tokens/s)." for run in tuned]
     return "\n".join(lines)
 
 
@@ -430,7 +458,7 @@ def tpu_table(records: list[dict]) -> str:
 
 
 # table kind -> (the summary's section it reads, the function that renders it)
-TABLES = {"runs": ("runs", runs_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
+TABLES = {"monitor": ("tune", monitor_table), "runs": ("runs", runs_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
           "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),
@@ -480,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--summarize", nargs="+", metavar="RUNS", default=None,
                    help="eval.run --out directories (their run JSON files), train.pretrain output directories "
-                        "(pretrain_results.json), train.cached ones (summary.json) and benchmarks' --json files "
+                        "(pretrain_results.json), train.cached and train.ee_tune ones (summary.json) and "
+                        "benchmarks' --json files "
                         "that go into one summary (--to)")
     p.add_argument("--to", default=None, help="with --summarize: the summary file to write (JSON)")
     p.add_argument("--update", nargs="+", metavar="DOC", default=None,

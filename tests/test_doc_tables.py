@@ -66,7 +66,7 @@ def test_heads_table_gives_each_exits_exit_rate_and_precision(tmp_path):
     assert lines[2:] == ["| heads-plain | mamba | 2 | 0.780 | 0.489 | 0.987 | 0.431 | 0.995 |",
                          "| heads-plain | mamba | 3 | 0.876 | 0.590 | 0.981 | - | - |"]
     (heads / "summary.json").write_text(json.dumps({"steps": 3}))
-    with pytest.raises(OutputError, match="is not a train.cached summary"):
+    with pytest.raises(OutputError, match="is neither a train.cached summary .* nor a train.ee_tune one"):
         D.summarize([heads])
 
 
@@ -285,6 +285,26 @@ def test_changes_table_splits_each_exit_runs_changed_generations_by_where_they_f
     assert table.split("\n")[0] == ("| model | run | exits | TriviaQA: generations changed | first change at an exit "
                                     "| after correct exits |")
     assert table.split("\n")[2:] == ["| m | h-t0.9 | h (2) | 0.375 | 0.250 | 0.125 |"]  # static and oracle left out
+
+
+def test_monitor_table_gives_each_tuned_runs_agreement_before_and_after(tmp_path):
+    def scores(final, exits):
+        return {"final_kl": 0.0, "final_agree": final,
+                "exits": [{"layer": k, "kl": 0.1, "agree": a} for k, a in exits.items()]}
+    monitor = {"before": {"answers.jsonl": scores(1.0, {24: 0.652, 27: 0.75})},
+               "after": {"answers.jsonl": scores(0.992, {24: 0.652, 27: 0.788})}}
+    run = tmp_path / "ee-d"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 118, "tokens_seen": 60416, "wall_seconds": 1473.7,
+                                                  "tokens_per_s": 43.2, "objective": {}, "monitor": monitor,
+                                                  "lora": {"rank": 8}}))
+    summary = D.summarize([run])
+    assert summary["tune"] == [{"name": "ee-d", "steps": 118, "tokens_seen": 60416, "wall_seconds": 1473.7,
+                                "tokens_per_s": 43.2, "objective": {}, "monitor": monitor}]
+    assert D.render(summary, "monitor").split("\n") == [
+        "| run | source | when | last layer | exit 24 | exit 27 |", "|---|---|---|---:|---:|---:|",
+        "| ee-d | answers | before | 1.000 | 0.652 | 0.750 |", "| ee-d | answers | after | 0.992 | 0.652 | 0.788 |",
+        "", "ee-d: 118 steps, 60,416 tokens in 1,474 s (43.2 tokens/s)."]
 
 
 def test_every_generated_table_in_the_docs_is_up_to_date():

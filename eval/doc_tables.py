@@ -37,6 +37,7 @@ From ``benchmarks/compile_time.py --json``'s: ``compile`` (lower and compile sec
 decode programs). From ``benchmarks/scale_7b.py --cpu-depth --json``'s: ``cpu-depth`` (XLA:CPU
 compile seconds of the decode step at 7B shapes, per depth); from its TPU runs' (one or more,
 merged by ``--summarize``): ``tpu`` (per-chip memory and compile seconds of each program).
+From ``benchmarks/ssd_tpu_compile.py --json``'s: ``ssd-tpu`` (the SSD op's per-chip memory on TPU).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ from dynamax_jax.io import write_text_atomic
 PROG = "python -m eval.doc_tables"
 # a summary's lists: --summarize writes the first three; benchmarks/decode.py --json "decode",
 # benchmarks/early_exit.py --json "early_exit", benchmarks/mamba2_decode.py --json "mamba2_decode",
-# benchmarks/compile_time.py --json "compile_time", benchmarks/scale_7b.py --json "scale_7b"
+# benchmarks/compile_time.py --json "compile_time", benchmarks/scale_7b.py --json "scale_7b",
+# benchmarks/ssd_tpu_compile.py --json "ssd_tpu_compile"
 RUN_SECTIONS = ("runs", "pretrain", "heads", "tune")
-SECTIONS = RUN_SECTIONS + ("decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b")
+SECTIONS = RUN_SECTIONS + ("decode", "early_exit", "mamba2_decode", "compile_time", "scale_7b", "ssd_tpu_compile")
 HEAD_THRESHOLDS = ("0.9", "0.95")
 TUNE_KEYS = ("steps", "tokens_seen", "wall_seconds", "tokens_per_s", "objective", "monitor")
 PRETRAIN_KEYS = ("arch", "parameters", "steps", "tokens_seen", "train_seconds", "heldout_loss",
@@ -457,12 +459,37 @@ def tpu_table(records: list[dict]) -> str:
     return "\n".join(["Runs: " + " ".join(captions), "", TPU_HEADER, *map(tpu_line, rows)])
 
 
+SSD_TPU_HEADER = ("| topology | direction | arguments MiB | outputs MiB | temporaries MiB | total MiB | kernel VMEM "
+                  "| Mosaic kernels | lower s | compile s (wall / CPU) |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+
+
+def ssd_tpu_line(row: dict) -> str:
+    """One ``benchmarks/ssd_tpu_compile.py`` row (a direction compiled for one chip of a topology)
+    as a line of the table under ``SSD_TPU_HEADER``."""
+    vmem = "n/a" if row["kernel_vmem_kib"] is None else f"{row['kernel_vmem_kib']} KiB"
+    return (f"| {row['topology']} | {row['direction']} | {row['arguments_mib']:.1f} | {row['outputs_mib']:.1f} "
+            f"| {row['temporaries_mib']:.1f} | {row['total_mib']:.1f} | {vmem} | {row['mosaic_kernels']} "
+            f"| {row['lower_s']:.1f} | {row['compile_s']:.1f} / {row['compile_cpu_s']:.1f} |")
+
+
+def ssd_tpu_table(records: list[dict]) -> str:
+    """Per-chip memory and compile times of the SSD op compiled for TPU, per
+    ``benchmarks/ssd_tpu_compile.py`` record."""
+    lines = []
+    for record in records:
+        shape = ", ".join(f"{k} {v}" for k, v in record["shape"].items())
+        lines += [_benchmark_caption(record) + f" libtpu {record['libtpu']}; shape {shape}; x/B/C {record['dtype']}.",
+                  "", SSD_TPU_HEADER, *map(ssd_tpu_line, record["rows"])]
+    return "\n".join(lines)
+
+
 # table kind -> (the summary's section it reads, the function that renders it)
 TABLES = {"monitor": ("tune", monitor_table), "runs": ("runs", runs_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
           "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),
-          "cpu-depth": ("scale_7b", cpu_depth_table), "tpu": ("scale_7b", tpu_table)}
+          "cpu-depth": ("scale_7b", cpu_depth_table), "tpu": ("scale_7b", tpu_table),
+          "ssd-tpu": ("ssd_tpu_compile", ssd_tpu_table)}
 
 
 def render(summary: dict[str, list[dict]], kind: str) -> str:

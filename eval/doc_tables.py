@@ -18,9 +18,11 @@ file) and the table kind::
 
 Kinds: ``runs`` (one row per model, run and exits, the tasks side by side: FLOPs saved, average
 layers, consistency ROUGE-L and exact match, the task's primary metric, and the model's own
-consistency where a reference was used), ``changes`` (per run with exit heads and task, the share
-of generations changed, split into those first changed at a token that left early and those
-first changed at a full-depth token after correct exits), ``saved-at`` (per model and task, the most FLOPs
+consistency where a reference was used), ``grid`` (per model and task, a calibration sweep: a
+row per heads and mode, a column per threshold, FLOPs saved / consistency ROUGE-L),
+``changes`` (per run with exit heads and task, the share of generations changed, split into
+those first changed at a token that left early and those first changed at a full-depth token
+after correct exits), ``saved-at`` (per model and task, the most FLOPs
 any exit run saves at consistency ROUGE-L of at least 90 and at least 95; ``-`` where none)
 ``layer-loss`` (per pretrained model: its early-exit objective, training time and held-out
 loss at every layer), ``heads`` (per trained head and exit: the label rate, and the share
@@ -180,6 +182,29 @@ def changes_table(runs: list[dict]) -> str:
             cells += ["-"] * 3 if m is None else [f"{at + after:.3f}", f"{at:.3f}", f"{after:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def grid_table(runs: list[dict]) -> str:
+    """Per model and task, one table of the exit runs: a row per heads and mode, a column per
+    threshold, each cell the FLOPs saved and the consistency ROUGE-L (a calibration sweep)."""
+    runs = [r for r in runs if r["spec"].get("exits") and r["spec"].get("threshold") is not None]
+    names = model_names(runs)
+    blocks = []
+    for model, task in sorted({(names[r["spec"]["model"]], r["spec"]["task"]) for r in runs}):
+        mine = [r for r in runs if names[r["spec"]["model"]] == model and r["spec"]["task"] == task]
+        thresholds = sorted({r["spec"]["threshold"] for r in mine})
+        cells: dict = {}
+        for run in mine:
+            row = cells.setdefault((exits_cell(run), run["spec"]["mode"]), {})
+            row[run["spec"]["threshold"]] = (f"{100 * run['compute']['flops_saved']:.1f} % / "
+                                             f"{fmt(run['metrics'].get('consistency_rougeL'))}")
+        lines = [f"{model}, {TASK_TITLES.get(task, task)}: FLOPs saved / consistency R-L", "",
+                 "| exits | mode | " + " | ".join(f"t = {t:g}" for t in thresholds) + " |",
+                 "|---|---|" + "---:|" * len(thresholds)]
+        lines += [f"| {exits} | `{mode}` | " + " | ".join(row.get(t, "-") for t in thresholds) + " |"
+                  for (exits, mode), row in sorted(cells.items())]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def best_saved(runs: list[dict], at_least: float) -> dict | None:
@@ -484,7 +509,7 @@ def ssd_tpu_table(records: list[dict]) -> str:
 
 
 # table kind -> (the summary's section it reads, the function that renders it)
-TABLES = {"monitor": ("tune", monitor_table), "runs": ("runs", runs_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
+TABLES = {"monitor": ("tune", monitor_table), "runs": ("runs", runs_table), "grid": ("runs", grid_table), "changes": ("runs", changes_table), "saved-at": ("runs", saved_at_table), "layer-loss": ("pretrain", layer_loss_table),
           "heads": ("heads", heads_table), "wall": ("runs", wall_table), "decode": ("decode", decode_table),
           "ttft": ("decode", ttft_table), "time-model": ("early_exit", time_model_table),
           "mamba2": ("mamba2_decode", mamba2_table), "compile": ("compile_time", compile_table),

@@ -480,8 +480,8 @@ def tpu_line(row: dict) -> str:
 def tpu_table(records: list[dict]) -> str:
     """Per-chip memory and compile times of ``benchmarks/scale_7b.py`` TPU records, one table."""
     rows = [row for record in records for row in record.get("tpu", ())]
-    captions = [_benchmark_caption(record) for record in records if record.get("tpu")]
-    return "\n".join(["Runs: " + " ".join(captions), "", TPU_HEADER, *map(tpu_line, rows)])
+    captions = [f"- {_benchmark_caption(record)}" for record in records if record.get("tpu")]
+    return "\n".join([*captions, "", TPU_HEADER, *map(tpu_line, rows)])
 
 
 SSD_TPU_HEADER = ("| topology | direction | arguments MiB | outputs MiB | temporaries MiB | total MiB | kernel VMEM "

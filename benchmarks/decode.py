@@ -193,10 +193,7 @@ def main(argv=None) -> None:
         llama.close()
     print(f"\nstreaming bandwidth (XLA:CPU, float32 matrix-vector over the LM head): {bandwidth / 1e9:.1f} GB/s; "
           f"float32 weights {f32_bytes / 1e6:.0f} MB per step\n")
-    print(decode_table([record | {"load_after": os.getloadavg()[0]}]))
-    if lengths:
-        print("\n" + ttft_table([record | {"load_after": os.getloadavg()[0]}]))
-    finish_benchmark(record, "decode", args.json)
+    finish_benchmark(record, "decode", args.json, decode_table, *([ttft_table] if lengths else []))
 
 
 if __name__ == "__main__":

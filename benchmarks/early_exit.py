@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -139,8 +138,7 @@ def main(argv=None) -> None:
             report(f"static exit {k}", dict(static_exit_layer=k, exit_config=static))
         model = _time_model(measured, config.num_layers, len(exit_config.resolve(config).layers))
         record["batches"].append({"batch": batch, "rows": measured, "time_model": model})
-    print("\n" + time_model_table([record | {"load_after": os.getloadavg()[0]}]))
-    finish_benchmark(record, "early_exit", args.json)
+    finish_benchmark(record, "early_exit", args.json, time_model_table)
 
 
 def _time_model(measured: list[dict], num_layers: int, num_exits: int) -> dict | None:
@@ -172,6 +170,7 @@ def _time_model(measured: list[dict], num_layers: int, num_exits: int) -> dict |
                   f"with free classifiers {full / (fixed + per_layer * layers):.2f}x, with no fixed part too "
                   f"{num_layers / layers:.2f}x")
     return model
+
 
 if __name__ == "__main__":
     main()

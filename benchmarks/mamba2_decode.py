@@ -221,8 +221,7 @@ def main(argv=None) -> None:
             record["rows"].append(bench("asset", config, params, model, args))
         else:
             parser.error(f"unknown model {name!r}; choose from small, codestral, asset")
-    print("\n" + mamba2_table([record | {"load_after": os.getloadavg()[0]}]))
-    finish_benchmark(record, "mamba2_decode", args.json)
+    finish_benchmark(record, "mamba2_decode", args.json, mamba2_table)
 
 
 if __name__ == "__main__":

@@ -313,9 +313,12 @@ def benchmark_record(script: str, argv: Sequence[str] | None) -> dict:
             "command": " ".join([f"python benchmarks/{script}", *map(shlex.quote, arguments)])}
 
 
-def finish_benchmark(record: dict, section: str, path: str | None) -> None:
-    """Record the load after a benchmark and, with ``path``, write ``{section: [record]}`` there."""
+def finish_benchmark(record: dict, section: str, path: str | None, *tables) -> None:
+    """Record the load after a benchmark, print each of ``tables`` (a renderer of ``[record]``)
+    and, with ``path``, write ``{section: [record]}`` there."""
     record["load_after"] = os.getloadavg()[0]
+    for table in tables:
+        print("\n" + table([record]))
     print(f"\nload after: {record['load_after']:.2f}")
     if path:
         write_text_atomic(Path(path), json.dumps({section: [record]}, indent=1) + "\n")
